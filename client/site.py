@@ -1,0 +1,65 @@
+"""A site's state directory: the one place a site keeps what must outlive a process.
+
+Deployment runs every message in a fresh process, so nothing lives in module globals::
+
+    <state-dir>/site.json            name, data file, teacher, schema_version
+    <state-dir>/data.npz             the site's private splits (train / val / test)
+    <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
+    <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distill.data import SplitData, load_splits, save_splits
+from protocols.canonical import atomic_write_json
+from protocols.errors import ConfigError
+
+SCHEMA_VERSION = 1
+SITE_FILE = "site.json"
+DATA_FILE = "data.npz"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    state_dir: Path
+    teacher_path: Path
+
+    @property
+    def data_path(self) -> Path:
+        return self.state_dir / DATA_FILE
+
+    def splits(self) -> dict[str, SplitData]:
+        splits = load_splits(self.data_path)
+        if "train" not in splits:
+            raise ConfigError(f"site '{self.name}': {self.data_path} has no 'train' split.")
+        return splits
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Site:
+        state_dir = Path(state_dir)
+        path = state_dir / SITE_FILE
+        if not path.is_file():
+            raise ConfigError(f"site state directory '{state_dir}' has no {SITE_FILE}; initialise the site first.")
+        raw = json.loads(path.read_text())
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"{path}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        for key in ("name", "teacher"):
+            if key not in raw:
+                raise ConfigError(f"{path}: field '{key}' is missing.")
+        teacher = Path(raw["teacher"])
+        return cls(name=str(raw["name"]), state_dir=state_dir,
+                   teacher_path=teacher if teacher.is_absolute() else state_dir / teacher)
+
+
+def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path) -> Site:
+    """Write a site's state directory (the simulation harness does this for every virtual site)."""
+    state_dir = Path(state_dir)
+    save_splits(state_dir / DATA_FILE, splits)
+    atomic_write_json(state_dir / SITE_FILE, {"schema_version": SCHEMA_VERSION, "name": name,
+                                              "teacher": str(Path(teacher_path).resolve())})
+    return Site.load(state_dir)

@@ -1,0 +1,84 @@
+"""The coordinator's Flower ServerApp: send each round's instruction, collect replies, hand them to :class:`Coordinator`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.aggregate import SiteReply
+from coordinator.rounds import Coordinator
+from protocols.config import FederationConfig
+from protocols.errors import ConfigError
+
+log = logging.getLogger("fedistill.coordinator")
+CoordinatorFactory = Callable[[Context], tuple[Coordinator, int]]
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= minimum:
+            return node_ids
+        if time.monotonic() > deadline:
+            raise ConfigError(f"only {len(node_ids)} site(s) connected after {timeout:.0f} s; {minimum} are needed.")
+        time.sleep(0.5)
+
+
+def _unpack_reply(msg: Message) -> SiteReply:
+    metrics = msg.content["metrics"]
+    return SiteReply(site=str(msg.content["site"]["name"]),
+                     arrays={name: a.numpy() for name, a in msg.content["arrays"].items()},
+                     num_examples=int(metrics["num-examples"]), train_loss=float(metrics["train-loss"]))
+
+
+def run_rounds(grid: Grid, coordinator: Coordinator, min_sites: int, timeout: float = 600.0) -> None:
+    for server_round in range(1, coordinator.config.rounds + 1):
+        started = time.perf_counter()
+        node_ids = wait_for_nodes(grid, min_sites, timeout)
+        instruction = coordinator.instruction(server_round)
+        arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
+        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(instruction.to_config())}),
+                            message_type=MessageType.TRAIN, dst_node_id=node_id) for node_id in node_ids]
+        replies, failures = [], {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                node = f"node-{reply.metadata.src_node_id}"
+                failures[node] = reply.error.reason
+                log.warning("round %d: %s failed: %s", server_round, node, reply.error.reason)
+                continue
+            replies.append(_unpack_reply(reply))
+        coordinator.complete_round(server_round, replies, failures, started)
+
+
+def build_server_app(make_coordinator: CoordinatorFactory) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        coordinator, min_sites = make_coordinator(context)
+        run_rounds(grid, coordinator, min_sites)
+
+    return app
+
+
+def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
+    """Deployment: the run config names a federation config file (JSON) and an output directory."""
+    run_config = context.run_config
+    for key in ("federation-config", "out-dir", "min-sites"):
+        if not run_config.get(key):
+            raise ConfigError(f"run config key '{key}' is missing; pass it with flwr run -c \"{key}=...\".")
+    config_path = Path(str(run_config["federation-config"]))
+    config = FederationConfig.from_dict(json.loads(config_path.read_text()), where=str(config_path))
+    run_dir = Path(str(run_config["out-dir"])) / str(context.run_id)
+    return Coordinator(config, str(context.run_id), run_dir), int(run_config["min-sites"])
+
+
+app = build_server_app(coordinator_from_run_config)

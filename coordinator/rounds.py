@@ -1,0 +1,106 @@
+"""The coordinator's round logic as a plain object: plan, instruct, aggregate, evaluate, checkpoint, record.
+
+The Flower ServerApp (:mod:`coordinator.app`) only moves messages; everything here is testable without Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from coordinator.aggregate import SiteReply, aggregate_fragments
+from coordinator.checkpoint import save_student
+from distill.losses import temperature_at
+from distill.models import build_student, load_numpy_state, parameter_names, state_to_numpy
+from protocols.canonical import canonical_json, digest_arrays
+from protocols.config import FederationConfig
+from protocols.fragments import fragment_spec_for, planned_fragments
+from protocols.messages import TrainInstruction
+
+SCHEMA_VERSION = 1
+Evaluator = Callable[[nn.Module], dict[str, Any]]
+
+
+class Coordinator:
+    """Holds the global student of one run and advances it round by round."""
+
+    def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
+        self.evaluate, self.on_round = evaluate, on_round
+        self.config_hash = config.config_hash()
+        torch.manual_seed(config.seed)
+        self.model = build_student(config.student)
+        self.state = state_to_numpy(self.model)
+        self.spec = fragment_spec_for(config.student.family, parameter_names(self.model), config.fragment_patterns)
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def student_dir(self) -> Path:
+        return self.run_dir / "student"
+
+    def instruction(self, server_round: int) -> TrainInstruction:
+        c = self.config
+        return TrainInstruction(
+            server_round=server_round, total_rounds=c.rounds,
+            fragments=planned_fragments(c.fragment_plan, self.spec, server_round, c.rounds),
+            temperature=temperature_at(server_round, c.rounds, c.temperature_schedule, c.temperature_start,
+                                       c.temperature_end),
+            alpha=c.alpha, local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
+            hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
+            config_hash=self.config_hash, student=c.student)
+
+    def complete_round(self, server_round: int, replies: Sequence[SiteReply], failures: dict[str, str],
+                       started: float) -> dict[str, Any]:
+        instruction = self.instruction(server_round)
+        result = aggregate_fragments(self.state, self.spec, instruction.fragments, replies, server_round)
+        self.state = result.state
+        load_numpy_state(self.model, self.state)
+        accepted = [r for r in replies if r.site in result.accepted]
+        weights = np.array([r.num_examples for r in accepted], dtype=np.float64)
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "round": server_round,
+            "fragments": list(instruction.fragments),
+            "temperature": instruction.temperature,
+            "participants": sorted(result.accepted),
+            "rejected": result.rejected,
+            "failures": failures,
+            "status": "aggregated" if result.accepted else "failed",
+            "train_loss": float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None,
+            "student_digest": digest_arrays(self.state),
+        }
+        if self.evaluate is not None:
+            record["evaluation"] = self.evaluate(self.model)
+        save_student(self.model, self.config.student, self.student_dir, self.config,
+                     {"run_id": self.run_id, "round": server_round})
+        record["seconds"] = round(time.perf_counter() - started, 3)
+        self._append_metrics(record)
+        self.records.append(record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return record
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(canonical_json(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

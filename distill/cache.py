@@ -1,0 +1,71 @@
+"""The teacher-logit cache: a site runs its teacher once over its training records and reuses the logits.
+
+From the second round on, training costs zero teacher forward passes. The cache is keyed by the
+teacher's digest and the data's digest, so a new teacher or new data recomputes it, and it lives in the
+site's state directory (deployment runs every round in a fresh process).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from distill.data import SplitData
+from distill.models import Teacher
+from protocols.canonical import atomic_write_bytes, atomic_write_json
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CachedTeacherOutputs:
+    logits: np.ndarray
+    hidden: np.ndarray | None
+
+
+class TeacherLogitCache:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.arrays_path = self.directory / "teacher_cache.npz"
+        self.meta_path = self.directory / "teacher_cache.json"
+
+    def metadata(self) -> dict:
+        if not self.meta_path.is_file():
+            return {"schema_version": SCHEMA_VERSION, "teacher_forward_passes": 0}
+        return json.loads(self.meta_path.read_text())
+
+    @property
+    def teacher_forward_passes(self) -> int:
+        """How many times the teacher has been run over the site's data, over the cache's whole life."""
+        return int(self.metadata().get("teacher_forward_passes", 0))
+
+    def outputs(self, data: SplitData, teacher_digest: str, load_teacher: Callable[[], Teacher]) -> CachedTeacherOutputs:
+        """The teacher's outputs on ``data``; the teacher is loaded and run only when the cache misses."""
+        meta = self.metadata()
+        data_digest = data.digest()
+        if (meta.get("teacher_digest") == teacher_digest and meta.get("data_digest") == data_digest
+                and self.arrays_path.is_file()):
+            with np.load(self.arrays_path) as archive:
+                return CachedTeacherOutputs(archive["logits"], archive["hidden"] if "hidden" in archive else None)
+        teacher = load_teacher()
+        logits = np.asarray(teacher.logits(data.inputs), dtype=np.float32)
+        hidden = teacher.hidden(data.inputs)
+        buffer = io.BytesIO()
+        np.savez(buffer, logits=logits, **({"hidden": hidden} if hidden is not None else {}))
+        atomic_write_bytes(self.arrays_path, buffer.getvalue())
+        atomic_write_json(self.meta_path, {
+            "schema_version": SCHEMA_VERSION,
+            "teacher_kind": teacher.kind,
+            "teacher_digest": teacher_digest,
+            "data_digest": data_digest,
+            "records": len(data),
+            "teacher_forward_passes": int(meta.get("teacher_forward_passes", 0)) + 1,
+            "computed_at": datetime.now(timezone.utc).isoformat(),
+        })
+        return CachedTeacherOutputs(logits, hidden)

@@ -1,0 +1,3 @@
+"""fedistill: federated knowledge distillation with site-enforced privacy budgets and verifiable reports."""
+
+__version__ = "0.1.0"

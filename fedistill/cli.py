@@ -1,0 +1,34 @@
+"""The ``fedistill`` command: a thin typer router; each command group lives in its own module."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from fedistill import __version__
+
+# Offline by design: nothing is ever fetched from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+app = typer.Typer(help="Federated knowledge distillation with site-enforced privacy budgets.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedistill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """fedistill command line."""
+
+
+from fedistill import simulate as _simulate  # noqa: E402  (registers its command on `app`)
+
+app.command("simulate")(_simulate.simulate_command)

@@ -1,0 +1,1 @@
+"""The contract both sides import: configuration, fragments, message layouts and errors."""

@@ -1,0 +1,135 @@
+"""Federation configuration: parsed once at the boundary into frozen, validated dataclasses.
+
+The coordinator sends the hash of the resolved configuration with every instruction, and a site
+checks that it matches the run it accepted. Every persisted form carries ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from protocols.canonical import digest_json
+from protocols.errors import ConfigError
+
+SCHEMA_VERSION = 1
+FRAGMENT_PLANS = ("all", "cyclic", "progressive")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
+STUDENT_FAMILIES = ("mlp", "bert")
+
+
+def _require(condition: bool, where: str, name: str, expected: str, got: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: field '{name}' must be {expected}, got {got!r}. Fix it and run again.")
+
+
+def _int(raw: Mapping[str, Any], name: str, where: str, minimum: int, default: int | None = None) -> int:
+    value = raw.get(name, default)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _require(ok, where, name, f"an integer >= {minimum}", value)
+    return int(value)
+
+
+def _float(raw: Mapping[str, Any], name: str, where: str, low: float, high: float, default: float | None = None,
+           low_open: bool = False) -> float:
+    value = raw.get(name, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    bracket = "(" if low_open else "["
+    _require(ok, where, name, f"a number in {bracket}{low}, {high}]", value)
+    return float(value)
+
+
+def _choice(raw: Mapping[str, Any], name: str, where: str, choices: tuple[str, ...], default: str) -> str:
+    value = raw.get(name, default)
+    _require(value in choices, where, name, "one of " + ", ".join(choices), value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What a student is: a family (``mlp`` or ``bert``) and the settings that build it."""
+
+    family: str
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.family in STUDENT_FAMILIES, "student spec", "family", "one of " + ", ".join(STUDENT_FAMILIES),
+                 self.family)
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> StudentSpec:
+        if not isinstance(raw, Mapping) or "family" not in raw:
+            raise ConfigError("student spec: expected a mapping with a 'family' field; check the run config's 'student'.")
+        settings = raw.get("settings", {})
+        if not isinstance(settings, Mapping):
+            raise ConfigError("student spec: field 'settings' must be a mapping of builder settings.")
+        return cls(family=str(raw["family"]), settings=settings)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything the coordinator and the sites must agree on for one run."""
+
+    student: StudentSpec
+    rounds: int = 20
+    fragment_plan: str = "all"
+    fragment_patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    local_epochs: int = 3
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    alpha: float = 0.5
+    temperature_schedule: str = "constant"
+    temperature_start: float = 2.0
+    temperature_end: float = 2.0
+    hidden_alignment_weight: float = 0.0
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        data["student"] = self.student.to_dict()
+        data["fragment_patterns"] = {name: list(patterns) for name, patterns in self.fragment_patterns}
+        data["schema_version"] = SCHEMA_VERSION
+        return data
+
+    def config_hash(self) -> str:
+        return digest_json(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "run config") -> FederationConfig:
+        known = {f for f in cls.__dataclass_fields__} | {"schema_version"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}.")
+        version = raw.get("schema_version", SCHEMA_VERSION)
+        _require(version == SCHEMA_VERSION, where, "schema_version", f"{SCHEMA_VERSION}", version)
+        if "student" not in raw:
+            raise ConfigError(f"{where}: field 'student' is missing; it says which student to build.")
+        patterns_raw = raw.get("fragment_patterns", {}) or {}
+        _require(isinstance(patterns_raw, Mapping), where, "fragment_patterns", "a mapping fragment -> [patterns]",
+                 patterns_raw)
+        patterns = tuple((str(name), tuple(str(p) for p in pats)) for name, pats in patterns_raw.items())
+        return cls(
+            student=raw["student"] if isinstance(raw["student"], StudentSpec) else StudentSpec.from_dict(raw["student"]),
+            rounds=_int(raw, "rounds", where, 1, cls.rounds),
+            fragment_plan=_choice(raw, "fragment_plan", where, FRAGMENT_PLANS, cls.fragment_plan),
+            fragment_patterns=patterns,
+            local_epochs=_int(raw, "local_epochs", where, 1, cls.local_epochs),
+            batch_size=_int(raw, "batch_size", where, 1, cls.batch_size),
+            learning_rate=_float(raw, "learning_rate", where, 0.0, 10.0, cls.learning_rate, low_open=True),
+            alpha=_float(raw, "alpha", where, 0.0, 1.0, cls.alpha),
+            temperature_schedule=_choice(raw, "temperature_schedule", where, TEMPERATURE_SCHEDULES,
+                                         cls.temperature_schedule),
+            temperature_start=_float(raw, "temperature_start", where, 0.0, 100.0, cls.temperature_start, low_open=True),
+            temperature_end=_float(raw, "temperature_end", where, 0.0, 100.0, cls.temperature_end, low_open=True),
+            hidden_alignment_weight=_float(raw, "hidden_alignment_weight", where, 0.0, 100.0,
+                                           cls.hidden_alignment_weight),
+            seed=_int(raw, "seed", where, 0, cls.seed),
+        )

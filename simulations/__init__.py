@@ -1,0 +1,1 @@
+"""Scenarios on real data, the harness over Flower's simulation engine, and the baselines."""
