@@ -50,13 +50,16 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     load_numpy_state(student, global_state)
 
     splits = site.splits()
+    if len(splits["train"]) == 0:
+        raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
     cache = TeacherLogitCache(site.state_dir)
     outputs = cache.outputs(splits["train"], path_digest(site.teacher_path), lambda: load_teacher(site.teacher_path))
     projection = None
     if instruction.hidden_alignment_weight > 0 and outputs.hidden is not None:
         projection = _alignment_projection(site, student.config.hidden_size, outputs.hidden.shape[1])
-    settings = TrainSettings(epochs=instruction.local_epochs, batch_size=instruction.batch_size,
-                             learning_rate=instruction.learning_rate, temperature=instruction.temperature,
+    settings = TrainSettings(steps=instruction.local_steps, batch_size=instruction.batch_size,
+                             learning_rate=instruction.learning_rate,
+                             optimizer=instruction.optimizer, temperature=instruction.temperature,
                              alpha=instruction.alpha, hidden_alignment_weight=instruction.hidden_alignment_weight,
                              seed=derived_seed(instruction.seed, instruction.server_round, site.name))
     outcome = distill(student, instruction.student.family, splits["train"], outputs.logits, settings, trainable,
@@ -70,6 +73,4 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     update = {name: state[name] for name in trainable}
     # The site checks its own update before anything leaves it.
     check_fragment_update(update, spec, instruction.fragments, expected, f"{site.name}'s own update")
-    if outcome.steps == 0:
-        raise UpdateRejected(f"site {site.name}: no training step was taken (empty training split).")
     return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps)

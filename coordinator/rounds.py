@@ -58,7 +58,8 @@ class Coordinator:
             fragments=planned_fragments(c.fragment_plan, self.spec, server_round, c.rounds),
             temperature=temperature_at(server_round, c.rounds, c.temperature_schedule, c.temperature_start,
                                        c.temperature_end),
-            alpha=c.alpha, local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
+            alpha=c.alpha, local_steps=c.local_steps, batch_size=c.batch_size, optimizer=c.optimizer,
+            learning_rate=c.learning_rate,
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
             config_hash=self.config_hash, student=c.student)
 

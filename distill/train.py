@@ -17,12 +17,13 @@ from distill.models import student_forward
 
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int
+    steps: int
     batch_size: int
     learning_rate: float
     temperature: float
     alpha: float
     seed: int
+    optimizer: str = "sgd"
     hidden_alignment_weight: float = 0.0
 
 
@@ -35,6 +36,28 @@ class TrainOutcome:
 
 def _tensors(data: SplitData, index: np.ndarray) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(values[index]) for name, values in data.inputs.items()}
+
+
+def make_optimizer(name: str, parameters: list[nn.Parameter], learning_rate: float) -> torch.optim.Optimizer:
+    """SGD with momentum (the default: FedAvg of SGD steps tracks centralized SGD) or Adam."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=learning_rate)
+    return torch.optim.SGD(parameters, lr=learning_rate, momentum=0.9)
+
+
+def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` mini-batches drawn from reshuffled passes over ``n`` records (a pass never splits a batch).
+
+    Counting in steps rather than epochs makes every site move the shared student by the same number of
+    optimizer steps per round, whatever its size; the weighted average then matches centralized training.
+    """
+    batch_size = min(batch_size, n)
+    order, position = np.zeros(0, dtype=np.int64), 0
+    for _ in range(steps):
+        if position + batch_size > len(order):
+            order, position = torch.randperm(n, generator=generator).numpy(), 0
+        yield order[position:position + batch_size]
+        position += batch_size
 
 
 def freeze_except(model: nn.Module, trainable: Collection[str] | None) -> list[nn.Parameter]:
@@ -50,7 +73,7 @@ def freeze_except(model: nn.Module, trainable: Collection[str] | None) -> list[n
 def distill(model: nn.Module, family: str, data: SplitData, teacher_logits: np.ndarray | None,
             settings: TrainSettings, trainable: Collection[str] | None = None,
             teacher_hidden: np.ndarray | None = None, projection: nn.Module | None = None) -> TrainOutcome:
-    """Train ``model`` on ``data`` with the distillation loss (plain cross-entropy when ``teacher_logits`` is None).
+    """Take ``settings.steps`` optimizer steps on ``data`` with the distillation loss (plain cross-entropy when ``teacher_logits`` is None).
 
     ``trainable`` restricts training to those parameter names (the planned fragments); the rest stay frozen.
     With ``projection`` and ``teacher_hidden`` the pooled hidden state is also aligned to the teacher's.
@@ -60,31 +83,27 @@ def distill(model: nn.Module, family: str, data: SplitData, teacher_logits: np.n
     align = projection is not None and teacher_hidden is not None and settings.hidden_alignment_weight > 0
     if align:
         parameters += list(projection.parameters())
-    optimizer = torch.optim.Adam(parameters, lr=settings.learning_rate)
+    optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate)
     labels = torch.tensor(data.labels, dtype=torch.long)
     teacher = None if teacher_logits is None else torch.as_tensor(teacher_logits, dtype=torch.float32)
     hidden_target = torch.as_tensor(teacher_hidden, dtype=torch.float32) if align else None
     model.train()
-    total, steps = 0.0, 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(data), generator=generator).numpy()
-        for start in range(0, len(order), settings.batch_size):
-            index = order[start:start + settings.batch_size]
-            logits, pooled = student_forward(model, family, _tensors(data, index), with_hidden=align)
-            if teacher is None:
-                loss = nn.functional.cross_entropy(logits, labels[index])
-            else:
-                loss = distillation_loss(logits, teacher[index], labels[index], settings.temperature, settings.alpha)
-            if align:
-                loss = loss + settings.hidden_alignment_weight * hidden_alignment_loss(pooled, hidden_target[index],
-                                                                                       projection)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach())
-            steps += 1
+    total = 0.0
+    for index in shuffled_batches(len(data), settings.batch_size, settings.steps, generator):
+        logits, pooled = student_forward(model, family, _tensors(data, index), with_hidden=align)
+        if teacher is None:
+            loss = nn.functional.cross_entropy(logits, labels[index])
+        else:
+            loss = distillation_loss(logits, teacher[index], labels[index], settings.temperature, settings.alpha)
+        if align:
+            loss = loss + settings.hidden_alignment_weight * hidden_alignment_loss(pooled, hidden_target[index],
+                                                                                   projection)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
     freeze_except(model, None)
-    return TrainOutcome(mean_loss=total / max(steps, 1), steps=steps, examples=len(data))
+    return TrainOutcome(mean_loss=total / max(settings.steps, 1), steps=settings.steps, examples=len(data))
 
 
 @torch.no_grad()

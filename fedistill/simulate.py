@@ -83,7 +83,7 @@ def simulate_command(
     out: Path = typer.Option(Path("runs"), help="Parent directory of the run directory."),
     subsample: float = typer.Option(1.0, help="Keep this fraction of each site's patients (quick runs)."),
     fragment_plan: str | None = typer.Option(None, help="all, cyclic or progressive."),
-    local_epochs: int | None = typer.Option(None, help="Local epochs per round (default: the scenario's)."),
+    local_steps: int | None = typer.Option(None, help="Local optimizer steps per site per round (default: the scenario's)."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Run a multi-site federated distillation simulation, with baselines, and print the comparison."""
@@ -92,7 +92,7 @@ def simulate_command(
     console = Console(stderr=output_format is OutputFormat.json)
     try:
         options = SimulationOptions(scenario=scenario, sites=sites, rounds=rounds, seed=seed, out=out,
-                                    subsample=subsample, fragment_plan=fragment_plan, local_epochs=local_epochs)
+                                    subsample=subsample, fragment_plan=fragment_plan, local_steps=local_steps)
         summary = simulate(options, RichReporter(console))
     except FedistillError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")

