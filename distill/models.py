@@ -275,19 +275,101 @@ class LogitsFileTeacher:
         return {"measure": "not-applicable", "value": None}
 
 
+TEACHER_MANIFEST = "fedistill_teacher.json"
+TEACHER_MANIFEST_VERSION = 1
+POOLED_ENCODER = "pooled-encoder"
+
+
+def save_pooled_encoder_teacher(directory: Path, encoder_path: Path, head: nn.Linear) -> Path:
+    """Write a pooled-encoder teacher as ``directory/`` holding :data:`TEACHER_MANIFEST` and ``head.safetensors``.
+
+    The encoder is referenced by its absolute local path rather than copied: it is a read-only model
+    that every site already has installed, and copying 90 MB per run buys nothing.
+    """
+    from safetensors.torch import save
+
+    from protocols.canonical import atomic_write_bytes, atomic_write_json
+
+    directory = Path(directory)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
+    atomic_write_bytes(directory / "head.safetensors", save(state))
+    # The manifest goes last: a directory that has one is complete.
+    atomic_write_json(directory / TEACHER_MANIFEST, {
+        "schema_version": TEACHER_MANIFEST_VERSION, "kind": POOLED_ENCODER,
+        "encoder": str(Path(encoder_path).resolve()), "head": "head.safetensors",
+        "num_classes": int(head.out_features)})
+    return directory
+
+
+def _load_pooled_encoder_teacher(directory: Path) -> TorchTeacher:
+    """Read a teacher written by :func:`save_pooled_encoder_teacher`; every problem names the manifest field."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    manifest = directory / TEACHER_MANIFEST
+    try:
+        raw = json.loads(manifest.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"teacher manifest '{manifest}' is not valid JSON ({err}); rewrite it with "
+                          "save_pooled_encoder_teacher.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"teacher manifest '{manifest}': expected a JSON object, got {type(raw).__name__}.")
+    if raw.get("schema_version") != TEACHER_MANIFEST_VERSION:
+        raise ConfigError(f"teacher manifest '{manifest}': field 'schema_version' is {raw.get('schema_version')!r}, "
+                          f"expected {TEACHER_MANIFEST_VERSION}.")
+    if raw.get("kind") != POOLED_ENCODER:
+        raise ConfigError(f"teacher manifest '{manifest}': field 'kind' is {raw.get('kind')!r}; the only known kind "
+                          f"is {POOLED_ENCODER!r}.")
+    for field_name in ("encoder", "head", "num_classes"):
+        if field_name not in raw:
+            raise ConfigError(f"teacher manifest '{manifest}': field '{field_name}' is missing.")
+    # Relative paths are read against the teacher directory; an absolute path is kept as it is.
+    encoder_path, head_path = directory / str(raw["encoder"]), directory / str(raw["head"])
+    if not (encoder_path / "config.json").is_file():
+        raise ConfigError(f"teacher manifest '{manifest}': field 'encoder' points at '{encoder_path}', which is not a "
+                          "transformers model directory (no config.json); install the model there or fix the path.")
+    if not head_path.is_file():
+        raise ConfigError(f"teacher manifest '{manifest}': field 'head' points at '{head_path}', which does not exist.")
+    try:
+        state = load_file(str(head_path))
+    except SafetensorError as err:
+        raise ConfigError(f"teacher head '{head_path}' is not a readable safetensors file: {err}") from None
+    weight, bias = state.get("weight"), state.get("bias")
+    if weight is None or bias is None or weight.ndim != 2 or bias.shape != weight.shape[:1]:
+        raise ConfigError(f"teacher head '{head_path}' must hold a 'weight' [classes, features] and a 'bias' "
+                          f"[classes]; it holds {sorted(state)}.")
+    if weight.shape[0] != raw["num_classes"]:
+        raise ConfigError(f"teacher manifest '{manifest}': field 'num_classes' is {raw['num_classes']!r} but the head "
+                          f"'{head_path}' has {weight.shape[0]} outputs.")
+    encoder = AutoModel.from_pretrained(str(encoder_path), local_files_only=True)
+    if encoder.config.hidden_size != weight.shape[1]:
+        raise ConfigError(f"teacher head '{head_path}' expects {weight.shape[1]} features but the encoder "
+                          f"'{encoder_path}' has hidden size {encoder.config.hidden_size}.")
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    return TorchTeacher(PooledEncoderClassifier(encoder, head), keys=TEXT_INPUTS)
+
+
 def load_teacher(path: Path) -> Teacher:
     """Load a teacher from disk by what the path holds.
 
-    A directory with ``config.json`` is a transformers checkpoint; ``.pt``/``.ts`` a TorchScript module;
-    ``.pkl``/``.joblib`` a pickled scikit-learn estimator (only load pickles you made yourself: unpickling
-    runs code); ``.npy``/``.npz`` precomputed logits.
+    A directory with :data:`TEACHER_MANIFEST` is a pooled-encoder teacher (a frozen encoder plus a linear
+    head, see :func:`save_pooled_encoder_teacher`); a directory with ``config.json`` a transformers
+    checkpoint; ``.pt``/``.ts`` a TorchScript module; ``.pkl``/``.joblib`` a pickled scikit-learn estimator
+    (only load pickles you made yourself: unpickling runs code); ``.npy``/``.npz`` precomputed logits.
     """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"teacher: '{path}' does not exist; check the teacher path in the site configuration.")
     if path.is_dir():
+        if (path / TEACHER_MANIFEST).is_file():
+            return _load_pooled_encoder_teacher(path)
         if not (path / "config.json").is_file():
-            raise ConfigError(f"teacher: directory '{path}' has no config.json (not a save_pretrained checkpoint).")
+            raise ConfigError(f"teacher: directory '{path}' has neither {TEACHER_MANIFEST} nor config.json (not a "
+                              "fedistill teacher or a save_pretrained checkpoint).")
         return TransformersTeacher(path)
     suffix = path.suffix.lower()
     if suffix in (".pt", ".ts"):

@@ -27,7 +27,7 @@ from distill.evaluate import evaluate_across_sites
 from distill.models import count_parameters, load_teacher, path_digest
 from distill.train import predict_proba
 from protocols.canonical import atomic_write_json
-from protocols.config import FederationConfig
+from protocols.config import FRAGMENT_PLANS, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
 from simulations.engine import run_federation
@@ -53,6 +53,10 @@ class SimulationOptions:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
         if self.seed < 0:
             raise ConfigError(f"--seed must be non-negative, got {self.seed}.")
+        if self.fragment_plan is not None and self.fragment_plan not in FRAGMENT_PLANS:
+            raise ConfigError(f"--fragment-plan must be one of {', '.join(FRAGMENT_PLANS)}, got {self.fragment_plan!r}.")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}.")
 
 
 class Reporter(Protocol):

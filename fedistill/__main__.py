@@ -1,0 +1,3 @@
+from fedistill.cli import app
+
+app()

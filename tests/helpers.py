@@ -1,0 +1,37 @@
+"""Small real-shaped fixtures shared by the tests: tiny students and a tiny tabular site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from client.site import Site, create_site
+from distill.data import SplitData
+from distill.models import save_sklearn_teacher
+from protocols.config import FederationConfig, StudentSpec
+
+MLP = StudentSpec("mlp", {"input_dim": 5, "hidden": [8, 8], "num_classes": 2})
+TINY_BERT = StudentSpec("bert", {"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2,
+                                 "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16,
+                                 "num_labels": 2})
+
+
+def tabular_split(n: int, seed: int) -> SplitData:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * rng.normal(size=n) > 0).astype(np.int64)
+    return SplitData({"x": x}, y, np.arange(n))
+
+
+def make_site(directory: Path, name: str = "site-a", seed: int = 0) -> Site:
+    teacher = LogisticRegression().fit(*(lambda s: (s.inputs["x"], s.labels))(tabular_split(200, 99)))
+    save_sklearn_teacher(teacher, directory / "teacher.pkl")
+    splits = {"train": tabular_split(64, seed), "val": tabular_split(32, seed + 1), "test": tabular_split(32, seed + 2)}
+    return create_site(directory / name, name, splits, directory / "teacher.pkl")
+
+
+def federation(**overrides) -> FederationConfig:
+    return FederationConfig.from_dict({"student": MLP, "rounds": 2, "local_steps": 3, "batch_size": 16,
+                                       "learning_rate": 0.05, **overrides})
