@@ -11,7 +11,8 @@ import torch
 
 from client.site import Site
 from distill.cache import TeacherLogitCache
-from distill.models import build_student, load_numpy_state, load_teacher, parameter_names, path_digest, state_to_numpy
+from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
+                            teacher_digest)
 from distill.train import TrainSettings, distill
 from protocols.canonical import atomic_write_bytes, sha256_hex
 from protocols.errors import UpdateRejected
@@ -53,7 +54,8 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     if len(splits["train"]) == 0:
         raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
     cache = TeacherLogitCache(site.state_dir)
-    outputs = cache.outputs(splits["train"], path_digest(site.teacher_path), lambda: load_teacher(site.teacher_path))
+    outputs = cache.outputs(splits["train"], teacher_digest(site.teacher_path),
+                            lambda: load_teacher(site.teacher_path))
     projection = None
     if instruction.hidden_alignment_weight > 0 and outputs.hidden is not None:
         projection = _alignment_projection(site, student.config.hidden_size, outputs.hidden.shape[1])

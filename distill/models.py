@@ -3,13 +3,15 @@
 Students are built from a :class:`protocols.config.StudentSpec`: small torch networks for tabular
 records (``mlp``) or BERT-style sequence classifiers from transformers (``bert``), either from a config
 or from a local checkpoint directory. Teachers are anything that yields logits: a transformers
-checkpoint directory, a torch module, a fitted scikit-learn estimator or a precomputed logits file.
+checkpoint directory, a pooled-encoder directory (a frozen sentence encoder plus a linear head), a
+torch module, a fitted scikit-learn estimator or a precomputed logits file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -20,7 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from protocols.canonical import sha256_hex
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 from protocols.config import StudentSpec
 from protocols.errors import ConfigError, DataError
 
@@ -286,10 +291,6 @@ def save_pooled_encoder_teacher(directory: Path, encoder_path: Path, head: nn.Li
     The encoder is referenced by its absolute local path rather than copied: it is a read-only model
     that every site already has installed, and copying 90 MB per run buys nothing.
     """
-    from safetensors.torch import save
-
-    from protocols.canonical import atomic_write_bytes, atomic_write_json
-
     directory = Path(directory)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
     atomic_write_bytes(directory / "head.safetensors", save(state))
@@ -303,10 +304,6 @@ def save_pooled_encoder_teacher(directory: Path, encoder_path: Path, head: nn.Li
 
 def _load_pooled_encoder_teacher(directory: Path) -> TorchTeacher:
     """Read a teacher written by :func:`save_pooled_encoder_teacher`; every problem names the manifest field."""
-    import json
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import AutoModel
 
     manifest = directory / TEACHER_MANIFEST
@@ -320,12 +317,12 @@ def _load_pooled_encoder_teacher(directory: Path) -> TorchTeacher:
     if raw.get("schema_version") != TEACHER_MANIFEST_VERSION:
         raise ConfigError(f"teacher manifest '{manifest}': field 'schema_version' is {raw.get('schema_version')!r}, "
                           f"expected {TEACHER_MANIFEST_VERSION}.")
-    if raw.get("kind") != POOLED_ENCODER:
-        raise ConfigError(f"teacher manifest '{manifest}': field 'kind' is {raw.get('kind')!r}; the only known kind "
-                          f"is {POOLED_ENCODER!r}.")
-    for field_name in ("encoder", "head", "num_classes"):
+    for field_name in ("kind", "encoder", "head", "num_classes"):
         if field_name not in raw:
             raise ConfigError(f"teacher manifest '{manifest}': field '{field_name}' is missing.")
+    if raw["kind"] != POOLED_ENCODER:
+        raise ConfigError(f"teacher manifest '{manifest}': field 'kind' is {raw['kind']!r}; the only known kind "
+                          f"is {POOLED_ENCODER!r}.")
     # Relative paths are read against the teacher directory; an absolute path is kept as it is.
     encoder_path, head_path = directory / str(raw["encoder"]), directory / str(raw["head"])
     if not (encoder_path / "config.json").is_file():
@@ -383,8 +380,6 @@ def load_teacher(path: Path) -> Teacher:
 
 
 def save_sklearn_teacher(estimator: Any, path: Path) -> None:
-    from protocols.canonical import atomic_write_bytes
-
     atomic_write_bytes(Path(path), SklearnTeacher(estimator).serialized())
 
 
@@ -394,6 +389,18 @@ def set_torch_determinism(threads: int | None = None) -> None:
         torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def teacher_digest(path: Path) -> str:
+    """What the teacher-logit cache is keyed by: the teacher's files, plus the encoder a manifest points at."""
+    path = Path(path)
+    digest = path_digest(path)
+    manifest = path / TEACHER_MANIFEST
+    if manifest.is_file():
+        encoder = json.loads(manifest.read_text()).get("encoder")
+        if encoder and (path / str(encoder)).is_dir():
+            digest = sha256_hex(digest + path_digest(path / str(encoder)))
+    return digest
 
 
 def path_digest(path: Path) -> str:

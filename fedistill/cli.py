@@ -12,6 +12,9 @@ from fedistill import __version__
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# transformers' own loading/saving progress bars would interleave with ours.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 app = typer.Typer(help="Federated knowledge distillation with site-enforced privacy budgets.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)

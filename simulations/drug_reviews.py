@@ -93,7 +93,7 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def _stratified_shares(labels: np.ndarray, shares: Sequence[float], rng: np.random.Generator) -> list[np.ndarray]:
-    """Deal the positions of every class at random into consecutive ``shares`` of that class (the last takes the rest)."""
+    """Deal every class's positions at random into consecutive ``shares`` of that class (the last takes the rest)."""
     bounds = np.cumsum(shares)[:-1]
     parts: list[list[np.ndarray]] = [[] for _ in shares]
     for label in np.unique(labels):
@@ -158,7 +158,7 @@ def load_drug_reviews(options: ScenarioOptions) -> Scenario:
     head = teacher.module.head
 
     def save_teacher(directory: Path) -> Path:
-        return save_pooled_encoder_teacher(Path(directory) / "teacher", encoder_path, head)
+        return save_pooled_encoder_teacher(Path(directory), encoder_path, head)
 
     return Scenario(
         name="drug-reviews",

