@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,10 +76,6 @@ def build_student(spec: StudentSpec) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
-def input_keys(family: str) -> tuple[str, ...]:
-    return TEXT_INPUTS if family == "bert" else TABULAR_INPUTS
-
-
 def student_forward(model: nn.Module, family: str, batch: Mapping[str, torch.Tensor],
                     with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (and, for transformers, a mean-pooled last hidden state) of a batch.
@@ -131,8 +126,6 @@ class Teacher(Protocol):
 
     def hidden(self, inputs: Inputs) -> np.ndarray | None: ...
 
-    def digest(self) -> str: ...
-
     def size(self) -> dict[str, Any]: ...
 
 
@@ -160,14 +153,6 @@ def _batched(inputs: Inputs, keys: Sequence[str], batch_size: int):
         yield [torch.as_tensor(inputs[k][start:start + batch_size]) for k in keys]
 
 
-def _module_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 class TorchTeacher:
     """A torch module called positionally with the named inputs, e.g. ``("x",)`` or ``("input_ids", "attention_mask")``."""
 
@@ -187,9 +172,6 @@ class TorchTeacher:
             return None
         return np.concatenate([self.module.embed(*batch).float().numpy() for batch in
                                _batched(inputs, self.keys, self.batch_size)])
-
-    def digest(self) -> str:
-        return _module_digest(self.module)
 
     def size(self) -> dict[str, Any]:
         return {"measure": "parameters", "value": count_parameters(self.module)}
@@ -242,9 +224,6 @@ class SklearnTeacher:
         pickle.dump(self.estimator, buffer, protocol=5)
         return buffer.getvalue()
 
-    def digest(self) -> str:
-        return sha256_hex(self.serialized())
-
     def size(self) -> dict[str, Any]:
         return {"measure": "serialized-bytes", "value": len(self.serialized())}
 
@@ -272,9 +251,6 @@ class LogitsFileTeacher:
 
     def hidden(self, inputs: Inputs) -> None:
         return None
-
-    def digest(self) -> str:
-        return sha256_hex(self._logits.tobytes())
 
     def size(self) -> dict[str, Any]:
         return {"measure": "not-applicable", "value": None}
@@ -381,14 +357,6 @@ def load_teacher(path: Path) -> Teacher:
 
 def save_sklearn_teacher(estimator: Any, path: Path) -> None:
     atomic_write_bytes(Path(path), SklearnTeacher(estimator).serialized())
-
-
-def set_torch_determinism(threads: int | None = None) -> None:
-    """Single-threaded, deterministic kernels where numbers must repeat to four decimals."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def teacher_digest(path: Path) -> str:

@@ -37,12 +37,6 @@ class FragmentSpec:
     def parameters_of_all(self, fragments: Iterable[str]) -> tuple[str, ...]:
         return tuple(p for fragment in fragments for p in self.parameters_of(fragment))
 
-    def fragment_of(self, parameter: str) -> str:
-        for name, params in self.fragments:
-            if parameter in params:
-                return name
-        raise UpdateRejected(f"tensor '{parameter}' belongs to no fragment of this student.")
-
     def to_dict(self) -> dict[str, list[str]]:
         return {name: list(params) for name, params in self.fragments}
 
