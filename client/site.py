@@ -6,14 +6,19 @@ Deployment runs every message in a fresh process, so nothing lives in module glo
     <state-dir>/data.npz             the site's private splits (train / val / test)
     <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
     <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
+    <state-dir>/policy.json          the site's privacy caps, delta and accountant (client.budget)
+    <state-dir>/privacy.json         every calibration, spend and refusal (client.budget)
+    <state-dir>/noise.key            a secret that seeds DP sampling and noise (mode 0600, never sent)
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.budget import SitePolicy
 from distill.data import SplitData, load_splits, save_splits
 from protocols.canonical import atomic_write_json
 from protocols.errors import ConfigError
@@ -21,6 +26,7 @@ from protocols.errors import ConfigError
 SCHEMA_VERSION = 1
 SITE_FILE = "site.json"
 DATA_FILE = "data.npz"
+NOISE_KEY_FILE = "noise.key"
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,13 @@ class Site:
             raise ConfigError(f"site '{self.name}': {self.data_path} has no 'train' split.")
         return splits
 
+    def noise_secret(self) -> bytes:
+        """The site's secret for DP randomness: anyone who knew it could subtract the noise, so it never leaves."""
+        path = self.state_dir / NOISE_KEY_FILE
+        if not path.is_file():
+            write_noise_secret(self.state_dir, os.urandom(32))
+        return bytes.fromhex(path.read_text().strip())
+
     @classmethod
     def load(cls, state_dir: Path) -> Site:
         state_dir = Path(state_dir)
@@ -56,10 +69,25 @@ class Site:
                    teacher_path=teacher if teacher.is_absolute() else state_dir / teacher)
 
 
-def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path) -> Site:
-    """Write a site's state directory (the simulation harness does this for every virtual site)."""
+def write_noise_secret(state_dir: Path, secret: bytes) -> None:
+    path = Path(state_dir) / NOISE_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret.hex() + "\n")
+
+
+def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path,
+                policy: SitePolicy | None = None, noise_secret: bytes | None = None) -> Site:
+    """Write a site's state directory (the simulation harness does this for every virtual site).
+
+    ``noise_secret`` lets a simulation be reproducible; a real site leaves it out and gets ``os.urandom``.
+    """
     state_dir = Path(state_dir)
     save_splits(state_dir / DATA_FILE, splits)
+    (policy or SitePolicy()).save(state_dir)
+    if noise_secret is not None:
+        write_noise_secret(state_dir, noise_secret)
     atomic_write_json(state_dir / SITE_FILE, {"schema_version": SCHEMA_VERSION, "name": name,
                                               "teacher": str(Path(teacher_path).resolve())})
     return Site.load(state_dir)

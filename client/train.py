@@ -1,4 +1,4 @@
-"""One round at a site: validate the instruction, distill into the planned fragments, return only those."""
+"""One round at a site: check the budget, validate the instruction, distill into the planned fragments, return only those."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from client.budget import (Calibration, Decision, PrivacyState, SitePolicy, Spend, calibrate, decide, epsilon_of,
+                           planned_spend,
+                           record_refusal, record_spend)
+from client.privacy import private_distill
 from client.site import Site
 from distill.cache import TeacherLogitCache
 from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
                             teacher_digest)
 from distill.train import TrainSettings, distill
 from protocols.canonical import atomic_write_bytes, sha256_hex
-from protocols.errors import UpdateRejected
+from protocols.errors import BudgetExhausted, UpdateRejected
 from protocols.fragments import fragment_spec_for
 from protocols.messages import TrainInstruction, check_fragment_update, check_tensors
 
@@ -26,6 +30,16 @@ class SiteUpdate:
     num_examples: int
     train_loss: float
     steps: int
+    privacy: dict[str, float | int | str]
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    policy: SitePolicy
+    state: PrivacyState
+    calibration: Calibration | None
+    spend: Spend
+    decision: Decision
 
 
 def derived_seed(*parts: object) -> int:
@@ -41,7 +55,52 @@ def _alignment_projection(site: Site, student_dim: int, teacher_dim: int) -> tor
     return projection
 
 
+def check_budget(site: Site, instruction: TrainInstruction, records: int) -> BudgetCheck:
+    """The site's decision on a round, before any training: calibrates sigma on the run's first round.
+
+    A refusal is recorded in the site's state and raised as :class:`BudgetExhausted` carrying the decision.
+    """
+    policy = SitePolicy.load(site.state_dir)
+    state = PrivacyState.load(site.state_dir)
+    delta = policy.delta_for(records, instruction.target_delta)
+    calibration = None
+    if instruction.private:
+        calibration = state.calibrations.get(instruction.run_id)
+        if calibration is None:
+            calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
+                                    instruction.batch_size, instruction.total_rounds * instruction.local_steps,
+                                    instruction.max_grad_norm, policy.accountant)
+            state.calibrations[instruction.run_id] = calibration
+            state.save(site.state_dir)
+        delta = calibration.delta
+    spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
+    decision = decide(policy, state, spend, delta)
+    if not decision.accept:
+        record_refusal(site.state_dir, state, site.name, instruction.run_id, instruction.server_round, decision)
+        raise BudgetExhausted(f"site {site.name} refuses round {instruction.server_round}: {decision.reason}.",
+                              decision.to_dict())
+    return BudgetCheck(policy, state, calibration, spend, decision)
+
+
+def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | str]:
+    """What the site tells the coordinator about its own budget after a round (never about its records)."""
+    after = epsilon_of(check.state.run_spends(spend.run_id), check.decision.delta, check.policy.accountant)
+    lifetime = epsilon_of(check.state.spends, check.decision.delta, check.policy.accountant)
+    report: dict[str, float | int | str] = {
+        "delta": check.decision.delta, "noise-multiplier": spend.noise_multiplier,
+        "sample-rate": spend.sample_rate, "steps": spend.steps, "empty-batches": spend.empty_batches,
+        "accountant": check.policy.accountant,
+        "max-grad-norm": check.calibration.max_grad_norm if check.calibration else 0.0}
+    for key, value in (("epsilon-run", after), ("epsilon-lifetime", lifetime)):
+        report[key] = value if np.isfinite(value) else "inf"
+    return report
+
+
 def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray]) -> SiteUpdate:
+    splits = site.splits()
+    if len(splits["train"]) == 0:
+        raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
+    check = check_budget(site, instruction, len(splits["train"]))
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
     student = build_student(instruction.student)
     expected = {name: tuple(t.shape) for name, t in student.state_dict().items()}
@@ -49,10 +108,6 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     spec = fragment_spec_for(instruction.student.family, parameter_names(student))
     trainable = spec.parameters_of_all(instruction.fragments)
     load_numpy_state(student, global_state)
-
-    splits = site.splits()
-    if len(splits["train"]) == 0:
-        raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
     cache = TeacherLogitCache(site.state_dir)
     outputs = cache.outputs(splits["train"], teacher_digest(site.teacher_path),
                             lambda: load_teacher(site.teacher_path))
@@ -64,8 +119,17 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
                              optimizer=instruction.optimizer, temperature=instruction.temperature,
                              alpha=instruction.alpha, hidden_alignment_weight=instruction.hidden_alignment_weight,
                              seed=derived_seed(instruction.seed, instruction.server_round, site.name))
-    outcome = distill(student, instruction.student.family, splits["train"], outputs.logits, settings, trainable,
-                      teacher_hidden=outputs.hidden, projection=projection)
+    if check.calibration is not None:
+        # 60 bits from the site's secret: the coordinator knows run id and round, never the secret.
+        secret_seed = int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:{instruction.server_round}")[:15],
+                          16)
+        outcome, spend = private_distill(student, instruction.student.family, splits["train"], outputs.logits,
+                                         settings, trainable, check.calibration, instruction.grad_sample_mode,
+                                         check.state.spends, instruction.run_id, instruction.server_round, secret_seed)
+    else:
+        outcome = distill(student, instruction.student.family, splits["train"], outputs.logits, settings, trainable,
+                          teacher_hidden=outputs.hidden, projection=projection)
+        spend = check.spend
     if projection is not None:
         buffer = io.BytesIO()
         torch.save(projection.state_dict(), buffer)
@@ -75,4 +139,5 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     update = {name: state[name] for name in trainable}
     # The site checks its own update before anything leaves it.
     check_fragment_update(update, spec, instruction.fragments, expected, f"{site.name}'s own update")
-    return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps)
+    record_spend(site.state_dir, check.state, spend)
+    return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ class SiteReply:
     arrays: dict[str, np.ndarray]
     num_examples: int
     train_loss: float
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

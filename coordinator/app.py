@@ -36,26 +36,49 @@ def _unpack_reply(msg: Message) -> SiteReply:
     metrics = msg.content["metrics"]
     return SiteReply(site=str(msg.content["site"]["name"]),
                      arrays={name: a.numpy() for name, a in msg.content["arrays"].items()},
-                     num_examples=int(metrics["num-examples"]), train_loss=float(metrics["train-loss"]))
+                     num_examples=int(metrics["num-examples"]), train_loss=float(metrics["train-loss"]),
+                     privacy=dict(msg.content["privacy"]))
 
 
-def run_rounds(grid: Grid, coordinator: Coordinator, min_sites: int, timeout: float = 600.0) -> None:
+def _exchange(grid: Grid, node_ids: list[int], content: RecordDict, message_type: str, server_round: int,
+              timeout: float) -> tuple[dict[int, Message], dict[str, str], dict[str, str]]:
+    """Send one message per node; returns (replies by node, refusals by site, failures by node)."""
+    messages = [Message(RecordDict(dict(content.items())), message_type=message_type, dst_node_id=node_id)
+                for node_id in node_ids]
+    replies, refusals, failures = {}, {}, {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failures[f"node-{node}"] = reply.error.reason
+            log.warning("round %d: node-%d failed: %s", server_round, node, reply.error.reason)
+        elif "refusal" in reply.content:
+            site = str(reply.content["site"]["name"])
+            refusals[site] = str(reply.content["refusal"]["reason"])
+            log.warning("round %d: %s refused: %s", server_round, site, refusals[site])
+        else:
+            replies[node] = reply
+    return replies, refusals, failures
+
+
+def run_rounds(grid: Grid, coordinator: Coordinator, min_nodes: int, timeout: float = 600.0) -> None:
+    """Each round: ask every site whether it will train (its budget decides), then train those that accept."""
     for server_round in range(1, coordinator.config.rounds + 1):
         started = time.perf_counter()
-        node_ids = wait_for_nodes(grid, min_sites, timeout)
-        instruction = coordinator.instruction(server_round)
+        node_ids = wait_for_nodes(grid, min_nodes, timeout)
+        config = ConfigRecord(coordinator.instruction(server_round).to_config())
+        accepted, refusals, failures = _exchange(grid, node_ids, RecordDict({"config": config}), MessageType.QUERY,
+                                                 server_round, timeout)
+        if len(accepted) < coordinator.config.min_sites:
+            coordinator.stop(server_round, refusals, failures, started)
+            log.warning("round %d: only %d site(s) accepted, %d needed; the run ends here", server_round,
+                        len(accepted), coordinator.config.min_sites)
+            return
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
-        messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord(instruction.to_config())}),
-                            message_type=MessageType.TRAIN, dst_node_id=node_id) for node_id in node_ids]
-        replies, failures = [], {}
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            if reply.has_error():
-                node = f"node-{reply.metadata.src_node_id}"
-                failures[node] = reply.error.reason
-                log.warning("round %d: %s failed: %s", server_round, node, reply.error.reason)
-                continue
-            replies.append(_unpack_reply(reply))
-        coordinator.complete_round(server_round, replies, failures, started)
+        trained, late_refusals, train_failures = _exchange(
+            grid, sorted(accepted), RecordDict({"arrays": arrays, "config": config}), MessageType.TRAIN,
+            server_round, timeout)
+        coordinator.complete_round(server_round, [_unpack_reply(r) for r in trained.values()],
+                                   failures | train_failures, started, refusals | late_refusals)
 
 
 def build_server_app(make_coordinator: CoordinatorFactory) -> ServerApp:

@@ -61,10 +61,11 @@ class Coordinator:
             alpha=c.alpha, local_steps=c.local_steps, batch_size=c.batch_size, optimizer=c.optimizer,
             learning_rate=c.learning_rate,
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
-            config_hash=self.config_hash, student=c.student)
+            config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
+            target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode)
 
     def complete_round(self, server_round: int, replies: Sequence[SiteReply], failures: dict[str, str],
-                       started: float) -> dict[str, Any]:
+                       started: float, refusals: dict[str, str] | None = None) -> dict[str, Any]:
         instruction = self.instruction(server_round)
         result = aggregate_fragments(self.state, self.spec, instruction.fragments, replies, server_round)
         self.state = result.state
@@ -79,6 +80,8 @@ class Coordinator:
             "participants": sorted(result.accepted),
             "rejected": result.rejected,
             "failures": failures,
+            "refusals": refusals or {},
+            "privacy": {r.site: r.privacy for r in accepted},
             "status": "aggregated" if result.accepted else "failed",
             "train_loss": float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None,
             "student_digest": digest_arrays(self.state),
@@ -87,6 +90,19 @@ class Coordinator:
             record["evaluation"] = self.evaluate(self.model)
         save_student(self.model, self.config.student, self.student_dir, self.config,
                      {"run_id": self.run_id, "round": server_round})
+        return self._finish(record, started)
+
+    def stop(self, server_round: int, refusals: dict[str, str], failures: dict[str, str], started: float) -> dict[str, Any]:
+        """Too few sites accepted the round: nothing trains, the student stays as it is, and the run ends here."""
+        willing = self.config.min_sites
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "round": server_round, "status": "stopped",
+            "reason": f"fewer than min_sites={willing} site(s) accepted round {server_round}",
+            "participants": [], "rejected": {}, "failures": failures, "refusals": refusals, "privacy": {},
+            "student_digest": digest_arrays(self.state)}
+        return self._finish(record, started)
+
+    def _finish(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         record["seconds"] = round(time.perf_counter() - started, 3)
         self._append_metrics(record)
         self.records.append(record)

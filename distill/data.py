@@ -33,6 +33,28 @@ class SplitData:
         return SplitData({k: v[index] for k, v in self.inputs.items()}, self.labels[index],
                          self.groups[index] if len(self.groups) else self.groups)
 
+    def max_records_per_person(self) -> int:
+        """The most records any one person has in this split (1 when records carry no person id)."""
+        if len(self) == 0:
+            return 0
+        if not len(self.groups):
+            return 1
+        return int(np.unique(self.groups, return_counts=True)[1].max())
+
+    def limit_records_per_person(self, k: int, seed: int) -> SplitData:
+        """Keep at most ``k`` randomly chosen records of each person (group privacy then bounds a person's loss)."""
+        if not len(self.groups):
+            return self
+        order = np.random.default_rng(seed).permutation(len(self))
+        seen: dict[int, int] = {}
+        kept = []
+        for index in order:
+            person = int(self.groups[index])
+            if seen.get(person, 0) < k:
+                seen[person] = seen.get(person, 0) + 1
+                kept.append(index)
+        return self.subset(np.sort(np.array(kept, dtype=np.int64)))
+
     def digest(self) -> str:
         return digest_arrays({**{f"input.{k}": v for k, v in self.inputs.items()}, "labels": self.labels})
 

@@ -40,8 +40,10 @@ class RichReporter:
         overall = record.get("evaluation", {}).get("overall", {})
         auc = overall.get("roc_auc")
         text = f"ROC-AUC {auc:.4f}" if auc is not None else record["status"]
+        if record.get("refusals"):
+            text += f"  refused: {', '.join(sorted(record['refusals']))}"
         self.progress.update(self.task, advance=1, description=text)
-        if record["round"] == self.progress.tasks[0].total:
+        if record["round"] == self.progress.tasks[0].total or record["status"] == "stopped":
             self.progress.stop()
 
 
@@ -72,7 +74,60 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     comparison = summary["comparison"]
     if "federated_minus_centralized" in comparison:
         console.print(f"federated - centralized distilled ROC-AUC: {comparison['federated_minus_centralized']:+.4f}")
+    privacy = summary["privacy"]
+    console.print(f"privacy: {privacy['mechanism']}; unit: {privacy['unit']}")
+    for name, site in privacy["sites"].items():
+        spent = site["epsilon"] if isinstance(site["epsilon"], str) else f"{site['epsilon']:.3f}"
+        delta = "" if site["delta"] is None else f" at delta {site['delta']:.2g}"
+        refused = f", refused rounds {site['rounds_refused']}" if site["rounds_refused"] else ""
+        console.print(f"  {name}: epsilon {spent}{delta}{refused}; up to {site['max_records_per_person']} "
+                      "record(s) per person")
+    if summary["stopped"]:
+        console.print(f"[yellow]run stopped in round {summary['stopped']['round']}: {summary['stopped']['reason']}")
     console.print(f"run directory: {summary['paths']['run_dir']}")
+
+
+def render_sweep(sweep: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{sweep['scenario']}: utility against privacy (seed {sweep['seed']}; unit: "
+                        f"{sweep['unit_of_privacy']})")
+    table.add_column("target epsilon", justify="right")
+    for metric in ("ROC-AUC", "accuracy", "macro-F1", "kappa"):
+        table.add_column(metric, justify="right")
+    table.add_column("epsilon spent per site (min - max)", justify="right")
+    table.add_column("refusals")
+    for row in sweep["levels"]:
+        spent = [v for v in row["epsilon_spent"].values() if not isinstance(v, str)]
+        spent_text = f"{min(spent):.3f} - {max(spent):.3f}" if spent else "inf (no DP)"
+        refused = ", ".join(f"{site}: rounds {rounds}" for site, rounds in row["rounds_refused"].items()) or "none"
+        table.add_row(row["target_epsilon"], *(_fmt(row["federated"][m]) for m in
+                                               ("roc_auc", "accuracy", "macro_f1", "kappa")), spent_text, refused)
+    console.print(table)
+    base = sweep["baselines"]
+    console.print("non-private baselines (ROC-AUC): " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}"
+                                                                  for k, v in base.items()))
+    console.print(f"sweep directory: {sweep['sweep_dir']}")
+
+
+def parse_levels(text: str) -> list[float]:
+    levels = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            levels.append(float("inf") if part in ("inf", "none") else float(part))
+        except ValueError:
+            raise FedistillError(f"--epsilon: {part!r} is not a number; give a list like 1,3,8,inf.") from None
+    return levels
+
+
+def parse_caps(entries: list[str]) -> dict[str, float]:
+    caps = {}
+    for entry in entries:
+        name, _, value = entry.partition("=")
+        try:
+            caps[name.strip()] = float(value)
+        except ValueError:
+            raise FedistillError(f"--site-cap {entry!r}: expected SITE=EPSILON, e.g. --site-cap nicu=2.") from None
+    return caps
 
 
 def simulate_command(
@@ -84,20 +139,43 @@ def simulate_command(
     subsample: float = typer.Option(1.0, help="Keep this fraction of each site's patients (quick runs)."),
     fragment_plan: str | None = typer.Option(None, help="all, cyclic or progressive."),
     local_steps: int | None = typer.Option(None, help="Local optimizer steps per site per round (default: the scenario's)."),
+    batch_size: int | None = typer.Option(None, help="Expected batch size (Poisson sampling rate = batch / records)."),
+    learning_rate: float | None = typer.Option(None, help="Local learning rate (default: the scenario's)."),
+    epsilon: str | None = typer.Option(None, help="Target epsilon per site per run; a list (1,3,8,inf) runs a "
+                                                  "sweep; inf = no DP. Default: the scenario's."),
+    delta: float | None = typer.Option(None, help="Target delta (each site uses at most 1/(10 n) anyway)."),
+    clip: float | None = typer.Option(None, help="DP-SGD per-sample gradient clipping norm."),
+    grad_sample_mode: str | None = typer.Option(None, help="ghost (default) or hooks."),
+    accountant: str = typer.Option("prv", help="The simulated sites' accountant: prv or rdp."),
+    site_cap: list[str] = typer.Option([], help="SITE=EPSILON: that simulated site's per-run cap (repeatable)."),
+    max_records_per_person: int | None = typer.Option(None, help="Keep at most k training records per person."),
+    min_sites: int | None = typer.Option(None, help="Stop the run when fewer sites accept a round."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Run a multi-site federated distillation simulation, with baselines, and print the comparison."""
-    from simulations.runner import SimulationOptions, simulate
+    from simulations.runner import SimulationOptions, simulate, simulate_sweep
 
     console = Console(stderr=output_format is OutputFormat.json)
     try:
+        levels = parse_levels(epsilon) if epsilon is not None else []
         options = SimulationOptions(scenario=scenario, sites=sites, rounds=rounds, seed=seed, out=out,
-                                    subsample=subsample, fragment_plan=fragment_plan, local_steps=local_steps)
-        summary = simulate(options, RichReporter(console))
+                                    subsample=subsample, fragment_plan=fragment_plan, local_steps=local_steps,
+                                    batch_size=batch_size, learning_rate=learning_rate, epsilon=levels[0] if len(levels) == 1 else None,
+                                    delta=delta, max_grad_norm=clip, grad_sample_mode=grad_sample_mode,
+                                    accountant=accountant, site_caps=parse_caps(site_cap),
+                                    max_records_per_person=max_records_per_person, min_sites=min_sites)
+        if len(levels) > 1:
+            for level in levels:
+                SimulationOptions(epsilon=level)
+            result = simulate_sweep(options, levels, RichReporter(console))
+        else:
+            result = simulate(options, RichReporter(console))
     except FedistillError as err:
         Console(stderr=True).print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=2) from None
     if output_format is OutputFormat.json:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    elif len(levels) > 1:
+        render_sweep(result, console)
     else:
-        render_summary(summary, console)
+        render_summary(result, console)

@@ -20,6 +20,7 @@ FRAGMENT_PLANS = ("all", "cyclic", "progressive")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 STUDENT_FAMILIES = ("mlp", "bert")
 OPTIMIZERS = ("sgd", "adam")
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
 
 
 def _require(condition: bool, where: str, name: str, expected: str, got: Any) -> None:
@@ -42,6 +43,13 @@ def _float(raw: Mapping[str, Any], name: str, where: str, low: float, high: floa
     bracket = "(" if low_open else "["
     _require(ok, where, name, f"a number in {bracket}{low}, {high}]", value)
     return float(value)
+
+
+def _optional_float(raw: Mapping[str, Any], name: str, where: str, low: float, high: float) -> float | None:
+    """``None`` (or absent) stays ``None``; anything else must be a number in (low, high]."""
+    if raw.get(name) is None:
+        return None
+    return _float(raw, name, where, low, high, low_open=True)
 
 
 def _choice(raw: Mapping[str, Any], name: str, where: str, choices: tuple[str, ...], default: str) -> str:
@@ -93,6 +101,22 @@ class FederationConfig:
     temperature_end: float = 2.0
     hidden_alignment_weight: float = 0.0
     seed: int = 0
+    # Differential privacy: target_epsilon None means a non-private run, which any site with a cap refuses.
+    target_epsilon: float | None = None
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "ghost"
+    # The coordinator stops the run cleanly when fewer sites than this accept a round.
+    min_sites: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target_epsilon is not None and self.hidden_alignment_weight > 0:
+            raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 when 'target_epsilon' is set: the "
+                              "site-local alignment projection is not trained under DP-SGD. Turn one of them off.")
+
+    @property
+    def private(self) -> bool:
+        return self.target_epsilon is not None
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -135,4 +159,9 @@ class FederationConfig:
             hidden_alignment_weight=_float(raw, "hidden_alignment_weight", where, 0.0, 100.0,
                                            cls.hidden_alignment_weight),
             seed=_int(raw, "seed", where, 0, cls.seed),
+            target_epsilon=_optional_float(raw, "target_epsilon", where, 0.0, 1000.0),
+            target_delta=_optional_float(raw, "target_delta", where, 0.0, 0.1),
+            max_grad_norm=_float(raw, "max_grad_norm", where, 0.0, 1e6, cls.max_grad_norm, low_open=True),
+            grad_sample_mode=_choice(raw, "grad_sample_mode", where, GRAD_SAMPLE_MODES, cls.grad_sample_mode),
+            min_sites=_int(raw, "min_sites", where, 1, cls.min_sites),
         )

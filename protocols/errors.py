@@ -20,7 +20,11 @@ class UpdateRejected(FedistillError):
 
 
 class BudgetExhausted(FedistillError):
-    """A site's privacy budget does not allow the requested work."""
+    """A site's privacy budget does not allow the requested work; ``details`` holds the site's decision."""
+
+    def __init__(self, message: str, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
 
 
 class LedgerTampered(FedistillError):

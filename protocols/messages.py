@@ -39,10 +39,20 @@ class TrainInstruction:
     run_id: str
     config_hash: str
     student: StudentSpec
+    target_epsilon: float | None = None
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    grad_sample_mode: str = "ghost"
+
+    @property
+    def private(self) -> bool:
+        return self.target_epsilon is not None
 
     def to_config(self) -> dict[str, Any]:
         """Flat scalars and lists, the shape of a Flower ConfigRecord."""
-        return {
+        optional = {key: value for key, value in (("target-epsilon", self.target_epsilon),
+                                                  ("target-delta", self.target_delta)) if value is not None}
+        return optional | {
             "schema-version": SCHEMA_VERSION,
             "server-round": self.server_round,
             "total-rounds": self.total_rounds,
@@ -58,12 +68,14 @@ class TrainInstruction:
             "run-id": self.run_id,
             "config-hash": self.config_hash,
             "student": json.dumps(self.student.to_dict(), sort_keys=True),
+            "max-grad-norm": self.max_grad_norm,
+            "grad-sample-mode": self.grad_sample_mode,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
         required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
-                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student")
+                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode")
         missing = [key for key in required if key not in config]
         if missing:
             raise UpdateRejected(f"train instruction is missing {', '.join(missing)}; coordinator and site run "
@@ -86,6 +98,10 @@ class TrainInstruction:
             run_id=str(config["run-id"]),
             config_hash=str(config["config-hash"]),
             student=StudentSpec.from_dict(json.loads(str(config["student"]))),
+            target_epsilon=float(config["target-epsilon"]) if "target-epsilon" in config else None,
+            target_delta=float(config["target-delta"]) if "target-delta" in config else None,
+            max_grad_norm=float(config["max-grad-norm"]),
+            grad_sample_mode=str(config["grad-sample-mode"]),
         )
 
 

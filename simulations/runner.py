@@ -6,13 +6,17 @@
     runs/<run-id>/summary.json     the comparison with the teacher and the baselines (docs/quickstart.md)
     runs/<run-id>/sites/<site>/    each virtual site's state directory, as a real site would keep it
     runs/<run-id>/teacher/         the teacher every site loads
+
+``fedistill simulate --epsilon 1,3,8,inf`` runs one such directory per privacy level under a sweep
+directory (same seed, same splits, baselines trained once) and writes ``sweep.json`` beside them.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -20,14 +24,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from client.budget import ACCOUNTANTS, PrivacyState, SitePolicy
 from client.site import create_site
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.evaluate import evaluate_across_sites
 from distill.models import count_parameters, load_teacher, teacher_digest
 from distill.train import predict_proba
-from protocols.canonical import atomic_write_json
-from protocols.config import FRAGMENT_PLANS, FederationConfig
+from protocols.canonical import atomic_write_json, sha256_hex
+from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
 from simulations.engine import run_federation
@@ -47,6 +52,17 @@ class SimulationOptions:
     subsample: float = 1.0
     fragment_plan: str | None = None
     local_steps: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    # Privacy: None keeps the scenario's default target; math.inf asks for a non-private run.
+    epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float | None = None
+    grad_sample_mode: str | None = None
+    accountant: str = "prv"
+    site_caps: dict[str, float] = field(default_factory=dict)
+    max_records_per_person: int | None = None
+    min_sites: int | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -57,6 +73,26 @@ class SimulationOptions:
             raise ConfigError(f"--fragment-plan must be one of {', '.join(FRAGMENT_PLANS)}, got {self.fragment_plan!r}.")
         if self.local_steps is not None and self.local_steps < 1:
             raise ConfigError(f"--local-steps must be at least 1, got {self.local_steps}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ConfigError(f"--epsilon values must be positive (or inf for no DP), got {self.epsilon}.")
+        if self.delta is not None and not 0 < self.delta < 0.1:
+            raise ConfigError(f"--delta must be in (0, 0.1), got {self.delta}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"--clip must be positive, got {self.max_grad_norm}.")
+        if self.grad_sample_mode is not None and self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(f"--grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                              f"got {self.grad_sample_mode!r}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}.")
+        for site, cap in self.site_caps.items():
+            if not cap > 0 or not math.isfinite(cap):
+                raise ConfigError(f"--site-cap {site}={cap}: a cap must be a positive, finite epsilon.")
+        if self.max_records_per_person is not None and self.max_records_per_person < 1:
+            raise ConfigError(f"--max-records-per-person must be at least 1, got {self.max_records_per_person}.")
+        if self.min_sites is not None and self.min_sites < 1:
+            raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}.")
 
 
 class Reporter(Protocol):
@@ -83,15 +119,21 @@ def package_versions() -> dict[str, str]:
     return {"python": platform.python_version()} | {name: version(name) for name in names}
 
 
-def _new_run_dir(out: Path, scenario: str, seed: int) -> tuple[str, Path]:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_id = f"{stamp}-{scenario}-seed{seed}"
+def _new_run_dir(out: Path, run_id: str) -> tuple[str, Path]:
     candidate, suffix = Path(out) / run_id, 1
     while candidate.exists():
         suffix += 1
         candidate = Path(out) / f"{run_id}-{suffix}"
     candidate.mkdir(parents=True)
     return candidate.name, candidate
+
+
+def _stamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def epsilon_label(epsilon: float | None) -> str:
+    return "inf" if epsilon is None else f"{epsilon:g}"
 
 
 def _metric(entry: dict[str, Any], name: str = HEADLINE_METRIC) -> float | None:
@@ -107,24 +149,81 @@ def _local_only_summary(local: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+def _federation_config(options: SimulationOptions, scenario) -> FederationConfig:
+    overrides: dict[str, Any] = {key: value for key, value in (
+        ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
+        ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
+        ("grad_sample_mode", options.grad_sample_mode), ("min_sites", options.min_sites)) if value is not None}
+    if options.epsilon is not None:
+        overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
+    return FederationConfig.from_dict({**scenario.federation_defaults, **overrides, "student": scenario.student,
+                                       "seed": options.seed}, where="simulation options")
+
+
+def _prepare_sites(scenario, options: SimulationOptions) -> None:
+    unknown = sorted(set(options.site_caps) - set(scenario.sites))
+    if unknown:
+        raise ConfigError(f"--site-cap names unknown site(s) {', '.join(unknown)}; the sites are "
+                          f"{', '.join(scenario.sites)}.")
+    if options.max_records_per_person is not None:
+        for offset, splits in enumerate(scenario.sites.values()):
+            splits["train"] = splits["train"].limit_records_per_person(options.max_records_per_person,
+                                                                       options.seed + offset)
+
+
+def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, bounded: bool) -> dict[str, Any]:
+    """The site's own account of the run, recomputed from its stored history (what a report would quote)."""
+    policy = SitePolicy.load(state_dir)
+    state = PrivacyState.load(state_dir)
+    calibration = state.calibrations.get(run_id)
+    spends = state.run_spends(run_id)
+    delta = calibration.delta if calibration else None
+    epsilon = state.epsilon(delta, policy.accountant, run_id) if delta else (math.inf if spends else 0.0)
+    out: dict[str, Any] = {
+        "epsilon": epsilon_label(epsilon) if math.isinf(epsilon) else epsilon, "delta": delta,
+        "accountant": policy.accountant, "cap_per_run": policy.epsilon_per_run,
+        "cap_lifetime": policy.epsilon_lifetime,
+        "noise_multiplier": calibration.noise_multiplier if calibration else None,
+        "sample_rate": calibration.sample_rate if calibration else None,
+        "steps": sum(s.steps for s in spends), "empty_batches": sum(s.empty_batches for s in spends),
+        "rounds_trained": [s.round for s in spends],
+        "rounds_refused": [r["round"] for r in state.refusals if r["run_id"] == run_id],
+        "max_records_per_person": train_records_per_person,
+        "records_per_person_bounded": bounded,
+    }
+    k = train_records_per_person
+    if delta and math.isfinite(epsilon) and k >= 1:
+        # Group privacy: a person with k records is protected at (k eps, k e^((k-1) eps) delta).
+        out["person_level"] = {"k": k, "epsilon": k * epsilon,
+                               "delta": min(1.0, k * math.exp((k - 1) * epsilon) * delta)}
+    return out
+
+
+def simulate(options: SimulationOptions, reporter: Reporter | None = None, baselines: dict[str, Any] | None = None,
+             run_name: str | None = None) -> dict[str, Any]:
+    """One federated run of a scenario; ``baselines`` from an earlier run on the same splits are reused if given."""
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
     reporter.stage(f"loading scenario {options.scenario}")
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample))
-    overrides = {key: value for key, value in (("rounds", options.rounds), ("fragment_plan", options.fragment_plan),
-                                               ("local_steps", options.local_steps)) if value is not None}
-    config = FederationConfig.from_dict({**scenario.federation_defaults, **overrides, "student": scenario.student,
-                                         "seed": options.seed}, where="simulation options")
-    run_id, run_dir = _new_run_dir(options.out, scenario.name, options.seed)
+    config = _federation_config(options, scenario)
+    _prepare_sites(scenario, options)
+    run_id, run_dir = _new_run_dir(options.out, run_name or f"{_stamp()}-{scenario.name}-seed{options.seed}")
     atomic_write_json(run_dir / "config.json", {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "scenario": scenario.name,
         "sites": list(scenario.sites), "seed": options.seed, "subsample": options.subsample,
+        "site_caps": options.site_caps, "accountant": options.accountant,
+        "max_records_per_person": options.max_records_per_person,
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
-    state_dirs = [create_site(run_dir / "sites" / name, name, splits, teacher_path).state_dir
-                  for name, splits in scenario.sites.items()]
+    state_dirs = []
+    for name, splits in scenario.sites.items():
+        # A simulated site's policy caps each run at the run's target unless --site-cap says otherwise.
+        policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
+                            accountant=options.accountant)
+        secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
+        state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret).state_dir)
 
     def evaluate(model) -> dict[str, Any]:
         return evaluate_across_sites(lambda split: predict_proba(model, scenario.family, split), scenario.sites)
@@ -133,21 +232,23 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
         reporter.rounds_started(config.rounds)
         return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished)
 
-    reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds")
+    privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
+    reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
     coordinator = run_federation(state_dirs, make_coordinator)
     federated_seconds = time.perf_counter() - started
 
-    # The baselines reuse each site's cached teacher logits: the cache hits, the teacher is not run again.
-    digest = teacher_digest(teacher_path)
-    cached_logits = {
-        name: TeacherLogitCache(run_dir / "sites" / name).outputs(
-            splits["train"], digest, lambda: load_teacher(teacher_path)).logits
-        for name, splits in scenario.sites.items()}
-    reporter.stage("baselines: teacher, local-only, centralized")
-    baselines = run_baselines(scenario, config, cached_logits, progress=reporter.stage)
+    if baselines is None:
+        # The baselines reuse each site's cached teacher logits: the cache hits, the teacher is not run again.
+        digest = teacher_digest(teacher_path)
+        cached_logits = {
+            name: TeacherLogitCache(run_dir / "sites" / name).outputs(
+                splits["train"], digest, lambda: load_teacher(teacher_path)).logits
+            for name, splits in scenario.sites.items()}
+        reporter.stage("baselines (non-private): teacher, local-only, centralized")
+        baselines = run_baselines(scenario, config, cached_logits, progress=reporter.stage)
 
     final = coordinator.records[-1]
-    federated = final["evaluation"]
+    federated = final["evaluation"] if "evaluation" in final else evaluate(coordinator.model)
     student_bytes = sum(f.stat().st_size for f in coordinator.student_dir.glob("*.safetensors"))
     teacher_size = scenario.teacher.size()
     student_params = count_parameters(coordinator.model)
@@ -168,7 +269,18 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
         "config_hash": config.config_hash(),
         "seed": options.seed,
         "rounds": config.rounds,
-        "failed_rounds": [r["round"] for r in coordinator.records if r["status"] != "aggregated"],
+        "failed_rounds": [r["round"] for r in coordinator.records if r["status"] == "failed"],
+        "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
+        "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
+        "privacy": {
+            "unit": "one record of a site's training split (example-level DP-SGD)",
+            "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"
+                          if config.private else "none: non-private run"),
+            "target_epsilon": config.target_epsilon, "max_grad_norm": config.max_grad_norm if config.private else None,
+            "sites": {name: _site_privacy(d, run_id, splits["train"].max_records_per_person(),
+                                          options.max_records_per_person is not None)
+                      for (name, splits), d in zip(scenario.sites.items(), state_dirs)},
+        },
         "class_names": list(scenario.class_names),
         "sites": {name: {split: {"records": len(data),
                                  "class_counts": {label: int((data.labels == i).sum())
@@ -203,3 +315,45 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None) -> di
         c["federated_minus_centralized"] = c["federated"] - c["centralized_distilled"]
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
+    models = summary["models"]
+    return {"teacher": models["teacher"], "local_only": models["local_only"]["per_site"],
+            "centralized_distilled": models["centralized_distilled"],
+            "centralized_labels_only": models["centralized_labels_only"]}
+
+
+def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Reporter | None = None) -> dict[str, Any]:
+    """One run per privacy level (``math.inf``: no DP) on the same seed and splits; baselines are trained once."""
+    if not levels:
+        raise ConfigError("--epsilon: give at least one privacy level, e.g. --epsilon 1,3,8,inf.")
+    reporter = reporter or SilentReporter()
+    sweep_id, sweep_dir = _new_run_dir(options.out, f"{_stamp()}-{options.scenario}-seed{options.seed}-sweep")
+    baselines: dict[str, Any] | None = None
+    rows = []
+    for epsilon in levels:
+        label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+        reporter.stage(f"privacy level epsilon = {label}")
+        summary = simulate(replace(options, epsilon=epsilon, out=sweep_dir), reporter, baselines,
+                           run_name=f"epsilon-{label}")
+        baselines = baselines or _reusable_baselines(summary)
+        federated = summary["models"]["federated"]["overall"]
+        rows.append({
+            "target_epsilon": label,
+            "federated": {m: federated[m] for m in ("roc_auc", "accuracy", "macro_f1", "kappa")},
+            "epsilon_spent": {name: site["epsilon"] for name, site in summary["privacy"]["sites"].items()},
+            "delta": {name: site["delta"] for name, site in summary["privacy"]["sites"].items()},
+            "rounds_refused": {name: site["rounds_refused"] for name, site in summary["privacy"]["sites"].items()
+                               if site["rounds_refused"]},
+            "stopped": summary["stopped"],
+            "run_dir": summary["paths"]["run_dir"],
+        })
+    sweep = {"schema_version": SCHEMA_VERSION, "sweep_id": sweep_id, "scenario": options.scenario,
+             "seed": options.seed, "headline_metric": HEADLINE_METRIC,
+             "unit_of_privacy": "one record of a site's training split",
+             "baselines": {key: summary["comparison"][key] for key in
+                           ("teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean")},
+             "levels": rows, "sweep_dir": str(sweep_dir)}
+    atomic_write_json(sweep_dir / "sweep.json", sweep)
+    return sweep

@@ -35,3 +35,27 @@ def make_site(directory: Path, name: str = "site-a", seed: int = 0) -> Site:
 def federation(**overrides) -> FederationConfig:
     return FederationConfig.from_dict({"student": MLP, "rounds": 2, "local_steps": 3, "batch_size": 16,
                                        "learning_rate": 0.05, **overrides})
+
+
+def text_site(directory: Path, records: int = 24) -> Site:
+    """A tiny text site for TINY_BERT whose teacher outputs are already cached (as after round 1)."""
+    import torch
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    from distill.cache import TeacherLogitCache
+    from distill.models import PooledEncoderClassifier, TorchTeacher, path_digest
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, (records, 12)).astype(np.int64)
+    text = SplitData({"input_ids": ids, "attention_mask": np.ones_like(ids)}, rng.integers(0, 2, records),
+                     np.arange(records))
+    encoder = BertModel(BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32))
+    teacher = PooledEncoderClassifier(encoder, nn.Linear(24, 2))
+    torch.save(teacher, directory / "unused.pt")
+    site = create_site(directory / "text-site", "text-site", {"train": text, "val": text, "test": text},
+                       directory / "unused.pt")
+    TeacherLogitCache(site.state_dir).outputs(
+        text, path_digest(site.teacher_path), lambda: TorchTeacher(teacher, ("input_ids", "attention_mask")))
+    return site

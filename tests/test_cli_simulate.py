@@ -78,6 +78,11 @@ def test_single_class_sites_report_undefined_metrics_instead_of_crashing(tmp_pat
     (("--subsample", "0"), "--subsample"),
     (("--fragment-plan", "random"), "--fragment-plan"),
     (("--local-steps", "0"), "--local-steps"),
+    (("--epsilon", "abc"), "--epsilon"),
+    (("--epsilon", "1,-3"), "--epsilon"),
+    (("--site-cap", "atlantis=3"), "--site-cap"),
+    (("--accountant", "gdp"), "--accountant"),
+    (("--delta", "0.5"), "--delta"),
 ])
 def test_bad_input_exits_non_zero_naming_the_option(tmp_path, args, named):
     result = run_cli("simulate", *args, "--out", str(tmp_path), timeout=120)
@@ -96,3 +101,65 @@ def test_drug_reviews_transformers_path_end_to_end(tmp_path):
     assert summary["size"]["measure"] == "parameters" and summary["size"]["ratio"] <= 0.1
     assert set(summary["teacher_forward_passes"].values()) == {1}
     assert summary["class_names"] == ["negative", "neutral", "positive"]
+
+
+QUICK = ("--sites", "3", "--rounds", "4", "--subsample", "0.25", "--local-steps", "10", "--seed", "2")
+
+
+def site_privacy(summary: dict, site: str) -> tuple[dict, "PrivacyState"]:
+    from client.budget import PrivacyState
+
+    state_dir = Path(summary["paths"]["run_dir"]) / "sites" / site
+    return summary["privacy"]["sites"][site], PrivacyState.load(state_dir)
+
+
+def test_a_site_whose_cap_is_reached_mid_run_refuses_and_the_others_finish(tmp_path):
+    from client.budget import epsilon_of
+
+    result = run_cli("simulate", *QUICK, "--epsilon", "8", "--site-cap", "emergency-dept=6", "--out", str(tmp_path),
+                     "--format", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    capped, state = site_privacy(summary, "emergency-dept")
+    assert capped["rounds_trained"] and capped["rounds_refused"]
+    assert max(capped["rounds_trained"]) < min(capped["rounds_refused"])  # it trains, then refuses every later round
+    run_spends = state.run_spends(summary["run_id"])
+    assert epsilon_of(run_spends, capped["delta"], "prv") == pytest.approx(capped["epsilon"]) and capped["epsilon"] <= 6
+    assert len(run_spends) == len(capped["rounds_trained"])  # refused rounds spent nothing
+    assert summary["stopped"] is None and summary["failed_rounds"] == []
+    for name, site in summary["privacy"]["sites"].items():
+        if name != "emergency-dept":
+            assert site["rounds_trained"] == [1, 2, 3, 4] and site["epsilon"] <= 8.0
+    assert set(summary["refusals"]) == {str(r) for r in capped["rounds_refused"]}
+    assert "emergency-dept" in summary["refusals"][str(capped["rounds_refused"][0])]
+
+
+def test_the_run_stops_cleanly_when_too_few_sites_accept(tmp_path):
+    result = run_cli("simulate", *QUICK, "--epsilon", "8", "--site-cap", "clinical-lab=6", "--min-sites", "3",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "run stopped in round" in result.stdout
+    run_dir = Path(result.stdout.split("run directory:")[1].split()[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped = summary["stopped"]["round"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["aggregated"] * (stopped - 1) + ["stopped"]
+    # The student stays as the last aggregated round left it.
+    assert records[-1]["student_digest"] == records[-2]["student_digest"]
+    checkpoint = json.loads((run_dir / "student" / "checkpoint.json").read_text())
+    assert checkpoint["round"] == stopped - 1
+
+
+def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
+    result = run_cli("simulate", "--sites", "3", "--rounds", "2", "--subsample", "0.25", "--local-steps", "10",
+                     "--epsilon", "2,inf", "--out", str(tmp_path), "--format", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = json.loads(result.stdout)
+    assert [row["target_epsilon"] for row in sweep["levels"]] == ["2", "inf"]
+    private, public = sweep["levels"]
+    assert all(0 < eps <= 2.0 for eps in private["epsilon_spent"].values())
+    assert set(public["epsilon_spent"].values()) == {"inf"}
+    assert all(0.0 <= row["federated"]["roc_auc"] <= 1.0 for row in sweep["levels"])
+    sweep_dir = Path(sweep["sweep_dir"])
+    assert json.loads((sweep_dir / "sweep.json").read_text()) == sweep
+    assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} == {"epsilon-2", "epsilon-inf"}
