@@ -7,19 +7,27 @@ record, never an error: refusal is a normal outcome.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client.site import Site
-from client.train import check_budget, train_round
+from client.train import check_budget, secure_train_round, train_round
 from protocols.errors import BudgetExhausted
 from protocols.messages import TrainInstruction
 
 SiteResolver = Callable[[Context], Path]
+# What a site reports in the clear under SecAgg+: its own epsilon, never its sampling rate, noise
+# multiplier or delta, from which its record count could be read (its own state keeps them all).
+PUBLIC_PRIVACY_FIELDS = ("epsilon-run", "epsilon-lifetime", "accountant", "steps")
 
 
 def state_dir_from_node_config(context: Context) -> Path:
@@ -41,8 +49,25 @@ def _refusal(site: Site, refusal: BudgetExhausted) -> RecordDict:
         "site": ConfigRecord({"name": site.name})})
 
 
-def build_client_app(resolve_state_dir: SiteResolver) -> ClientApp:
-    app = ClientApp()
+def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower's secaggplus_mod for the SecAgg+ stages; every other message (queries) passes straight through."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _secure_train(site: Site, msg: Message) -> RecordDict:
+    """The SecAgg+ path: the reply's only vectors are the masked payload; its scalar weight is always 1."""
+    fit_ins = recorddict_to_fitins(msg.content, keep_input=True)
+    instruction = TrainInstruction.from_config(json.loads(str(fit_ins.config["instruction"])))
+    encoded, update = secure_train_round(site, instruction, parameters_to_ndarrays(fit_ins.parameters))
+    report = {key: value for key, value in update.privacy.items() if key in PUBLIC_PRIVACY_FIELDS}
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(encoded.vectors), 1, {"site": site.name, **report})
+    return fitres_to_recorddict(result, keep_input=False)
+
+
+def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | None = None) -> ClientApp:
+    app = ClientApp(mods=[*(mods or []), secure_aggregation_mod])
 
     @app.query()
     def consider(msg: Message, context: Context) -> Message:
@@ -58,6 +83,8 @@ def build_client_app(resolve_state_dir: SiteResolver) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = Site.load(resolve_state_dir(context))
+        if "fitins.parameters" in msg.content.array_records:
+            return Message(_secure_train(site, msg), reply_to=msg)
         instruction = TrainInstruction.from_config(dict(msg.content["config"]))
         try:
             update = train_round(site, instruction, from_array_record(msg.content["arrays"]))

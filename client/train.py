@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,10 +21,14 @@ from distill.cache import TeacherLogitCache
 from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
                             teacher_digest)
 from distill.train import TrainSettings, distill
-from protocols.canonical import atomic_write_bytes, sha256_hex
+from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 from protocols.errors import BudgetExhausted, UpdateRejected
 from protocols.fragments import fragment_spec_for
 from protocols.messages import TrainInstruction, check_fragment_update, check_tensors
+from protocols.secagg import EncodedUpdate, SecureAggregationSettings, encode_update
+
+log = logging.getLogger("fedistill.site")
+CLIPPING_FILE = "secagg_clipping.json"
 
 
 @dataclass(frozen=True)
@@ -141,3 +148,36 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     check_fragment_update(update, spec, instruction.fragments, expected, f"{site.name}'s own update")
     record_spend(site.state_dir, check.state, spend)
     return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend))
+
+
+def state_names(instruction: TrainInstruction) -> list[str]:
+    """The order of the student's tensors: both sides derive it from the student spec, never from the wire."""
+    return list(build_student(instruction.student).state_dict())
+
+
+def secure_train_round(site: Site, instruction: TrainInstruction,
+                       global_arrays: list[np.ndarray]) -> tuple[EncodedUpdate, SiteUpdate]:
+    """A round whose update leaves only through SecAgg+: train, then encode weight and update together."""
+    names = state_names(instruction)
+    if len(global_arrays) != len(names):
+        raise UpdateRejected(f"round {instruction.server_round}: {site.name} received {len(global_arrays)} tensors, "
+                             f"the student has {len(names)}.")
+    global_state = dict(zip(names, global_arrays))
+    update = train_round(site, instruction, global_state)
+    planned = [name for name in names if name in update.arrays]
+    encoded = encode_update(update.arrays, global_state, planned, update.num_examples, update.train_loss,
+                            SecureAggregationSettings(1.0, 1.0, instruction.clipping_range, 2, instruction.weight_scale))
+    if encoded.clipped_values:
+        log.warning("site %s, round %d: %d value(s) of the secure-aggregation payload exceed the clipping range "
+                    "%g and will be clipped by SecAgg+", site.name, instruction.server_round, encoded.clipped_values,
+                    instruction.clipping_range)
+    record_clipping(site.state_dir, instruction.run_id, instruction.server_round, encoded.clipped_values)
+    return encoded, update
+
+
+def record_clipping(state_dir: Path, run_id: str, server_round: int, clipped: int) -> None:
+    """Per round, how many payload values SecAgg+ clips (Flower would clip them silently)."""
+    path = Path(state_dir) / CLIPPING_FILE
+    counts = json.loads(path.read_text()) if path.is_file() else {"schema_version": 1, "runs": {}}
+    counts["runs"].setdefault(run_id, {})[str(server_round)] = clipped
+    atomic_write_json(path, counts)

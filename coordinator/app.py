@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.aggregate import SiteReply
 from coordinator.rounds import Coordinator
+from coordinator.secure_round import run_secure_round
 from protocols.config import FederationConfig
 from protocols.errors import ConfigError
 
@@ -43,8 +44,8 @@ def _unpack_reply(msg: Message) -> SiteReply:
 def _exchange(grid: Grid, node_ids: list[int], content: RecordDict, message_type: str, server_round: int,
               timeout: float) -> tuple[dict[int, Message], dict[str, str], dict[str, str]]:
     """Send one message per node; returns (replies by node, refusals by site, failures by node)."""
-    messages = [Message(RecordDict(dict(content.items())), message_type=message_type, dst_node_id=node_id)
-                for node_id in node_ids]
+    messages = [Message(RecordDict(dict(content.items())), message_type=message_type, dst_node_id=node_id,
+                        group_id=str(server_round)) for node_id in node_ids]
     replies, refusals, failures = {}, {}, {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         node = reply.metadata.src_node_id
@@ -60,19 +61,35 @@ def _exchange(grid: Grid, node_ids: list[int], content: RecordDict, message_type
     return replies, refusals, failures
 
 
-def run_rounds(grid: Grid, coordinator: Coordinator, min_nodes: int, timeout: float = 600.0) -> None:
-    """Each round: ask every site whether it will train (its budget decides), then train those that accept."""
+def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes: int,
+               timeout: float = 600.0) -> None:
+    """Each round: ask every site whether it will train (its budget decides), then train those that accept.
+
+    With secure aggregation (the default) the training goes through Flower's SecAgg+; otherwise each
+    site's update arrives on its own and is validated before the average.
+    """
+    fewest = coordinator.config.fewest_sites_per_round
+    if coordinator.config.secure_aggregation and min_nodes < coordinator.config.min_cohort:
+        raise ConfigError(f"secure aggregation needs at least min_cohort={coordinator.config.min_cohort} sites per "
+                          f"round, but the federation has {min_nodes}; add sites or lower min_cohort.")
     for server_round in range(1, coordinator.config.rounds + 1):
         started = time.perf_counter()
         node_ids = wait_for_nodes(grid, min_nodes, timeout)
-        config = ConfigRecord(coordinator.instruction(server_round).to_config())
+        instruction = coordinator.instruction(server_round)
+        config = ConfigRecord(instruction.to_config())
         accepted, refusals, failures = _exchange(grid, node_ids, RecordDict({"config": config}), MessageType.QUERY,
                                                  server_round, timeout)
-        if len(accepted) < coordinator.config.min_sites:
+        if len(accepted) < fewest:
             coordinator.stop(server_round, refusals, failures, started)
             log.warning("round %d: only %d site(s) accepted, %d needed; the run ends here", server_round,
-                        len(accepted), coordinator.config.min_sites)
+                        len(accepted), fewest)
             return
+        if coordinator.config.secure_aggregation:
+            outcome = run_secure_round(grid, context, sorted(accepted), instruction, coordinator.state,
+                                       coordinator.config, timeout)
+            coordinator.complete_secure_round(server_round, outcome.vectors, outcome.participants, outcome.privacy,
+                                              failures | outcome.failures, refusals, started)
+            continue
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
         trained, late_refusals, train_failures = _exchange(
             grid, sorted(accepted), RecordDict({"arrays": arrays, "config": config}), MessageType.TRAIN,
@@ -87,7 +104,7 @@ def build_server_app(make_coordinator: CoordinatorFactory) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         coordinator, min_sites = make_coordinator(context)
-        run_rounds(grid, coordinator, min_sites)
+        run_rounds(grid, context, coordinator, min_sites)
 
     return app
 

@@ -6,6 +6,7 @@ The Flower ServerApp (:mod:`coordinator.app`) only moves messages; everything he
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -16,16 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.aggregate import SiteReply, aggregate_fragments
+from coordinator.aggregate import SiteReply, aggregate_fragments, check_aggregate
 from coordinator.checkpoint import save_student
 from distill.losses import temperature_at
 from distill.models import build_student, load_numpy_state, parameter_names, state_to_numpy
 from protocols.canonical import canonical_json, digest_arrays
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
+from protocols.errors import UpdateRejected
 from protocols.messages import TrainInstruction
+from protocols.secagg import decode_aggregate
 
 SCHEMA_VERSION = 1
+log = logging.getLogger("fedistill.coordinator")
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 
 
@@ -62,28 +66,66 @@ class Coordinator:
             learning_rate=c.learning_rate,
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
             config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
-            target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode)
+            target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
+            secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale)
 
     def complete_round(self, server_round: int, replies: Sequence[SiteReply], failures: dict[str, str],
                        started: float, refusals: dict[str, str] | None = None) -> dict[str, Any]:
+        """Plain aggregation: validate every reply, average, validate the aggregate, then apply it."""
         instruction = self.instruction(server_round)
-        result = aggregate_fragments(self.state, self.spec, instruction.fragments, replies, server_round)
-        self.state = result.state
-        load_numpy_state(self.model, self.state)
+        result = aggregate_fragments(self.state, self.spec, instruction.fragments, replies, server_round,
+                                     self.config.max_update_norm)
         accepted = [r for r in replies if r.site in result.accepted]
         weights = np.array([r.num_examples for r in accepted], dtype=np.float64)
+        loss = float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None
+        return self._apply(server_round, result.state if accepted else None, sorted(result.accepted), loss,
+                           {"aggregation": "plain", "rejected": result.rejected,
+                            "aggregate_rejected": result.aggregate_rejected, "failures": failures,
+                            "refusals": refusals or {}, "privacy": {r.site: r.privacy for r in accepted}}, started)
+
+    def complete_secure_round(self, server_round: int, vectors: Sequence[np.ndarray] | None, participants: list[str],
+                              privacy: dict[str, dict[str, Any]], failures: dict[str, str], refusals: dict[str, str],
+                              started: float) -> dict[str, Any]:
+        """SecAgg+: only the mean of the sites' masked vectors arrives; it is decoded and validated, then applied.
+
+        ``vectors`` is None when Flower halted the protocol (too few live sites): the round is recorded as failed.
+        """
+        instruction = self.instruction(server_round)
+        names = self.spec.parameters_of_all(instruction.fragments)
+        details: dict[str, Any] = {"aggregation": "secagg+", "rejected": {}, "aggregate_rejected": None,
+                                   "failures": failures, "refusals": refusals, "privacy": privacy}
+        if vectors is None:
+            details["aggregate_rejected"] = (f"round {server_round}: SecAgg+ halted (fewer live sites than the "
+                                             "reconstruction threshold); nothing was aggregated")
+            log.error("%s; the global student is unchanged.", details["aggregate_rejected"])
+            return self._apply(server_round, None, [], None, details, started)
+        try:
+            decoded = decode_aggregate(vectors, names, self.state, self.config.secagg_settings(), server_round)
+            check_aggregate(decoded.state, self.state, self.spec, instruction.fragments, server_round,
+                            self.config.max_update_norm)
+        except UpdateRejected as err:
+            log.error("%s The global student is unchanged.", err)
+            details["aggregate_rejected"] = str(err)
+            return self._apply(server_round, None, [], None, details, started)
+        details["quantization_error_bound"] = decoded.error_bound
+        return self._apply(server_round, self.state | decoded.state, sorted(participants), decoded.train_loss, details,
+                           started)
+
+    def _apply(self, server_round: int, new_state: dict[str, np.ndarray] | None, participants: list[str],
+               train_loss: float | None, details: dict[str, Any], started: float) -> dict[str, Any]:
+        instruction = self.instruction(server_round)
+        if new_state is not None:
+            self.state = new_state
+            load_numpy_state(self.model, self.state)
         record: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "round": server_round,
             "fragments": list(instruction.fragments),
             "temperature": instruction.temperature,
-            "participants": sorted(result.accepted),
-            "rejected": result.rejected,
-            "failures": failures,
-            "refusals": refusals or {},
-            "privacy": {r.site: r.privacy for r in accepted},
-            "status": "aggregated" if result.accepted else "failed",
-            "train_loss": float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None,
+            "participants": participants,
+            **details,
+            "status": "aggregated" if new_state is not None else "failed",
+            "train_loss": train_loss,
             "student_digest": digest_arrays(self.state),
         }
         if self.evaluate is not None:
@@ -94,10 +136,12 @@ class Coordinator:
 
     def stop(self, server_round: int, refusals: dict[str, str], failures: dict[str, str], started: float) -> dict[str, Any]:
         """Too few sites accepted the round: nothing trains, the student stays as it is, and the run ends here."""
-        willing = self.config.min_sites
         record: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "round": server_round, "status": "stopped",
-            "reason": f"fewer than min_sites={willing} site(s) accepted round {server_round}",
+            "reason": (f"fewer than {self.config.fewest_sites_per_round} site(s) accepted round {server_round} "
+                       f"(min_sites={self.config.min_sites}"
+                       + (f", SecAgg+ min_cohort={self.config.min_cohort})" if self.config.secure_aggregation
+                          else ")")),
             "participants": [], "rejected": {}, "failures": failures, "refusals": refusals, "privacy": {},
             "student_digest": digest_arrays(self.state)}
         return self._finish(record, started)

@@ -119,6 +119,16 @@ def parse_levels(text: str) -> list[float]:
     return levels
 
 
+def parse_failures(entries: list[str]) -> tuple[tuple[str, int], ...]:
+    failures = []
+    for entry in entries:
+        site, _, server_round = entry.rpartition(":")
+        if not site or not server_round.isdigit():
+            raise FedistillError(f"--fail-site {entry!r}: expected SITE:ROUND, e.g. --fail-site nicu:2.")
+        failures.append((site, int(server_round)))
+    return tuple(failures)
+
+
 def parse_caps(entries: list[str]) -> dict[str, float]:
     caps = {}
     for entry in entries:
@@ -150,6 +160,10 @@ def simulate_command(
     site_cap: list[str] = typer.Option([], help="SITE=EPSILON: that simulated site's per-run cap (repeatable)."),
     max_records_per_person: int | None = typer.Option(None, help="Keep at most k training records per person."),
     min_sites: int | None = typer.Option(None, help="Stop the run when fewer sites accept a round."),
+    secure_aggregation: bool = typer.Option(True, help="Every update through Flower's SecAgg+ (the default)."),
+    drop_rate: float = typer.Option(0.0, help="Fault injection: each site crashes in a round with this probability."),
+    fail_site: list[str] = typer.Option([], help="Fault injection: SITE:ROUND crashes that site in that round "
+                                                 "(repeatable)."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Run a multi-site federated distillation simulation, with baselines, and print the comparison."""
@@ -163,7 +177,9 @@ def simulate_command(
                                     batch_size=batch_size, learning_rate=learning_rate, epsilon=levels[0] if len(levels) == 1 else None,
                                     delta=delta, max_grad_norm=clip, grad_sample_mode=grad_sample_mode,
                                     accountant=accountant, site_caps=parse_caps(site_cap),
-                                    max_records_per_person=max_records_per_person, min_sites=min_sites)
+                                    max_records_per_person=max_records_per_person, min_sites=min_sites,
+                                    drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
+                                    secure_aggregation=secure_aggregation)
         if len(levels) > 1:
             for level in levels:
                 SimulationOptions(epsilon=level)

@@ -14,6 +14,7 @@ from typing import Any
 
 from protocols.canonical import digest_json
 from protocols.errors import ConfigError
+from protocols.secagg import SecureAggregationSettings
 
 SCHEMA_VERSION = 1
 FRAGMENT_PLANS = ("all", "cyclic", "progressive")
@@ -43,6 +44,12 @@ def _float(raw: Mapping[str, Any], name: str, where: str, low: float, high: floa
     bracket = "(" if low_open else "["
     _require(ok, where, name, f"a number in {bracket}{low}, {high}]", value)
     return float(value)
+
+
+def _bool(raw: Mapping[str, Any], name: str, where: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    _require(isinstance(value, bool), where, name, "true or false", value)
+    return bool(value)
 
 
 def _optional_float(raw: Mapping[str, Any], name: str, where: str, low: float, high: float) -> float | None:
@@ -108,8 +115,20 @@ class FederationConfig:
     grad_sample_mode: str = "ghost"
     # The coordinator stops the run cleanly when fewer sites than this accept a round.
     min_sites: int = 1
+    # An aggregate whose change to a fragment has a larger L2 norm is rejected (garbage, overflow, attack).
+    max_update_norm: float = 100.0
+    # Secure aggregation (Flower SecAgg+): protocols/secagg.py explains the encoding and its error bound.
+    secure_aggregation: bool = True
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.6
+    clipping_range: float = 4.0
+    quantization_range: int = 2**24
+    weight_scale: int = 10_000
+    min_cohort: int = 3
 
     def __post_init__(self) -> None:
+        if self.quantization_range > 2**31 - 1:
+            raise ConfigError("run config: field 'quantization_range' must stay below 2**31: Flower quantizes to int32.")
         if self.target_epsilon is not None and self.hidden_alignment_weight > 0:
             raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 when 'target_epsilon' is set: the "
                               "site-local alignment projection is not trained under DP-SGD. Turn one of them off.")
@@ -117,6 +136,15 @@ class FederationConfig:
     @property
     def private(self) -> bool:
         return self.target_epsilon is not None
+
+    @property
+    def fewest_sites_per_round(self) -> int:
+        """Below this many accepting sites a round cannot run: the policy's minimum, or SecAgg+'s cohort."""
+        return max(self.min_sites, self.min_cohort) if self.secure_aggregation else self.min_sites
+
+    def secagg_settings(self) -> SecureAggregationSettings:
+        return SecureAggregationSettings(self.num_shares, self.reconstruction_threshold, self.clipping_range,
+                                         self.quantization_range, self.weight_scale)
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -164,4 +192,14 @@ class FederationConfig:
             max_grad_norm=_float(raw, "max_grad_norm", where, 0.0, 1e6, cls.max_grad_norm, low_open=True),
             grad_sample_mode=_choice(raw, "grad_sample_mode", where, GRAD_SAMPLE_MODES, cls.grad_sample_mode),
             min_sites=_int(raw, "min_sites", where, 1, cls.min_sites),
+            max_update_norm=_float(raw, "max_update_norm", where, 0.0, 1e12, cls.max_update_norm, low_open=True),
+            secure_aggregation=_bool(raw, "secure_aggregation", where, cls.secure_aggregation),
+            num_shares=_float(raw, "num_shares", where, 0.0, 1.0, cls.num_shares, low_open=True),
+            reconstruction_threshold=_float(raw, "reconstruction_threshold", where, 0.0, 1.0,
+                                            cls.reconstruction_threshold, low_open=True),
+            # The site's weight (at most 1) travels inside the masked vector, so the range must hold it.
+            clipping_range=_float(raw, "clipping_range", where, 1.0, 1e6, cls.clipping_range),
+            quantization_range=_int(raw, "quantization_range", where, 2**8, cls.quantization_range),
+            weight_scale=_int(raw, "weight_scale", where, 1, cls.weight_scale),
+            min_cohort=_int(raw, "min_cohort", where, 2, cls.min_cohort),
         )

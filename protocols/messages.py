@@ -43,6 +43,9 @@ class TrainInstruction:
     target_delta: float | None = None
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
+    secure_aggregation: bool = False
+    clipping_range: float = 4.0
+    weight_scale: int = 10_000
 
     @property
     def private(self) -> bool:
@@ -70,12 +73,16 @@ class TrainInstruction:
             "student": json.dumps(self.student.to_dict(), sort_keys=True),
             "max-grad-norm": self.max_grad_norm,
             "grad-sample-mode": self.grad_sample_mode,
+            "secure-aggregation": self.secure_aggregation,
+            "clipping-range": self.clipping_range,
+            "weight-scale": self.weight_scale,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
         required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
-                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode")
+                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "secure-aggregation", "clipping-range",
+                    "weight-scale")
         missing = [key for key in required if key not in config]
         if missing:
             raise UpdateRejected(f"train instruction is missing {', '.join(missing)}; coordinator and site run "
@@ -102,6 +109,9 @@ class TrainInstruction:
             target_delta=float(config["target-delta"]) if "target-delta" in config else None,
             max_grad_norm=float(config["max-grad-norm"]),
             grad_sample_mode=str(config["grad-sample-mode"]),
+            secure_aggregation=bool(config["secure-aggregation"]),
+            clipping_range=float(config["clipping-range"]),
+            weight_scale=int(config["weight-scale"]),
         )
 
 

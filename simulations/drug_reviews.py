@@ -172,7 +172,7 @@ def load_drug_reviews(options: ScenarioOptions) -> Scenario:
                                      "num_attention_heads": 2, "intermediate_size": 128,
                                      "max_position_embeddings": MAX_LENGTH, "num_labels": len(CLASS_NAMES)}),
         federation_defaults={"rounds": 3, "local_steps": 10, "batch_size": 16, "optimizer": "adam",
-                             "learning_rate": 1e-3,
+                             "learning_rate": 1e-3, "target_epsilon": 8.0,
                              "alpha": 0.5, "temperature_start": 2.0, "temperature_end": 2.0},
         provenance={
             "dataset": "UCI Drug Review dataset (Drugs.com; Graesser et al., 2018), the 979-review subset shipped as "

@@ -35,7 +35,7 @@ from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
-from simulations.engine import run_federation
+from simulations.engine import FaultPlan, run_federation
 from simulations.scenario import ScenarioOptions, load_scenario
 
 SCHEMA_VERSION = 1
@@ -63,6 +63,10 @@ class SimulationOptions:
     site_caps: dict[str, float] = field(default_factory=dict)
     max_records_per_person: int | None = None
     min_sites: int | None = None
+    # Fault injection: each site fails a round with this probability, plus the chosen (site, round)s.
+    drop_rate: float = 0.0
+    fail_sites: tuple[tuple[str, int], ...] = ()
+    secure_aggregation: bool | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -91,6 +95,8 @@ class SimulationOptions:
                 raise ConfigError(f"--site-cap {site}={cap}: a cap must be a positive, finite epsilon.")
         if self.max_records_per_person is not None and self.max_records_per_person < 1:
             raise ConfigError(f"--max-records-per-person must be at least 1, got {self.max_records_per_person}.")
+        if not 0.0 <= self.drop_rate <= 1.0:
+            raise ConfigError(f"--drop-rate must be in [0, 1], got {self.drop_rate}.")
         if self.min_sites is not None and self.min_sites < 1:
             raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}.")
 
@@ -153,7 +159,8 @@ def _federation_config(options: SimulationOptions, scenario) -> FederationConfig
     overrides: dict[str, Any] = {key: value for key, value in (
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
-        ("grad_sample_mode", options.grad_sample_mode), ("min_sites", options.min_sites)) if value is not None}
+        ("grad_sample_mode", options.grad_sample_mode), ("min_sites", options.min_sites),
+        ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
         overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
     return FederationConfig.from_dict({**scenario.federation_defaults, **overrides, "student": scenario.student,
@@ -161,10 +168,11 @@ def _federation_config(options: SimulationOptions, scenario) -> FederationConfig
 
 
 def _prepare_sites(scenario, options: SimulationOptions) -> None:
-    unknown = sorted(set(options.site_caps) - set(scenario.sites))
-    if unknown:
-        raise ConfigError(f"--site-cap names unknown site(s) {', '.join(unknown)}; the sites are "
-                          f"{', '.join(scenario.sites)}.")
+    for option, names in (("--site-cap", set(options.site_caps)), ("--fail-site", {s for s, _ in options.fail_sites})):
+        unknown = sorted(names - set(scenario.sites))
+        if unknown:
+            raise ConfigError(f"{option} names unknown site(s) {', '.join(unknown)}; the sites are "
+                              f"{', '.join(scenario.sites)}.")
     if options.max_records_per_person is not None:
         for offset, splits in enumerate(scenario.sites.values()):
             splits["train"] = splits["train"].limit_records_per_person(options.max_records_per_person,
@@ -207,12 +215,19 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     reporter.stage(f"loading scenario {options.scenario}")
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample))
     config = _federation_config(options, scenario)
+    if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
+        raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "
+                          f"{len(scenario.sites)}; use --sites {config.min_cohort} or more, or --no-secure-aggregation.")
     _prepare_sites(scenario, options)
-    run_id, run_dir = _new_run_dir(options.out, run_name or f"{_stamp()}-{scenario.name}-seed{options.seed}")
+    _, run_dir = _new_run_dir(options.out, run_name or f"{_stamp()}-{scenario.name}-seed{options.seed}")
+    # A simulated run's id is a function of its configuration: simulated sites derive their noise secrets from
+    # the seed, so a rerun reproduces the DP noise. A deployed run gets a fresh id from Flower, and fresh noise.
+    run_id = f"{scenario.name}-seed{options.seed}-{config.config_hash()[:12]}"
     atomic_write_json(run_dir / "config.json", {
         "schema_version": SCHEMA_VERSION, "run_id": run_id, "scenario": scenario.name,
         "sites": list(scenario.sites), "seed": options.seed, "subsample": options.subsample,
         "site_caps": options.site_caps, "accountant": options.accountant,
+        "fault_injection": {"drop_rate": options.drop_rate, "fail_sites": [list(f) for f in options.fail_sites]},
         "max_records_per_person": options.max_records_per_person,
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
@@ -234,7 +249,9 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
 
     privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
-    coordinator = run_federation(state_dirs, make_coordinator)
+    faults = FaultPlan(options.drop_rate, frozenset(options.fail_sites), options.seed)
+    coordinator = run_federation(state_dirs, make_coordinator,
+                                 faults=faults if options.drop_rate or options.fail_sites else None)
     federated_seconds = time.perf_counter() - started
 
     if baselines is None:
@@ -272,6 +289,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         "failed_rounds": [r["round"] for r in coordinator.records if r["status"] == "failed"],
         "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
         "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
+        "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
         "privacy": {
             "unit": "one record of a site's training split (example-level DP-SGD)",
             "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"

@@ -63,6 +63,30 @@ def test_malformed_update_never_touches_the_student(tmp_path):
     assert load_metrics(tmp_path)[0]["rejected"]["bad"].startswith("round 1 update from bad")
 
 
+def test_a_secure_aggregate_with_a_non_finite_value_is_rejected_and_the_student_is_unchanged(tmp_path):
+    coordinator = Coordinator(federation(), "run", tmp_path)
+    before = coordinator.state
+    names = coordinator.spec.parameters_of_all(coordinator.instruction(1).fragments)
+    vectors = [np.zeros_like(before[name], dtype=np.float64) for name in names] + [np.array([0.5]), np.array([0.1])]
+    vectors[0] = vectors[0].copy()
+    vectors[0].flat[0] = np.inf
+    record = coordinator.complete_secure_round(1, vectors, ["a", "b", "c"], {}, {}, {}, started=0.0)
+    assert record["status"] == "failed" and record["participants"] == []
+    assert "round 1, fragment 'layers.0'" in record["aggregate_rejected"] and "non-finite" in record["aggregate_rejected"]
+    assert all(np.array_equal(coordinator.state[k], before[k]) for k in before)
+    assert load_metrics(tmp_path)[0]["aggregate_rejected"] == record["aggregate_rejected"]
+
+
+def test_an_aggregate_beyond_the_norm_bound_is_rejected(tmp_path):
+    coordinator = Coordinator(federation(max_update_norm=1.0), "run", tmp_path)
+    state, spec = coordinator.state, coordinator.spec
+    far = SiteReply("a", {k: v + 10.0 for k, v in state.items()}, 10, 0.1)
+    result = aggregate_fragments(state, spec, spec.names, [far], 3, max_update_norm=1.0)
+    assert result.accepted == [] and "max_update_norm=1" in result.aggregate_rejected
+    assert "round 3, fragment 'layers.0'" in result.aggregate_rejected
+    assert all(np.array_equal(result.state[k], state[k]) for k in state)
+
+
 @pytest.mark.parametrize("spec", ["mlp", "bert"])
 def test_checkpoint_round_trip_with_config(tmp_path, spec):
     config = federation() if spec == "mlp" else federation(student=TINY_BERT)
