@@ -20,14 +20,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client.site import Site
-from client.train import check_budget, secure_train_round, train_round
+from client.train import check_budget, plain_train_round, secure_train_round
 from protocols.errors import BudgetExhausted
 from protocols.messages import TrainInstruction
 
 SiteResolver = Callable[[Context], Path]
 # What a site reports in the clear under SecAgg+: its own epsilon, never its sampling rate, noise
 # multiplier or delta, from which its record count could be read (its own state keeps them all).
-PUBLIC_PRIVACY_FIELDS = ("epsilon-run", "epsilon-lifetime", "accountant", "steps")
+PUBLIC_PRIVACY_FIELDS = ("epsilon-run", "epsilon-lifetime", "accountant", "steps", "ledger-seq", "ledger-hash")
 
 
 def state_dir_from_node_config(context: Context) -> Path:
@@ -87,7 +87,7 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
             return Message(_secure_train(site, msg), reply_to=msg)
         instruction = TrainInstruction.from_config(dict(msg.content["config"]))
         try:
-            update = train_round(site, instruction, from_array_record(msg.content["arrays"]))
+            update = plain_train_round(site, instruction, from_array_record(msg.content["arrays"]))
         except BudgetExhausted as refusal:
             return Message(_refusal(site, refusal), reply_to=msg)
         return Message(RecordDict({

@@ -289,14 +289,16 @@ def decide(policy: SitePolicy, state: PrivacyState, spend: Spend, delta: float) 
 
 
 def record_refusal(state_dir: Path, state: PrivacyState, site: str, run_id: str, server_round: int,
-                   decision: Decision) -> None:
-    """A refusal is a normal, logged outcome; it is kept with the spends so reports can show it."""
+                   decision: Decision) -> bool:
+    """A refusal is a normal, logged outcome, kept with the spends; True when this round's refusal is new."""
     entry = {"run_id": run_id, "round": server_round, "time": datetime.now(timezone.utc).isoformat(),
              **decision.to_dict()}
-    if not any(r["run_id"] == run_id and r["round"] == server_round for r in state.refusals):
-        state.refusals.append(entry)
-        state.save(state_dir)
     log.warning("site %s refuses round %d of run %s: %s", site, server_round, run_id, decision.reason)
+    if any(r["run_id"] == run_id and r["round"] == server_round for r in state.refusals):
+        return False
+    state.refusals.append(entry)
+    state.save(state_dir)
+    return True
 
 
 def record_spend(state_dir: Path, state: PrivacyState, spend: Spend) -> None:

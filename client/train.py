@@ -6,7 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,10 @@ from distill.cache import TeacherLogitCache
 from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
                             teacher_digest)
 from distill.train import TrainSettings, distill
-from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
+from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
 from protocols.errors import BudgetExhausted, UpdateRejected
 from protocols.fragments import fragment_spec_for
+from protocols.ledger import Ledger, ledger_in
 from protocols.messages import TrainInstruction, check_fragment_update, check_tensors
 from protocols.secagg import EncodedUpdate, SecureAggregationSettings, encode_update
 
@@ -79,11 +80,16 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int) -> Bud
                                     instruction.max_grad_norm, policy.accountant)
             state.calibrations[instruction.run_id] = calibration
             state.save(site.state_dir)
+            site_ledger(site).append("run-accepted", {"run_id": instruction.run_id,
+                                                      "config_hash": instruction.config_hash,
+                                                      "policy": policy.to_dict(), "calibration": asdict(calibration)})
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
     decision = decide(policy, state, spend, delta)
     if not decision.accept:
-        record_refusal(site.state_dir, state, site.name, instruction.run_id, instruction.server_round, decision)
+        if record_refusal(site.state_dir, state, site.name, instruction.run_id, instruction.server_round, decision):
+            site_ledger(site).append("refusal", {"run_id": instruction.run_id, "round": instruction.server_round,
+                                                 "config_hash": instruction.config_hash, **decision.to_dict()})
         raise BudgetExhausted(f"site {site.name} refuses round {instruction.server_round}: {decision.reason}.",
                               decision.to_dict())
     return BudgetCheck(policy, state, calibration, spend, decision)
@@ -150,6 +156,39 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend))
 
 
+def site_ledger(site: Site) -> Ledger:
+    return ledger_in(site.state_dir, site.name)
+
+
+def record_update_sent(site: Site, instruction: TrainInstruction, payload_kind: str, payload: dict[str, np.ndarray],
+                       update: SiteUpdate) -> dict[str, float | int | str]:
+    """What left the site this round, in its ledger, then a signed checkpoint; returns the report plus the head.
+
+    The tensors are described (names, shapes, bytes, digest), never stored: the ledger holds no record and no
+    update. The spend's DP parameters are what an auditor replays the site's epsilon from.
+    """
+    ledger = site_ledger(site)
+    ledger.append("update-sent", {
+        "run_id": instruction.run_id, "round": instruction.server_round, "config_hash": instruction.config_hash,
+        "payload_kind": payload_kind,
+        "tensors": [{"name": name, "shape": list(value.shape), "dtype": str(value.dtype)}
+                    for name, value in payload.items()],
+        "bytes": int(sum(value.nbytes for value in payload.values())), "digest": digest_arrays(payload),
+        "dp": {key: update.privacy[key] for key in ("noise-multiplier", "sample-rate", "steps", "empty-batches",
+                                                    "max-grad-norm", "delta", "accountant")},
+        "epsilon_run": update.privacy["epsilon-run"], "epsilon_lifetime": update.privacy["epsilon-lifetime"]})
+    ledger.checkpoint({"run_id": instruction.run_id, "round": instruction.server_round})
+    seq, head = ledger.head
+    return {**update.privacy, "ledger-seq": seq, "ledger-hash": head}
+
+
+def plain_train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray]) -> SiteUpdate:
+    """A round without secure aggregation: the planned fragments leave the site as they are."""
+    update = train_round(site, instruction, global_state)
+    report = record_update_sent(site, instruction, "plain fragment update", update.arrays, update)
+    return replace(update, privacy=report)
+
+
 def state_names(instruction: TrainInstruction) -> list[str]:
     """The order of the student's tensors: both sides derive it from the student spec, never from the wire."""
     return list(build_student(instruction.student).state_dict())
@@ -172,7 +211,10 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
                     "%g and will be clipped by SecAgg+", site.name, instruction.server_round, encoded.clipped_values,
                     instruction.clipping_range)
     record_clipping(site.state_dir, instruction.run_id, instruction.server_round, encoded.clipped_values)
-    return encoded, update
+    payload = {f"secagg.{index}": vector for index, vector in enumerate(encoded.vectors)}
+    report = record_update_sent(site, instruction, "SecAgg+ input: weighted update, weight, weighted loss", payload,
+                                update)
+    return encoded, replace(update, privacy=report)
 
 
 def record_clipping(state_dir: Path, run_id: str, server_round: int, clipped: int) -> None:

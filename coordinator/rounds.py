@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from protocols.canonical import canonical_json, digest_arrays
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import UpdateRejected
+from protocols.ledger import Ledger, ledger_in
 from protocols.messages import TrainInstruction
 from protocols.secagg import decode_aggregate
 
@@ -46,6 +48,18 @@ class Coordinator:
         self.state = state_to_numpy(self.model)
         self.spec = fragment_spec_for(config.student.family, parameter_names(self.model), config.fragment_patterns)
         self.records: list[dict[str, Any]] = []
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        """The run's ledger (``ledger.jsonl`` beside ``metrics.jsonl``), opened with a run-started event."""
+        if self._ledger is None:
+            self._ledger = ledger_in(self.run_dir, "coordinator")
+            if self._ledger.head[0] < 0:
+                self._ledger.append("run-started", {"run_id": self.run_id, "config_hash": self.config_hash,
+                                                    "config": self.config.to_dict(),
+                                                    "code_version": version("fedistill")})
+        return self._ledger
 
     @property
     def metrics_path(self) -> Path:
@@ -148,6 +162,14 @@ class Coordinator:
 
     def _finish(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         record["seconds"] = round(time.perf_counter() - started, 3)
+        # Each round's signed checkpoint records the head of every participating site's own ledger, so that
+        # neither the coordinator nor a site can rewrite its history alone.
+        site_heads = {site: [report["ledger-seq"], report["ledger-hash"]]
+                      for site, report in record.get("privacy", {}).items() if "ledger-hash" in report}
+        self.ledger.append("round", {key: value for key, value in record.items() if key != "evaluation"}
+                           | {"evaluation": record.get("evaluation", {}).get("overall")})
+        self.ledger.checkpoint({"round": record["round"], "site_heads": site_heads,
+                                "student_digest": record["student_digest"]})
         self._append_metrics(record)
         self.records.append(record)
         if self.on_round is not None:

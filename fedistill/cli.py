@@ -32,6 +32,8 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """fedistill command line."""
 
 
-from fedistill import simulate as _simulate  # noqa: E402  (registers its command on `app`)
+from fedistill import simulate as _simulate  # noqa: E402
+from fedistill import verify as _verify  # noqa: E402
 
 app.command("simulate")(_simulate.simulate_command)
+app.command("verify")(_verify.verify_command)

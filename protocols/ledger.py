@@ -304,3 +304,18 @@ def load_public_key(pem: str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"the public key is {type(key).__name__}, not Ed25519.")
     return key
+
+
+def ledger_in(directory: Path, actor: str, name: str = "ledger") -> Ledger:
+    """The ledger ``<name>.jsonl`` of a site or run directory, with its key (created on first use).
+
+    The private key stays in ``<name>_key.pem`` (mode 0600); ``<name>_key.pub.pem`` is what an auditor
+    verifies the checkpoints with.
+    """
+    directory = Path(directory)
+    key_path = directory / f"{name}_key.pem"
+    key = load_signing_key(key_path) if key_path.is_file() else generate_signing_key(key_path)
+    public_path = directory / f"{name}_key.pub.pem"
+    if not public_path.is_file():
+        public_path.write_text(public_key_pem(key))
+    return Ledger(directory / f"{name}.jsonl", actor, key)

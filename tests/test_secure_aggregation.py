@@ -77,7 +77,8 @@ def test_the_secure_aggregate_equals_the_plain_weighted_mean_within_the_bound(tm
     assert secure_record["train_loss"] == pytest.approx(plain_record["train_loss"], abs=1e-3)
     # The coordinator's record holds no example count and no per-site update, only the sites' own epsilon report.
     assert "num-examples" not in json.dumps(secure_record)
-    assert set(secure_record["privacy"]["north"]) <= {"epsilon-run", "epsilon-lifetime", "accountant", "steps"}
+    assert set(secure_record["privacy"]["north"]) <= {"epsilon-run", "epsilon-lifetime", "accountant", "steps",
+                                                      "ledger-seq", "ledger-hash"}
 
 
 def test_a_site_that_fails_mid_round_leaves_the_round_to_the_survivors(tmp_path):
