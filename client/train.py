@@ -212,7 +212,7 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
                     instruction.clipping_range)
     record_clipping(site.state_dir, instruction.run_id, instruction.server_round, encoded.clipped_values)
     payload = {f"secagg.{index}": vector for index, vector in enumerate(encoded.vectors)}
-    report = record_update_sent(site, instruction, "SecAgg+ input: weighted update, weight, weighted loss", payload,
+    report = record_update_sent(site, instruction, "secagg+ input (masked by Flower)", payload,
                                 update)
     return encoded, replace(update, privacy=report)
 

@@ -114,3 +114,20 @@ def test_a_recorded_epsilon_that_does_not_replay_fails(run_copy):
 def test_missing_evidence_is_a_failure(run_copy):
     (run_copy / "sites" / "emergency-dept" / "ledger.jsonl").unlink()
     assert_fails(run_copy, "missing evidence")
+
+
+def test_site_report_shows_what_left_the_site_and_its_budget(verified_run, run_copy):
+    site_dir = verified_run / "sites" / "emergency-dept"
+    result = run_cli("site", "report", str(site_dir), "--format", "json", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    [(run_id, run)] = report["runs"].items()
+    assert [sent["round"] for sent in run["updates_sent"]] == [1, 2] and run["refusals"] == []
+    assert all(sent["bytes"] > 0 and len(sent["digest"]) == 64 for sent in run["updates_sent"])
+    assert 0 < run["epsilon"] <= report["policy"]["epsilon_per_run"] and report["lifetime_budget_left"] is None
+    assert report["ledger"]["verified"] and report["ledger"]["checkpoints"] == 2
+    table = run_cli("site", "report", str(site_dir), timeout=120)
+    assert table.returncode == 0 and "what left this site" in table.stdout
+    rewrite_lines(run_copy / "sites" / "emergency-dept" / "ledger.jsonl", lambda lines: lines[:-2] + lines[-1:])
+    tampered = run_cli("site", "report", str(run_copy / "sites" / "emergency-dept"), timeout=120)
+    assert tampered.returncode == 1 and "ledger.jsonl" in tampered.stderr

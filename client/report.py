@@ -1,0 +1,56 @@
+"""A site's own account of itself: everything that left it, the epsilon it spent, the budget it has left.
+
+Built only from the site's state directory (its ledger, verified with its own public key, its policy and
+its spend history), so a site engineer can answer a privacy officer without asking the coordinator.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from client.budget import PrivacyState, SitePolicy
+from client.site import Site
+from protocols.ledger import read_events, verify_ledger
+
+
+def _number(value: float) -> float | str:
+    return "inf" if math.isinf(value) else value
+
+
+def site_report(state_dir: Path) -> dict[str, Any]:
+    site = Site.load(state_dir)
+    ledger = verify_ledger(site.state_dir / "ledger.jsonl", (site.state_dir / "ledger_key.pub.pem").read_text(),
+                           actor=site.name)
+    events = read_events(site.state_dir / "ledger.jsonl")
+    policy = SitePolicy.load(site.state_dir)
+    state = PrivacyState.load(site.state_dir)
+    runs: dict[str, dict[str, Any]] = {}
+    for event in events:
+        payload = event["payload"]
+        if event["kind"] == "checkpoint":
+            continue
+        run = runs.setdefault(payload["run_id"], {"config_hash": payload.get("config_hash"), "updates_sent": [],
+                                                  "refusals": []})
+        if event["kind"] == "update-sent":
+            run["updates_sent"].append({"round": payload["round"], "payload_kind": payload["payload_kind"],
+                                        "tensors": len(payload["tensors"]), "bytes": payload["bytes"],
+                                        "digest": payload["digest"], "time": event["time"]})
+        elif event["kind"] == "refusal":
+            run["refusals"].append({"round": payload["round"], "reason": payload["reason"]})
+    deltas = [c.delta for c in state.calibrations.values()]
+    delta = min(deltas) if deltas else policy.delta_for(len(site.splits()["train"]))
+    for run_id, run in runs.items():
+        run["epsilon"] = _number(state.epsilon(delta, policy.accountant, run_id))
+    lifetime = state.epsilon(delta, policy.accountant)
+    return {
+        "schema_version": 1, "site": site.name, "unit_of_privacy": "one record of this site's training split",
+        "ledger": {"events": ledger.events, "checkpoints": ledger.checkpoints, "head_seq": ledger.head_seq,
+                   "head_hash": ledger.head_hash, "verified": True},
+        "policy": policy.to_dict(), "delta": delta, "accountant": policy.accountant,
+        "epsilon_lifetime": _number(lifetime),
+        "lifetime_budget_left": (None if policy.epsilon_lifetime is None
+                                 else _number(max(0.0, policy.epsilon_lifetime - lifetime))),
+        "runs": runs,
+    }
