@@ -20,7 +20,6 @@ which :func:`error_bound` computes and a test checks against the exact weighted 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ import numpy as np
 from protocols.errors import UpdateRejected
 
 LOSS_SCALE = 10.0
-log = logging.getLogger("fedistill.secagg")
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertConfig, BertForSequenceClassification
 
-from client.site import create_site
 from client.train import train_round
 from coordinator.rounds import Coordinator
-from distill.data import SplitData
-from distill.models import PooledEncoderClassifier, TorchTeacher, load_teacher, save_sklearn_teacher
+from distill.cache import TeacherLogitCache
+from distill.models import load_teacher, path_digest, save_sklearn_teacher
 from protocols.errors import ConfigError, DataError
-from tests.helpers import TINY_BERT, federation, tabular_split
+from tests.helpers import TINY_BERT, federation, tabular_split, text_site
 
 
 def test_every_teacher_kind_loads_from_disk_and_yields_logits(tmp_path):
@@ -42,22 +41,11 @@ def test_every_teacher_kind_loads_from_disk_and_yields_logits(tmp_path):
 
 
 def test_hidden_state_alignment_trains_a_site_local_projection(tmp_path):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, 100, (24, 12)).astype(np.int64)
-    text = SplitData({"input_ids": ids, "attention_mask": np.ones_like(ids)}, rng.integers(0, 2, 24), np.arange(24))
-    encoder = BertModel(BertConfig(vocab_size=100, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=32))
-    teacher = PooledEncoderClassifier(encoder, nn.Linear(24, 2))
-    # The cache is filled below, as round 1 would; the site then never needs to load this file itself.
-    torch.save(teacher, tmp_path / "unused.pt")
-    site = create_site(tmp_path / "site", "site-t", {"train": text, "val": text, "test": text},
-                       tmp_path / "unused.pt")
-    from distill.cache import TeacherLogitCache
-    from distill.models import path_digest
-
-    outputs = TeacherLogitCache(site.state_dir).outputs(
-        text, path_digest(site.teacher_path), lambda: TorchTeacher(teacher, ("input_ids", "attention_mask")))
-    assert outputs.hidden.shape == (24, 24)
+    # The teacher's outputs (logits and pooled hidden states) are cached as round 1 would leave them.
+    site = text_site(tmp_path)
+    cached = TeacherLogitCache(site.state_dir).outputs(site.splits()["train"], path_digest(site.teacher_path),
+                                                       lambda: None)
+    assert cached.hidden.shape == (24, 24)
     config = federation(student=TINY_BERT, hidden_alignment_weight=1.0, batch_size=8, optimizer="adam",
                         learning_rate=1e-3)
     coordinator = Coordinator(config, "run", tmp_path / "run")
