@@ -26,7 +26,7 @@ from protocols.errors import BudgetExhausted, UpdateRejected
 from protocols.fragments import fragment_spec_for
 from protocols.ledger import Ledger, ledger_in
 from protocols.messages import TrainInstruction, check_fragment_update, check_tensors
-from protocols.secagg import EncodedUpdate, SecureAggregationSettings, encode_update
+from protocols.secagg import EncodedUpdate, encode_update
 
 log = logging.getLogger("fedistill.site")
 CLIPPING_FILE = "secagg_clipping.json"
@@ -205,7 +205,7 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
     update = train_round(site, instruction, global_state)
     planned = [name for name in names if name in update.arrays]
     encoded = encode_update(update.arrays, global_state, planned, update.num_examples, update.train_loss,
-                            SecureAggregationSettings(1.0, 1.0, instruction.clipping_range, 2, instruction.weight_scale))
+                            instruction.clipping_range, instruction.weight_scale)
     if encoded.clipped_values:
         log.warning("site %s, round %d: %d value(s) of the secure-aggregation payload exceed the clipping range "
                     "%g and will be clipped by SecAgg+", site.name, instruction.server_round, encoded.clipped_values,

@@ -54,12 +54,12 @@ def site_weight(records: int, weight_scale: int) -> float:
 
 
 def encode_update(update: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray], names: Sequence[str],
-                  records: int, train_loss: float, settings: SecureAggregationSettings) -> EncodedUpdate:
+                  records: int, train_loss: float, clipping_range: float, weight_scale: int) -> EncodedUpdate:
     """The vectors a site hands to SecAgg+, and how many of their values SecAgg+ will clip."""
-    weight = site_weight(records, settings.weight_scale)
+    weight = site_weight(records, weight_scale)
     vectors = [weight * (update[name].astype(np.float64) - global_state[name].astype(np.float64)) for name in names]
     vectors += [np.array([weight]), np.array([weight * train_loss / LOSS_SCALE])]
-    clipped = int(sum(np.count_nonzero(np.abs(v) > settings.clipping_range) for v in vectors))
+    clipped = int(sum(np.count_nonzero(np.abs(v) > clipping_range) for v in vectors))
     for vector in vectors:
         if not np.all(np.isfinite(vector)):
             raise UpdateRejected("the site's own secure-aggregation payload has non-finite values; nothing was sent.")

@@ -41,7 +41,8 @@ def test_quantization_error_stays_within_the_stated_bound():
     global_state = {"w": rng.normal(size=(20, 30)).astype(np.float32)}
     updates = [{"w": global_state["w"] + rng.normal(scale=0.2, size=(20, 30)).astype(np.float32)} for _ in range(4)]
     records = [10, 37, 80, 250]
-    encoded = [encode_update(u, global_state, ["w"], n, 0.5, settings).vectors for u, n in zip(updates, records)]
+    encoded = [encode_update(u, global_state, ["w"], n, 0.5, settings.clipping_range, settings.weight_scale).vectors
+               for u, n in zip(updates, records)]
     # What Flower does with them: clip, quantize stochastically, sum, dequantize, take the mean.
     summed = [sum(quantize([v[i]], settings.clipping_range, settings.quantization_range)[0].astype(np.int64)
                   for v in encoded) for i in range(3)]
@@ -61,7 +62,8 @@ def test_values_beyond_the_clipping_range_are_counted():
     settings = SecureAggregationSettings(1.0, 0.6, clipping_range=1.0, quantization_range=2**16, weight_scale=1)
     state = {"w": np.zeros(6, dtype=np.float32)}
     update = {"w": np.linspace(-2.5, 2.5, 6).astype(np.float32)}
-    assert encode_update(update, state, ["w"], 5, 0.2, settings).clipped_values == 4
+    encoded = encode_update(update, state, ["w"], 5, 0.2, settings.clipping_range, settings.weight_scale)
+    assert encoded.clipped_values == 4
 
 
 def test_the_secure_aggregate_equals_the_plain_weighted_mean_within_the_bound(tmp_path):
