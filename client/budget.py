@@ -180,6 +180,11 @@ def pld_epsilon(spends: Iterable[Spend], delta: float) -> float:
     return float(accountant.get_epsilon(delta))
 
 
+def json_epsilon(value: float) -> float | str:
+    """JSON has no infinity: an unbounded epsilon (a non-private round) is written as the string "inf"."""
+    return "inf" if math.isinf(value) else value
+
+
 def make_accountant(name: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -220,8 +225,7 @@ class Decision:
     cap_lifetime: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON has no infinity: an unbounded epsilon (a non-private round) is written as the string "inf"."""
-        return {key: "inf" if isinstance(value, float) and math.isinf(value) else value
+        return {key: json_epsilon(value) if isinstance(value, float) else value
                 for key, value in asdict(self).items()}
 
 

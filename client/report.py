@@ -6,17 +6,12 @@ its spend history), so a site engineer can answer a privacy officer without aski
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from client.budget import PrivacyState, SitePolicy
+from client.budget import PrivacyState, SitePolicy, json_epsilon
 from client.site import Site
 from protocols.ledger import read_events, verify_ledger
-
-
-def _number(value: float) -> float | str:
-    return "inf" if math.isinf(value) else value
 
 
 def site_report(state_dir: Path) -> dict[str, Any]:
@@ -42,15 +37,15 @@ def site_report(state_dir: Path) -> dict[str, Any]:
     deltas = [c.delta for c in state.calibrations.values()]
     delta = min(deltas) if deltas else policy.delta_for(len(site.splits()["train"]))
     for run_id, run in runs.items():
-        run["epsilon"] = _number(state.epsilon(delta, policy.accountant, run_id))
+        run["epsilon"] = json_epsilon(state.epsilon(delta, policy.accountant, run_id))
     lifetime = state.epsilon(delta, policy.accountant)
     return {
         "schema_version": 1, "site": site.name, "unit_of_privacy": "one record of this site's training split",
         "ledger": {"events": ledger.events, "checkpoints": ledger.checkpoints, "head_seq": ledger.head_seq,
                    "head_hash": ledger.head_hash, "verified": True},
         "policy": policy.to_dict(), "delta": delta, "accountant": policy.accountant,
-        "epsilon_lifetime": _number(lifetime),
+        "epsilon_lifetime": json_epsilon(lifetime),
         "lifetime_budget_left": (None if policy.epsilon_lifetime is None
-                                 else _number(max(0.0, policy.epsilon_lifetime - lifetime))),
+                                 else json_epsilon(max(0.0, policy.epsilon_lifetime - lifetime))),
         "runs": runs,
     }

@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from client.budget import (Calibration, Decision, PrivacyState, SitePolicy, Spend, calibrate, decide, epsilon_of,
-                           planned_spend,
-                           record_refusal, record_spend)
+                           json_epsilon, planned_spend, record_refusal, record_spend)
 from client.privacy import private_distill
 from client.site import Site
 from distill.cache import TeacherLogitCache
@@ -99,14 +98,11 @@ def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | 
     """What the site tells the coordinator about its own budget after a round (never about its records)."""
     after = epsilon_of(check.state.run_spends(spend.run_id), check.decision.delta, check.policy.accountant)
     lifetime = epsilon_of(check.state.spends, check.decision.delta, check.policy.accountant)
-    report: dict[str, float | int | str] = {
-        "delta": check.decision.delta, "noise-multiplier": spend.noise_multiplier,
-        "sample-rate": spend.sample_rate, "steps": spend.steps, "empty-batches": spend.empty_batches,
-        "accountant": check.policy.accountant,
-        "max-grad-norm": check.calibration.max_grad_norm if check.calibration else 0.0}
-    for key, value in (("epsilon-run", after), ("epsilon-lifetime", lifetime)):
-        report[key] = value if np.isfinite(value) else "inf"
-    return report
+    return {"delta": check.decision.delta, "noise-multiplier": spend.noise_multiplier,
+            "sample-rate": spend.sample_rate, "steps": spend.steps, "empty-batches": spend.empty_batches,
+            "accountant": check.policy.accountant,
+            "max-grad-norm": check.calibration.max_grad_norm if check.calibration else 0.0,
+            "epsilon-run": json_epsilon(after), "epsilon-lifetime": json_epsilon(lifetime)}
 
 
 def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray]) -> SiteUpdate:

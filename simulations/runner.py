@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.budget import ACCOUNTANTS, PrivacyState, SitePolicy
+from client.budget import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from client.site import create_site
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
@@ -138,8 +138,9 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def epsilon_label(epsilon: float | None) -> str:
-    return "inf" if epsilon is None else f"{epsilon:g}"
+def epsilon_label(epsilon: float) -> str:
+    """A privacy level as written on the command line and in directory names: ``inf`` means no DP."""
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
 def _metric(entry: dict[str, Any], name: str = HEADLINE_METRIC) -> float | None:
@@ -188,7 +189,7 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
     delta = calibration.delta if calibration else None
     epsilon = state.epsilon(delta, policy.accountant, run_id) if delta else (math.inf if spends else 0.0)
     out: dict[str, Any] = {
-        "epsilon": epsilon_label(epsilon) if math.isinf(epsilon) else epsilon, "delta": delta,
+        "epsilon": json_epsilon(epsilon), "delta": delta,
         "accountant": policy.accountant, "cap_per_run": policy.epsilon_per_run,
         "cap_lifetime": policy.epsilon_lifetime,
         "noise_multiplier": calibration.noise_multiplier if calibration else None,
@@ -351,7 +352,7 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
     baselines: dict[str, Any] | None = None
     rows = []
     for epsilon in levels:
-        label = "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+        label = epsilon_label(epsilon)
         reporter.stage(f"privacy level epsilon = {label}")
         summary = simulate(replace(options, epsilon=epsilon, out=sweep_dir), reporter, baselines,
                            run_name=f"epsilon-{label}")
