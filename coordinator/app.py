@@ -72,7 +72,7 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
     if coordinator.config.secure_aggregation and min_nodes < coordinator.config.min_cohort:
         raise ConfigError(f"secure aggregation needs at least min_cohort={coordinator.config.min_cohort} sites per "
                           f"round, but the federation has {min_nodes}; add sites or lower min_cohort.")
-    for server_round in range(1, coordinator.config.rounds + 1):
+    for server_round in range(coordinator.completed_round + 1, coordinator.config.rounds + 1):
         started = time.perf_counter()
         node_ids = wait_for_nodes(grid, min_nodes, timeout)
         instruction = coordinator.instruction(server_round)
@@ -110,15 +110,24 @@ def build_server_app(make_coordinator: CoordinatorFactory) -> ServerApp:
 
 
 def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
-    """Deployment: the run config names a federation config file (JSON) and an output directory."""
+    """Deployment: ``fedistill run`` passes the whole federation config (JSON) in the Flower run config.
+
+    A new run takes Flower's run id as its own; ``resume-run`` names an earlier run to continue instead,
+    in the same run directory, with the same ledger and the same sites' budgets.
+    """
     run_config = context.run_config
-    for key in ("federation-config", "out-dir", "min-sites"):
+    for key in ("federation", "out-dir", "min-sites"):
         if not run_config.get(key):
-            raise ConfigError(f"run config key '{key}' is missing; pass it with flwr run -c \"{key}=...\".")
-    config_path = Path(str(run_config["federation-config"]))
-    config = FederationConfig.from_dict(json.loads(config_path.read_text()), where=str(config_path))
-    run_dir = Path(str(run_config["out-dir"])) / str(context.run_id)
-    return Coordinator(config, str(context.run_id), run_dir), int(run_config["min-sites"])
+            raise ConfigError(f"run config key '{key}' is missing; launch runs with `fedistill run run.toml`.")
+    config = FederationConfig.from_dict(json.loads(str(run_config["federation"])), where="run config 'federation'")
+    resume = str(run_config.get("resume-run", ""))
+    run_id = resume or str(context.run_id)
+    signing_key = str(run_config.get("signing-key", ""))
+    coordinator = Coordinator(config, run_id, Path(str(run_config["out-dir"])) / run_id,
+                              signing_key=Path(signing_key) if signing_key else None)
+    if resume:
+        coordinator.resume()
+    return coordinator, int(run_config["min-sites"])
 
 
 app = build_server_app(coordinator_from_run_config)

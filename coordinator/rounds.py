@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from coordinator.aggregate import SiteReply, aggregate_fragments, check_aggregate
-from coordinator.checkpoint import save_student
+from coordinator.checkpoint import load_student, save_student
 from distill.losses import temperature_at
 from distill.models import build_student, load_numpy_state, parameter_names, state_to_numpy
-from protocols.canonical import canonical_json, digest_arrays
+from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
-from protocols.errors import UpdateRejected
-from protocols.ledger import Ledger, ledger_in
+from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
+from protocols.ledger import Ledger, ledger_in, read_events
 from protocols.messages import TrainInstruction
 from protocols.secagg import decode_aggregate
 
@@ -39,7 +39,7 @@ class Coordinator:
     """Holds the global student of one run and advances it round by round."""
 
     def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None) -> None:
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
@@ -48,13 +48,15 @@ class Coordinator:
         self.state = state_to_numpy(self.model)
         self.spec = fragment_spec_for(config.student.family, parameter_names(self.model), config.fragment_patterns)
         self.records: list[dict[str, Any]] = []
+        self.completed_round = 0
+        self.signing_key = signing_key
         self._ledger: Ledger | None = None
 
     @property
     def ledger(self) -> Ledger:
         """The run's ledger (``ledger.jsonl`` beside ``metrics.jsonl``), opened with a run-started event."""
         if self._ledger is None:
-            self._ledger = ledger_in(self.run_dir, "coordinator")
+            self._ledger = ledger_in(self.run_dir, "coordinator", key_path=self.signing_key)
             if self._ledger.head[0] < 0:
                 self._ledger.append("run-started", {"run_id": self.run_id, "config_hash": self.config_hash,
                                                     "config": self.config.to_dict(),
@@ -144,8 +146,6 @@ class Coordinator:
         }
         if self.evaluate is not None:
             record["evaluation"] = self.evaluate(self.model)
-        save_student(self.model, self.config.student, self.student_dir, self.config,
-                     {"run_id": self.run_id, "round": server_round})
         return self._finish(record, started)
 
     def stop(self, server_round: int, refusals: dict[str, str], failures: dict[str, str], started: float) -> dict[str, Any]:
@@ -171,6 +171,11 @@ class Coordinator:
         self.ledger.checkpoint({"round": record["round"], "site_heads": site_heads,
                                 "student_digest": record["student_digest"]})
         self._append_metrics(record)
+        # The student is checkpointed after the round is on record: a crash in between leaves the previous
+        # round's student, whose digest the ledger holds, so a resumed run redoes this round (see resume).
+        save_student(self.model, self.config.student, self.student_dir, self.config,
+                     {"run_id": self.run_id, "round": record["round"], "student_digest": record["student_digest"]})
+        self.completed_round = record["round"]
         self.records.append(record)
         if self.on_round is not None:
             self.on_round(record)
@@ -182,6 +187,46 @@ class Coordinator:
             handle.write(canonical_json(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+    def resume(self) -> int:
+        """Continue this run after a coordinator crash; returns the last round whose student is kept.
+
+        The checkpointed student is taken only if the run ledger recorded a round with exactly its digest.
+        Rounds the ledger holds beyond it (a crash between the record and the checkpoint) are redone; the
+        ledger keeps them, and a ``run-resumed`` event says which were superseded.
+        """
+        ledger_path = self.run_dir / "ledger.jsonl"
+        if not ledger_path.is_file():
+            raise ConfigError(f"cannot resume run {self.run_id}: {ledger_path} does not exist; check the run id and "
+                              "out_dir in run.toml.")
+        events = [e for e in read_events(ledger_path) if e["actor"] == "coordinator"]
+        started = next((e["payload"] for e in events if e["kind"] == "run-started"), None)
+        if started is None or started["config_hash"] != self.config_hash:
+            raise ConfigError(f"cannot resume run {self.run_id}: it started with config hash "
+                              f"{started and started['config_hash']}, but this configuration hashes to "
+                              f"{self.config_hash}; resume with the run.toml the run started with.")
+        recorded = {e["payload"]["round"]: e["payload"] for e in events if e["kind"] == "round"}
+        kept = 0
+        directory = next((d for d in (self.student_dir, self.student_dir.with_name(f".{self.student_dir.name}.old"))
+                          if (d / "checkpoint.json").is_file()), None)
+        if directory is not None:
+            model, manifest = load_student(directory)
+            state = state_to_numpy(model)
+            round_ = int(manifest["round"])
+            if recorded.get(round_, {}).get("student_digest") != digest_arrays(state):
+                raise LedgerTampered(f"cannot resume run {self.run_id}: the checkpointed student of round {round_} "
+                                     "is not the one the run ledger recorded for that round.")
+            self.model, self.state, kept = model, state, round_
+        superseded = sorted(r for r in recorded if r > kept)
+        self.ledger.append("run-resumed", {"run_id": self.run_id, "config_hash": self.config_hash,
+                                           "from_round": kept + 1, "superseded_rounds": superseded})
+        self.records = [r for r in load_metrics(self.run_dir) if r["round"] <= kept] if self.metrics_path.is_file() else []
+        atomic_write_bytes(self.metrics_path, "".join(canonical_json(r) + "\n" for r in self.records).encode())
+        self.completed_round = kept
+        log.info("run %s resumes after round %d%s", self.run_id, kept,
+                 f"; round(s) {superseded} are redone" if superseded else "")
+        return kept
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:

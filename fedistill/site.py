@@ -13,7 +13,81 @@ from rich.table import Table
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
-site_app = typer.Typer(help="Commands for a site: its own report.", no_args_is_help=True)
+site_app = typer.Typer(help="Commands for a site: set up, check, join the federation, report.", no_args_is_help=True)
+err_console = Console(stderr=True)
+
+
+@site_app.command("init")
+def init_command(
+    directory: Path = typer.Argument(..., help="The site's directory (created if missing)."),
+    name: str = typer.Option(..., "--name", help="The site's name, as the operator will register it."),
+) -> None:
+    """Create site.toml (commented, to fill in), the site's node key pair and its ledger signing key."""
+    from client.sitefile import NODE_KEY_NAME, write_template
+    from protocols.ledger import generate_signing_key
+    from protocols.pki import create_node_key, node_key_fingerprint
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        site_file = write_template(directory, name)
+        public_key = create_node_key(directory / NODE_KEY_NAME)
+        state_dir = directory / "state"
+        state_dir.mkdir(exist_ok=True)
+        generate_signing_key(state_dir / "ledger_key.pem")
+    except FedistillError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=1) from None
+    console = Console()
+    console.print(f"wrote {site_file}: fill in every FILL IN, then run [bold]fedistill site check {site_file}[/bold]")
+    console.print(f"send this public key to the consortium operator ({public_key}, fingerprint "
+                  f"{node_key_fingerprint(public_key)}):")
+    typer.echo(public_key.read_text().strip())
+
+
+@site_app.command("check")
+def check_command(
+    site_file: Path = typer.Argument(..., help="The site's site.toml."),
+    offline: bool = typer.Option(False, "--offline", help="Skip the connection to the coordinator."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Check everything before joining: config, data, teacher, budget, keys, certificates, coordinator."""
+    from client.check import checks_to_json, run_checks
+
+    _, items = run_checks(site_file, connect=not offline)
+    result = checks_to_json(site_file, items)
+    if output_format is OutputFormat.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console = Console()
+        marks = {True: "[green]ok[/green]  ", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
+        for item in items:
+            console.print(f"{marks[item.ok]} {item.name}: {item.detail}", highlight=False)
+        console.print("[bold green]ready to join[/bold green]" if result["ok"] else
+                      "[bold red]not ready:[/bold red] fix the failed checks above")
+    if not result["ok"]:
+        raise typer.Exit(code=1)
+
+
+@site_app.command("start")
+def start_command(site_file: Path = typer.Argument(..., help="The site's site.toml.")) -> None:
+    """Join the federation: start this site's Flower SuperNode (TLS, node key); stops cleanly on SIGTERM."""
+    from client.node import start_site
+    from client.sitefile import SiteFile
+
+    try:
+        site = SiteFile.load(site_file)
+        daemon, log_path = start_site(site)
+    except FedistillError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=1) from None
+    Console().print(f"site {site.name} connects to {site.coordinator_address}; log: {log_path}")
+    try:
+        code = daemon.wait()
+    finally:
+        daemon.stop()
+    if code:
+        err_console.print(f"[red]the SuperNode exited with code {code}[/red]; see {log_path}")
+        raise typer.Exit(code=1)
 
 
 @site_app.command("report")
@@ -27,7 +101,7 @@ def report_command(
     try:
         report = site_report(state_dir)
     except FedistillError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(code=1) from None
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -306,14 +306,15 @@ def load_public_key(pem: str) -> Ed25519PublicKey:
     return key
 
 
-def ledger_in(directory: Path, actor: str, name: str = "ledger") -> Ledger:
+def ledger_in(directory: Path, actor: str, name: str = "ledger", key_path: Path | None = None) -> Ledger:
     """The ledger ``<name>.jsonl`` of a site or run directory, with its key (created on first use).
 
-    The private key stays in ``<name>_key.pem`` (mode 0600); ``<name>_key.pub.pem`` is what an auditor
+    The private key stays in ``<name>_key.pem`` (mode 0600), or in ``key_path`` when the actor has one key
+    for all its ledgers (a deployed coordinator); ``<name>_key.pub.pem`` beside the ledger is what an auditor
     verifies the checkpoints with.
     """
     directory = Path(directory)
-    key_path = directory / f"{name}_key.pem"
+    key_path = key_path or directory / f"{name}_key.pem"
     key = load_signing_key(key_path) if key_path.is_file() else generate_signing_key(key_path)
     public_path = directory / f"{name}_key.pub.pem"
     if not public_path.is_file():

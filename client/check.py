@@ -1,0 +1,150 @@
+"""``fedistill site check``: everything that must be right before a site joins, as a checklist.
+
+Each check runs on its own, so one failure does not hide the next; checks that need an earlier result
+(the teacher needs the records) are skipped, and say so, when it failed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.budget import PrivacyState
+from client.records import load_records
+from client.sitefile import SiteFile
+from distill.data import SplitData
+from distill.models import load_teacher
+from protocols.errors import FedistillError
+from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
+
+TEACHER_SAMPLE = 64
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class CheckItem:
+    name: str
+    ok: bool | None  # None: skipped, because a check it depends on failed
+    detail: str
+
+
+def _records(site: SiteFile) -> tuple[str, SplitData]:
+    records = load_records(site.data_path, site.schema)
+    counts = np.bincount(records.labels, minlength=len(site.schema.classes))
+    per_class = ", ".join(f"{name} {count}" for name, count in zip(site.schema.classes, counts))
+    empty = [name for name, count in zip(site.schema.classes, counts) if count == 0]
+    note = f"; no record of class {', '.join(empty)}" if empty else ""
+    return (f"{len(records)} records, {len(site.schema.features)} feature(s), label '{site.schema.label}' "
+            f"({per_class}){note}; at most {records.max_records_per_person()} record(s) per person"), records
+
+
+def _teacher(site: SiteFile, records: SplitData) -> str:
+    teacher = load_teacher(site.teacher_path)
+    sample = records.subset(np.arange(min(TEACHER_SAMPLE, len(records))))
+    logits = np.asarray(teacher.logits(sample.inputs))
+    expected = (len(sample), len(site.schema.classes))
+    if logits.shape != expected:
+        raise FedistillError(f"teacher '{site.teacher_path}' gave logits of shape {logits.shape} on {len(sample)} "
+                             f"records; expected {expected} (one logit per class in [data] classes).")
+    if not np.isfinite(logits).all():
+        raise FedistillError(f"teacher '{site.teacher_path}' gave non-finite logits.")
+    agreement = float((logits.argmax(1) == sample.labels).mean())
+    return f"{teacher.kind} loads; logits {logits.shape[1]} classes; agrees with the labels on {agreement:.0%} of a sample"
+
+
+def _budget(site: SiteFile) -> str:
+    policy = site.policy
+    state = PrivacyState.load(site.state_dir)
+    deltas = [c.delta for c in state.calibrations.values()]
+    delta = min(deltas) if deltas else (policy.delta if policy.delta is not None else 1e-5)
+    spent = state.epsilon(delta, policy.accountant) if state.spends else 0.0
+    caps = (f"per run {policy.epsilon_per_run:g}" if policy.epsilon_per_run is not None else "no per-run cap") + ", " + (
+        f"lifetime {policy.epsilon_lifetime:g}" if policy.epsilon_lifetime is not None else "no lifetime cap")
+    if policy.epsilon_lifetime is not None and spent >= policy.epsilon_lifetime:
+        raise FedistillError(f"lifetime budget spent: epsilon {spent:.3f} of {policy.epsilon_lifetime:g}; this site "
+                             "would refuse every private round. Raise [privacy] epsilon_lifetime only with your "
+                             "privacy officer's approval.")
+    left = "unbounded" if policy.epsilon_lifetime is None else f"{policy.epsilon_lifetime - spent:.3f}"
+    return f"{caps}; spent {spent:.3f} over {len(state.spends)} round(s); lifetime budget left {left}"
+
+
+def _node_key(site: SiteFile) -> str:
+    if not site.node_key.is_file():
+        raise FedistillError(f"node key '{site.node_key}' does not exist; run `fedistill site init` to create one.")
+    if os.stat(site.node_key).st_mode & 0o077:
+        raise FedistillError(f"node key '{site.node_key}' is readable by other users; run chmod 600 on it.")
+    public = site.node_key.with_name(site.node_key.name + ".pub")
+    return f"{site.node_key} (public key {node_key_fingerprint(public)})"
+
+
+def _certificate(site: SiteFile) -> str:
+    status = check_certificate(site.ca_certificate, "[coordinator] ca_certificate")
+    return f"{status.subject}, valid until {status.not_after:%Y-%m-%d} ({status.days_left:.0f} days)"
+
+
+def _coordinator(site: SiteFile) -> str:
+    """A TLS handshake with the coordinator, verified against the consortium CA and the address's host name."""
+    host, _, port = site.coordinator_address.rpartition(":")
+    context = ssl.create_default_context(cafile=str(site.ca_certificate))
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                version, certificate = tls.version(), tls.getpeercert()
+    except ssl.SSLCertVerificationError as err:
+        raise FedistillError(f"coordinator {site.coordinator_address}: its certificate does not verify against "
+                             f"{site.ca_certificate} ({err.verify_message}); check the address and the CA file.") from None
+    except OSError as err:
+        raise FedistillError(f"coordinator {site.coordinator_address} is not reachable ({err}); check the address, "
+                             "the firewall, and that the coordinator is running.") from None
+    not_after = ssl.cert_time_to_seconds(certificate["notAfter"])
+    days = (not_after - time.time()) / 86400
+    if days < EXPIRY_WARNING_DAYS:
+        raise FedistillError(f"coordinator {site.coordinator_address}: its certificate expires in {days:.0f} day(s); "
+                             "ask the operator to renew it.")
+    return f"{site.coordinator_address} answers over {version}; certificate verified, {days:.0f} days left"
+
+
+def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, list[CheckItem]]:
+    items: list[CheckItem] = []
+
+    def attempt(name: str, check: Callable[[], Any]) -> Any:
+        try:
+            result = check()
+        except FedistillError as err:
+            items.append(CheckItem(name, False, str(err)))
+            return None
+        detail, value = result if isinstance(result, tuple) else (result, True)
+        items.append(CheckItem(name, True, detail))
+        return value
+
+    site = attempt("configuration", lambda: (f"{site_file} parses; site '{(s := SiteFile.load(site_file)).name}'", s))
+    if site is None:
+        return None, items
+    records = attempt("data", lambda: _records(site))
+    if records is None:
+        items.append(CheckItem("teacher", None, "skipped: the data check failed"))
+    else:
+        attempt("teacher", lambda: _teacher(site, records))
+    attempt("privacy budget", lambda: _budget(site))
+    attempt("node key", lambda: _node_key(site))
+    certificate = attempt("CA certificate", lambda: _certificate(site))
+    if not connect:
+        items.append(CheckItem("coordinator", None, "skipped (--offline)"))
+    elif certificate is None:
+        items.append(CheckItem("coordinator", None, "skipped: the CA certificate check failed"))
+    else:
+        attempt("coordinator", lambda: _coordinator(site))
+    return site, items
+
+
+def checks_to_json(site_file: Path, items: list[CheckItem]) -> dict[str, Any]:
+    return {"schema_version": 1, "site_file": str(site_file), "ok": all(i.ok is not False for i in items),
+            "checks": [asdict(i) for i in items]}

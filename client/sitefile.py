@@ -1,0 +1,180 @@
+"""``site.toml``: everything a deployed site is configured with, parsed once into frozen dataclasses.
+
+Relative paths are relative to the file itself, so a site directory can be moved as a whole. Every error
+names the table and field (``[data] label``) and says what to put there.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.budget import ACCOUNTANTS, SitePolicy
+from client.records import RecordSchema, load_records
+from client.site import Site, create_site
+from protocols.errors import ConfigError
+
+SCHEMA_VERSION = 1
+SITE_FILE_NAME = "site.toml"
+NODE_KEY_NAME = "node_key"
+
+TEMPLATE = """\
+# fedistill site configuration. Fill in every field marked FILL IN, then run
+#   fedistill site check {site_file}
+# Relative paths are relative to this file.
+schema_version = 1
+
+[site]
+name = "{name}"                  # the name the consortium operator registered for this site
+state_dir = "state"              # budget, ledger and keys of this site: back it up, never share it
+node_key = "node_key"            # this site's private node key (made by `site init`; never send it anywhere)
+
+[coordinator]
+address = "FILL IN: host:port"   # the coordinator's address, from the operator (e.g. "coord.example.org:9092")
+ca_certificate = "ca.crt"        # the consortium's CA certificate, from the operator
+
+[data]
+path = "FILL IN: records.csv"    # your records: CSV, JSON lines (.jsonl) or Parquet; they never leave this machine
+label = "FILL IN"                # the column holding the label
+classes = ["negative", "positive"]  # the label values, in the order of the teacher's output logits
+features = ["FILL IN"]           # numeric feature columns, in the order the teacher expects them
+person_id = ""                   # optional: the column naming the person (patient, customer) of each record
+max_records_per_person = 0       # keep at most this many records per person (0: keep all); needs person_id
+
+[teacher]
+path = "FILL IN: teacher.pkl"    # a scikit-learn pickle, a TorchScript .pt, a transformers directory or logits .npz
+
+[privacy]
+epsilon_per_run = 8.0            # this site refuses any round that would take one run past this epsilon
+epsilon_lifetime = 30.0          # ... or all runs together past this one
+delta = 1e-5                     # the site states at most this delta (and at most 1/(10 n) for n records)
+accountant = "prv"               # prv or rdp (Opacus accountants)
+
+[node]
+runtime_port = 9094              # local port of the SuperNode's runtime API (127.0.0.1 only); one per site on a host
+"""
+
+
+def _table(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    table = raw.get(name)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: table [{name}] is missing.")
+    return table
+
+
+def _text(table: dict[str, Any], section: str, key: str, where: str, required: bool = True) -> str:
+    value = table.get(key, "" if not required else None)
+    if not isinstance(value, str) or (required and (not value or value.startswith("FILL IN"))):
+        raise ConfigError(f"{where}: [{section}] {key} must be set (a string), got {value!r}.")
+    return value
+
+
+def _number(table: dict[str, Any], section: str, key: str, where: str, low: float, high: float) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise ConfigError(f"{where}: [{section}] {key} must be a number in ({low:g}, {high:g}], got {value!r}.")
+    return float(value)
+
+
+def _strings(table: dict[str, Any], section: str, key: str, where: str, minimum: int) -> tuple[str, ...]:
+    value = table.get(key)
+    if (not isinstance(value, list) or len(value) < minimum or not all(isinstance(v, str) and v for v in value)
+            or any(v.startswith("FILL IN") for v in value)):
+        raise ConfigError(f"{where}: [{section}] {key} must be a list of at least {minimum} column name(s), "
+                          f"got {value!r}.")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: [{section}] {key} names a column twice: {value!r}.")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SiteFile:
+    path: Path
+    name: str
+    state_dir: Path
+    node_key: Path
+    coordinator_address: str
+    ca_certificate: Path
+    data_path: Path
+    schema: RecordSchema
+    max_records_per_person: int
+    teacher_path: Path
+    policy: SitePolicy
+    runtime_port: int
+
+    @classmethod
+    def load(cls, path: Path) -> SiteFile:
+        path = Path(path).resolve()
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"site file '{path}' does not exist; create one with `fedistill site init DIR --name NAME`.")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{where} is not valid TOML: {err}.") from None
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"{where}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        site, coordinator = _table(raw, "site", where), _table(raw, "coordinator", where)
+        data, teacher = _table(raw, "data", where), _table(raw, "teacher", where)
+        privacy, node = _table(raw, "privacy", where), raw.get("node", {})
+        base = path.parent
+        address = _text(coordinator, "coordinator", "address", where)
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{where}: [coordinator] address must be host:port, got {address!r}.")
+        name = _text(site, "site", "name", where)
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: [site] name may hold letters, digits, '-' and '_' only, got {name!r}.")
+        person_id = _text(data, "data", "person_id", where, required=False) or None
+        max_per_person = data.get("max_records_per_person", 0)
+        if isinstance(max_per_person, bool) or not isinstance(max_per_person, int) or max_per_person < 0:
+            raise ConfigError(f"{where}: [data] max_records_per_person must be an integer >= 0, got {max_per_person!r}.")
+        if max_per_person and not person_id:
+            raise ConfigError(f"{where}: [data] max_records_per_person needs [data] person_id (which column names "
+                              "the person).")
+        accountant = privacy.get("accountant", "prv")
+        if accountant not in ACCOUNTANTS:
+            raise ConfigError(f"{where}: [privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, "
+                              f"got {accountant!r}.")
+        runtime_port = node.get("runtime_port", 9094)
+        if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
+            raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
+        label = _text(data, "data", "label", where)
+        features = _strings(data, "data", "features", where, 1)
+        if label in features:
+            raise ConfigError(f"{where}: [data] label column '{label}' is also listed in [data] features.")
+        return cls(
+            path=path, name=name, state_dir=base / _text(site, "site", "state_dir", where),
+            node_key=base / _text(site, "site", "node_key", where), coordinator_address=address,
+            ca_certificate=base / _text(coordinator, "coordinator", "ca_certificate", where),
+            data_path=base / _text(data, "data", "path", where),
+            schema=RecordSchema(label, _strings(data, "data", "classes", where, 2), features, person_id),
+            max_records_per_person=max_per_person, teacher_path=base / _text(teacher, "teacher", "path", where),
+            policy=SitePolicy(epsilon_per_run=_number(privacy, "privacy", "epsilon_per_run", where, 0, 1e6),
+                              epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
+                              delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
+                              accountant=accountant),
+            runtime_port=runtime_port)
+
+    def prepare_state(self) -> Site:
+        """Write the site's state directory from its records and policy: what the ClientApp loads each message.
+
+        Budget history (privacy.json), the ledger and the noise secret are kept: only the records, the teacher
+        path and the policy are refreshed, so restarting a site never resets what it has spent.
+        """
+        records = load_records(self.data_path, self.schema)
+        if self.max_records_per_person:
+            records = records.limit_records_per_person(self.max_records_per_person, seed=0)
+        return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy)
+
+
+def write_template(directory: Path, name: str) -> Path:
+    path = directory / SITE_FILE_NAME
+    if path.exists():
+        raise ConfigError(f"'{path}' already exists; edit it, or choose another directory.")
+    path.write_text(TEMPLATE.format(name=name, site_file=path))
+    return path

@@ -1,0 +1,191 @@
+"""``fedistill run run.toml``: submit a run to a running coordinator, wait for it, report how it ended.
+
+The run's outcome is read from ``flwr list --format json``, never from ``flwr run``'s exit code (0 even
+for a failed run). The ServerApp gets the whole federation config as JSON in Flower's run config, so
+what ran is exactly what run.toml said, and its hash is in the run ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from coordinator.operator import CoordinatorDir, flwr
+from protocols.config import FederationConfig
+from protocols.errors import ConfigError, FedistillError
+
+SCHEMA_VERSION = 1
+POLL_S = 3.0
+FINISHED = "finished"
+
+RUN_TEMPLATE = """\
+# A fedistill run, launched with `fedistill run run.toml` on the coordinator machine.
+schema_version = 1
+coordinator = "coordinator"      # the coordinator directory (`fedistill coordinator init`)
+out_dir = "runs"                 # run directories are written here, on the coordinator machine
+wait_for_sites = 3               # each round waits until this many sites are connected
+timeout_minutes = 120            # fedistill run gives up waiting after this long (the run goes on)
+
+[federation]                     # what every site must agree on; see docs/deploy.md for every field
+rounds = 20
+local_steps = 25
+batch_size = 64
+learning_rate = 0.3
+target_epsilon = 8.0
+max_grad_norm = 0.1
+
+[federation.student]
+family = "mlp"
+settings = { input_dim = 5, hidden = [32, 32], num_classes = 2 }
+"""
+
+# The ServerApp's entry point and run-config keys; the FAB carries only this file, and the apps' code is
+# the fedistill installed beside the SuperLink and every SuperNode (runtime installs are off).
+APP_VERSION = version("fedistill")
+APP_PYPROJECT = f"""\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedistill-app"
+version = "{APP_VERSION}"
+dependencies = ["fedistill=={APP_VERSION}"]
+
+[tool.flwr.app]
+publisher = "fedistill"
+fab-format-version = 1
+
+[tool.flwr.app.components]
+serverapp = "coordinator.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+federation = ""
+out-dir = ""
+min-sites = 3
+resume-run = ""
+signing-key = ""
+"""
+
+
+@dataclass(frozen=True)
+class RunFile:
+    path: Path
+    coordinator: CoordinatorDir
+    out_dir: Path
+    wait_for_sites: int
+    timeout_s: float
+    federation: FederationConfig
+
+    @classmethod
+    def load(cls, path: Path) -> RunFile:
+        path = Path(path).resolve()
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"run file '{path}' does not exist.")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{where} is not valid TOML: {err}.") from None
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"{where}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        unknown = sorted(set(raw) - {"schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes",
+                                     "federation"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}.")
+        for key in ("coordinator", "out_dir"):
+            if not isinstance(raw.get(key), str) or not raw[key]:
+                raise ConfigError(f"{where}: field '{key}' must be a path (a string).")
+        sites, minutes = raw.get("wait_for_sites", 3), raw.get("timeout_minutes", 120)
+        if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
+            raise ConfigError(f"{where}: field 'wait_for_sites' must be an integer >= 1, got {sites!r}.")
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0:
+            raise ConfigError(f"{where}: field 'timeout_minutes' must be a positive number, got {minutes!r}.")
+        if not isinstance(raw.get("federation"), dict):
+            raise ConfigError(f"{where}: table [federation] is missing.")
+        federation = FederationConfig.from_dict(raw["federation"], where=f"{where} [federation]")
+        if federation.secure_aggregation and sites < federation.min_cohort:
+            raise ConfigError(f"{where}: wait_for_sites={sites} is below [federation] min_cohort="
+                              f"{federation.min_cohort}, which secure aggregation needs.")
+        return cls(path, CoordinatorDir.load(path.parent / raw["coordinator"]), (path.parent / raw["out_dir"]).resolve(),
+                   sites, float(minutes) * 60, federation)
+
+    def run_config(self, resume: str | None) -> dict[str, Any]:
+        return {"federation": json.dumps(self.federation.to_dict(), sort_keys=True), "out-dir": str(self.out_dir),
+                "min-sites": self.wait_for_sites, "resume-run": resume or "",
+                "signing-key": str(self.coordinator.signing_key)}
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    flower_run_id: int
+    run_id: str
+    status: str
+    details: str
+    run_dir: Path
+    record: dict[str, Any]
+
+    @property
+    def completed(self) -> bool:
+        return self.status == f"{FINISHED}:completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "flower_run_id": self.flower_run_id, "run_id": self.run_id,
+                "status": self.status, "details": self.details, "run_dir": str(self.run_dir),
+                "flower": self.record}
+
+
+def _app_dir(coordinator: CoordinatorDir, overrides: dict[str, Any]) -> tuple[Path, Path]:
+    app = coordinator.path / "app"
+    app.mkdir(exist_ok=True)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT)
+    overrides_path = coordinator.path / "app-run-config.toml"
+    overrides_path.write_text(tomli_w.dumps(overrides))
+    return app, overrides_path
+
+
+def submit(run: RunFile, resume: str | None = None) -> int:
+    """Start the run on the coordinator; returns Flower's run id."""
+    if resume is not None:
+        if not (run.out_dir / resume / "ledger.jsonl").is_file():
+            raise ConfigError(f"--resume {resume}: no run ledger at {run.out_dir / resume}; check the run id "
+                              f"(runs in {run.out_dir}: {', '.join(sorted(p.name for p in run.out_dir.iterdir())) if run.out_dir.is_dir() else 'none'}).")
+    app, overrides = _app_dir(run.coordinator, run.run_config(resume))
+    answer = flwr(run.coordinator, "run", str(app), "--run-config", str(overrides), timeout=300)
+    if not answer.get("success"):
+        raise FedistillError(f"the coordinator did not accept the run: {answer.get('error-message')}")
+    return int(answer["run-id"])
+
+
+def run_status(coordinator: CoordinatorDir, flower_run_id: int) -> dict[str, Any]:
+    answer = flwr(coordinator, "list", "--run-id", str(flower_run_id))
+    if not answer.get("success") or not answer.get("runs"):
+        raise FedistillError(f"the coordinator has no run {flower_run_id}: {answer.get('error-message')}")
+    return answer["runs"][0]
+
+
+def wait_for(run: RunFile, flower_run_id: int, resume: str | None,
+             on_poll: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
+    deadline = time.monotonic() + run.timeout_s
+    while True:
+        record = run_status(run.coordinator, flower_run_id)
+        if on_poll is not None:
+            on_poll(record)
+        status = str(record.get("status", ""))
+        if status.startswith(FINISHED):
+            run_id = resume or str(flower_run_id)
+            return RunOutcome(flower_run_id, run_id, status, str(record.get("status-details", "")),
+                              run.out_dir / run_id, record)
+        if time.monotonic() > deadline:
+            raise FedistillError(f"run {flower_run_id} is still '{status}' after {run.timeout_s / 60:.0f} min; it goes "
+                                 f"on at the coordinator (`flwr list` shows it). Raise timeout_minutes to wait longer.")
+        time.sleep(POLL_S)
