@@ -20,7 +20,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client.site import Site
-from client.train import check_budget, plain_train_round, secure_train_round
 from protocols.errors import BudgetExhausted
 from protocols.messages import TrainInstruction
 
@@ -58,6 +57,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable) 
 
 def _secure_train(site: Site, msg: Message) -> RecordDict:
     """The SecAgg+ path: the reply's only vectors are the masked payload; its scalar weight is always 1."""
+    from client.train import secure_train_round
+
     fit_ins = recorddict_to_fitins(msg.content, keep_input=True)
     instruction = TrainInstruction.from_config(json.loads(str(fit_ins.config["instruction"])))
     encoded, update = secure_train_round(site, instruction, parameters_to_ndarrays(fit_ins.parameters))
@@ -69,8 +70,12 @@ def _secure_train(site: Site, msg: Message) -> RecordDict:
 def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | None = None) -> ClientApp:
     app = ClientApp(mods=[*(mods or []), secure_aggregation_mod])
 
+    # Deployment runs every message in a fresh process: the training stack (torch, Opacus) is imported only by
+    # the messages that use it, not by SecAgg+'s key-exchange and unmasking stages.
     @app.query()
     def consider(msg: Message, context: Context) -> Message:
+        from client.train import check_budget
+
         site = Site.load(resolve_state_dir(context))
         instruction = TrainInstruction.from_config(dict(msg.content["config"]))
         try:
@@ -85,6 +90,8 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
         site = Site.load(resolve_state_dir(context))
         if "fitins.parameters" in msg.content.array_records:
             return Message(_secure_train(site, msg), reply_to=msg)
+        from client.train import plain_train_round
+
         instruction = TrainInstruction.from_config(dict(msg.content["config"]))
         try:
             update = plain_train_round(site, instruction, from_array_record(msg.content["arrays"]))

@@ -30,3 +30,12 @@ def start_site(site: SiteFile) -> tuple[Daemon, Path]:
     daemon = Daemon(supernode_command(site), log_path, flower_environment(site.state_dir / "flwr-home"),
                     site.state_dir)
     return daemon, log_path
+
+
+def failure_reason(log_path: Path) -> str:
+    """The SuperNode's own explanation of why it stopped (Flower logs an exit code and a few lines after it)."""
+    if not log_path.is_file():
+        return ""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if "Exit Code" in line]
+    return " ".join(lines[starts[-1]:starts[-1] + 3]) if starts else ""

@@ -12,7 +12,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import distribution, version
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,13 @@ build-backend = "setuptools.build_meta"
 [project]
 name = "fedistill-app"
 version = "{APP_VERSION}"
-dependencies = ["fedistill=={APP_VERSION}"]
+license = {{ file = "LICENSE" }}
+dependencies = ["fedistill=={APP_VERSION}", "flwr>={version("flwr")}"]
 
 [tool.flwr.app]
 publisher = "fedistill"
 fab-format-version = 1
+flwr-version-target = "{version("flwr")}"
 
 [tool.flwr.app.components]
 serverapp = "coordinator.app:app"
@@ -148,6 +150,7 @@ def _app_dir(coordinator: CoordinatorDir, overrides: dict[str, Any]) -> tuple[Pa
     app = coordinator.path / "app"
     app.mkdir(exist_ok=True)
     (app / "pyproject.toml").write_text(APP_PYPROJECT)
+    (app / "LICENSE").write_text(distribution("fedistill").read_text("LICENSE") or "Apache-2.0\n")
     overrides_path = coordinator.path / "app-run-config.toml"
     overrides_path.write_text(tomli_w.dumps(overrides))
     return app, overrides_path

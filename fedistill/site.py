@@ -86,7 +86,12 @@ def start_command(site_file: Path = typer.Argument(..., help="The site's site.to
     finally:
         daemon.stop()
     if code:
-        err_console.print(f"[red]the SuperNode exited with code {code}[/red]; see {log_path}")
+        from client.node import failure_reason
+
+        err_console.print(f"[red]the SuperNode exited with code {code}[/red]: {failure_reason(log_path)}\n"
+                          "If activation failed: is this site's key registered with the coordinator (`fedistill "
+                          "coordinator add-site`)? A site stopped uncleanly is released after about a minute; "
+                          f"then start it again. Log: {log_path}", highlight=False)
         raise typer.Exit(code=1)
 
 

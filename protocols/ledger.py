@@ -314,6 +314,7 @@ def ledger_in(directory: Path, actor: str, name: str = "ledger", key_path: Path 
     verifies the checkpoints with.
     """
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     key_path = key_path or directory / f"{name}_key.pem"
     key = load_signing_key(key_path) if key_path.is_file() else generate_signing_key(key_path)
     public_path = directory / f"{name}_key.pub.pem"

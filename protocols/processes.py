@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.stop()
+        # Only unwind here: the caller's ``finally`` stops the daemon. Stopping inside the handler would wait
+        # on the child while the interrupted wait still holds Popen's lock, and hang.
         raise SystemExit(128 + signum)
 
     def running(self) -> bool:
@@ -58,11 +60,59 @@ class Daemon:
         return self.process.wait()
 
     def stop(self) -> None:
+        """SIGTERM to the daemon and every process below it, SIGKILL to whatever is left after a grace period.
+
+        Flower's SuperLink starts its SuperExec in a session of its own, so the process group alone is not
+        enough: the whole tree is collected before anything is signalled.
+        """
         if self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        tree = process_tree(self.process.pid)
+        _signal_all(tree, signal.SIGTERM)
         try:
             self.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            pass
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline and any(_alive(pid) for pid in tree[1:]):
+            time.sleep(0.2)
+        _signal_all([pid for pid in tree if _alive(pid)], signal.SIGKILL)
+        self.process.wait()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants, parents first (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    tree = [root]
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent's wait is missing.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
