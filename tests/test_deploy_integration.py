@@ -1,0 +1,111 @@
+"""Deployment end to end with real processes on 127.0.0.1: a TLS coordinator with SuperNode authentication,
+three sites from their own site.toml and CSV files, DP-SGD and SecAgg+ over two rounds, and a coordinator
+that crashes after round 1 and is resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.deployment import RUN_TOML, Processes, fedistill, free_port, make_site
+
+pytestmark = pytest.mark.slow
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    port = free_port()
+    done = fedistill("coordinator", "init", "coordinator", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    coordinator = tmp_path / "coordinator"
+    address = f"127.0.0.1:{port}"
+    site_files = {name: make_site(tmp_path, name, coordinator, address, seed, free_port())
+                  for seed, name in enumerate(SITES)}
+    for name in SITES:
+        done = fedistill("coordinator", "add-site", name, str(tmp_path / name / "node_key.pub"), "--dir",
+                         "coordinator", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    (tmp_path / "run.toml").write_text(RUN_TOML.format(minutes=12))
+    processes = Processes(tmp_path / "logs")
+    try:
+        yield tmp_path, address, site_files, processes
+    finally:
+        processes.stop_all()
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> None:
+    root, address, site_files, processes = deployment
+    processes.start("coordinator", "coordinator", "start", "coordinator", cwd=root)
+    processes.wait_for_log("coordinator", "coordinator ready", timeout=90)
+
+    # Every site passes its pre-flight checks against the running coordinator, TLS handshake included.
+    for name, site_file in site_files.items():
+        done = fedistill("site", "check", str(site_file), "--format", "json", cwd=root)
+        checks = json.loads(done.stdout)
+        assert done.returncode == 0 and checks["ok"], done.stdout
+        assert [c["name"] for c in checks["checks"] if c["ok"]] == [
+            "configuration", "data", "teacher", "privacy budget", "node key", "CA certificate", "coordinator"]
+
+    # A site whose key the operator never registered is refused by the SuperLink.
+    intruder = make_site(root, "intruder", root / "coordinator", address, 7, free_port())
+    refused = fedistill("site", "start", str(intruder), cwd=root, timeout=120)
+    assert refused.returncode == 1
+    assert "Failed to activate SuperNode" in refused.stderr and "add-site" in refused.stderr
+
+    for name, site_file in site_files.items():
+        processes.start(name, "site", "start", str(site_file), cwd=root)
+        processes.wait_for_log(name, "connects to", timeout=60)
+
+    # The run starts; once round 1 is on record the coordinator dies with everything it started.
+    processes.start("first-launch", "run", "run.toml", "--format", "json", cwd=root)
+    processes.wait_for_log("first-launch", "submitted", timeout=120)
+    run_id = processes.log("first-launch").split("run ")[1].split()[0]
+    run_dir = root / "runs" / run_id
+    deadline = time.monotonic() + 400
+    while not _metrics(run_dir):
+        assert time.monotonic() < deadline, processes.log("coordinator")
+        time.sleep(2)
+    processes.crash("coordinator")
+    assert [r["round"] for r in _metrics(run_dir)] == [1]
+    processes.stop("first-launch")
+
+    # The operator restarts the coordinator and resumes; the sites reconnect by themselves.
+    processes.start("coordinator-2", "coordinator", "start", "coordinator", cwd=root)
+    processes.wait_for_log("coordinator-2", "coordinator ready", timeout=90)
+    resumed = fedistill("run", "run.toml", "--resume", run_id, "--format", "json", cwd=root, timeout=720)
+    outcome = json.loads(resumed.stdout)
+    assert resumed.returncode == 0, resumed.stderr
+    assert outcome["status"] == "finished:completed" and outcome["run_id"] == run_id
+
+    rounds = _metrics(run_dir)
+    assert [(r["round"], r["status"], r["aggregation"]) for r in rounds] == [(1, "aggregated", "secagg+"),
+                                                                            (2, "aggregated", "secagg+")]
+    assert all(r["participants"] == sorted(SITES) for r in rounds)
+    assert all(r["quantization_error_bound"] < 1e-3 for r in rounds)
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in ledger if e["kind"] != "checkpoint"] == ["run-started", "round", "run-resumed",
+                                                                          "round"]
+
+    # Each site spent DP budget within the run's target, as its own report (from its verified ledger) says.
+    for name, site_file in site_files.items():
+        done = fedistill("site", "report", str(site_file.parent / "state"), "--format", "json", cwd=root)
+        report = json.loads(done.stdout)
+        assert done.returncode == 0, done.stderr
+        run = report["runs"][run_id]
+        assert 0 < run["epsilon"] <= 6.0 + 1e-6
+        assert {u["round"] for u in run["updates_sent"]} >= {1, 2}
+        assert all(u["payload_kind"] == "secagg+ input (masked by Flower)" for u in run["updates_sent"])
+
+    assert processes.stop("coordinator-2") in (0, 143)
+    for name in SITES:
+        processes.stop(name)
