@@ -62,6 +62,13 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert refused.returncode == 1
     assert "Failed to activate SuperNode" in refused.stderr and "add-site" in refused.stderr
 
+    # A site whose records lack the label column fails its check, which names the column.
+    records = intruder.parent / "records.csv"
+    records.write_text(records.read_text().replace(",outcome,", ",result,", 1))
+    broken = fedistill("site", "check", str(intruder), "--format", "json", cwd=root)
+    data = {c["name"]: c for c in json.loads(broken.stdout)["checks"]}["data"]
+    assert broken.returncode == 1 and "no column(s) 'outcome'" in data["detail"]
+
     for name, site_file in site_files.items():
         processes.start(name, "site", "start", str(site_file), cwd=root)
         processes.wait_for_log(name, "connects to", timeout=60)
