@@ -6,6 +6,7 @@ its spend history), so a site engineer can answer a privacy officer without aski
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,22 @@ def site_report(state_dir: Path) -> dict[str, Any]:
                                  else json_epsilon(max(0.0, policy.epsilon_lifetime - lifetime))),
         "runs": runs,
     }
+
+
+# What an auditor needs from a site to verify a run, and nothing more: no records, no teacher, no secrets.
+EVIDENCE_FILES = ("ledger.jsonl", "ledger_key.pub.pem", "privacy.json", "policy.json", "site.json")
+
+
+def export_evidence(state_dir: Path, out: Path) -> list[Path]:
+    """Copy the site's verifiable evidence into ``out`` (e.g. ``RUN_DIR/sites/<site>`` for ``fedistill verify``).
+
+    The ledger is verified first, so a site never hands over a history that does not verify.
+    """
+    site = Site.load(state_dir)
+    verify_ledger(site.state_dir / "ledger.jsonl", (site.state_dir / "ledger_key.pub.pem").read_text(), actor=site.name)
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in EVIDENCE_FILES:
+        if (site.state_dir / name).is_file():
+            copied.append(Path(shutil.copy2(site.state_dir / name, out / name)))
+    return copied

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.aggregate import SiteReply
 from coordinator.rounds import Coordinator
 from coordinator.secure_round import run_secure_round
+from protocols.canonical import atomic_write_json
 from protocols.config import FederationConfig
 from protocols.errors import ConfigError
 
@@ -123,10 +124,15 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     resume = str(run_config.get("resume-run", ""))
     run_id = resume or str(context.run_id)
     signing_key = str(run_config.get("signing-key", ""))
-    coordinator = Coordinator(config, run_id, Path(str(run_config["out-dir"])) / run_id,
-                              signing_key=Path(signing_key) if signing_key else None)
+    run_dir = Path(str(run_config["out-dir"])) / run_id
+    coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None)
     if resume:
         coordinator.resume()
+    else:
+        atomic_write_json(run_dir / "config.json", {
+            "schema_version": 1, "run_id": run_id, "deployment": {"flower_run_id": context.run_id,
+                                                                  "wait_for_sites": int(run_config["min-sites"])},
+            "federation": config.to_dict(), "config_hash": config.config_hash()})
     return coordinator, int(run_config["min-sites"])
 
 

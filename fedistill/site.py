@@ -133,3 +133,19 @@ def report_command(
 
 def _fmt(value: float | str) -> str:
     return value if isinstance(value, str) else f"{value:.4f}"
+
+
+@site_app.command("evidence")
+def evidence_command(
+    state_dir: Path = typer.Argument(..., help="The site's state directory."),
+    out: Path = typer.Argument(..., help="Where to copy the evidence (e.g. RUN_DIR/sites/<site> for the auditor)."),
+) -> None:
+    """Copy what an auditor needs to verify runs (ledger, its public key, spends, policy) — never the records."""
+    from client.report import export_evidence
+
+    try:
+        copied = export_evidence(state_dir, out)
+    except FedistillError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(code=1) from None
+    Console().print(f"copied {', '.join(p.name for p in copied)} to {out}")

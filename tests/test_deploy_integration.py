@@ -113,6 +113,15 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
         assert {u["round"] for u in run["updates_sent"]} >= {1, 2}
         assert all(u["payload_kind"] == "secagg+ input (masked by Flower)" for u in run["updates_sent"])
 
+    # The auditor gathers each site's evidence (never its records) and verifies the run independently.
+    for name, site_file in site_files.items():
+        done = fedistill("site", "evidence", str(site_file.parent / "state"), str(run_dir / "sites" / name), cwd=root)
+        assert done.returncode == 0, done.stderr
+        assert not (run_dir / "sites" / name / "data.npz").exists()
+    verified = fedistill("verify", str(run_dir), "--format", "json", cwd=root)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["verified"] is True
+
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:
         processes.stop(name)
