@@ -9,16 +9,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedistill.console import err_console, print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
 coordinator_app = typer.Typer(help="Commands for the consortium operator: certificates, sites, the coordinator.",
                               no_args_is_help=True)
-err_console = Console(stderr=True)
 
 
 def _fail(err: FedistillError) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {err}")
+    print_error(err)
     return typer.Exit(code=1)
 
 

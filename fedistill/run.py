@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from fedistill.console import print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
@@ -21,7 +23,7 @@ def run_command(
     """Submit a run (or resume one after a coordinator crash) and report how it finished."""
     from coordinator.launch import RunFile, submit, wait_for
 
-    console, err_console = Console(stderr=output_format is OutputFormat.json), Console(stderr=True)
+    console = Console(stderr=output_format is OutputFormat.json)
     try:
         run = RunFile.load(run_file)
         flower_run_id = submit(run, resume)
@@ -30,13 +32,13 @@ def run_command(
             outcome = wait_for(run, flower_run_id, resume,
                                lambda record: status.update(f"{record.get('status')} ({record.get('elapsed', '')})"))
     except FedistillError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=1) from None
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(outcome.to_dict(), indent=2) + "\n")
     else:
         colour = "green" if outcome.completed else "red"
-        console.print(f"[{colour}]run {outcome.run_id}: {outcome.status}[/{colour}] {outcome.details}")
+        console.print(f"[{colour}]run {outcome.run_id}: {outcome.status}[/{colour}] {escape(outcome.details)}")
         console.print(f"run directory: {outcome.run_dir}")
     if not outcome.completed:
         raise typer.Exit(code=1)

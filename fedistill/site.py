@@ -8,13 +8,14 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fedistill.console import err_console, print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
 site_app = typer.Typer(help="Commands for a site: set up, check, join the federation, report.", no_args_is_help=True)
-err_console = Console(stderr=True)
 
 
 @site_app.command("init")
@@ -35,7 +36,7 @@ def init_command(
         state_dir.mkdir(exist_ok=True)
         generate_signing_key(state_dir / "ledger_key.pem")
     except FedistillError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=1) from None
     console = Console()
     console.print(f"wrote {site_file}: fill in every FILL IN, then run [bold]fedistill site check {site_file}[/bold]")
@@ -61,7 +62,7 @@ def check_command(
         console = Console()
         marks = {True: "[green]ok[/green]  ", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
         for item in items:
-            console.print(f"{marks[item.ok]} {item.name}: {item.detail}", highlight=False)
+            console.print(f"{marks[item.ok]} {item.name}: {escape(item.detail)}", highlight=False)
         console.print("[bold green]ready to join[/bold green]" if result["ok"] else
                       "[bold red]not ready:[/bold red] fix the failed checks above")
     if not result["ok"]:
@@ -78,7 +79,7 @@ def start_command(site_file: Path = typer.Argument(..., help="The site's site.to
         site = SiteFile.load(site_file)
         daemon, log_path = start_site(site)
     except FedistillError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=1) from None
     Console().print(f"site {site.name} connects to {site.coordinator_address}; log: {log_path}")
     try:
@@ -88,7 +89,7 @@ def start_command(site_file: Path = typer.Argument(..., help="The site's site.to
     if code:
         from client.node import failure_reason
 
-        err_console.print(f"[red]the SuperNode exited with code {code}[/red]: {failure_reason(log_path)}\n"
+        err_console.print(f"[red]the SuperNode exited with code {code}[/red]: {escape(failure_reason(log_path))}\n"
                           "If activation failed: is this site's key registered with the coordinator (`fedistill "
                           "coordinator add-site`)? A site stopped uncleanly is released after about a minute; "
                           f"then start it again. Log: {log_path}", highlight=False)
@@ -106,7 +107,7 @@ def report_command(
     try:
         report = site_report(state_dir)
     except FedistillError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=1) from None
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
@@ -146,6 +147,6 @@ def evidence_command(
     try:
         copied = export_evidence(state_dir, out)
     except FedistillError as err:
-        err_console.print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=1) from None
     Console().print(f"copied {', '.join(p.name for p in copied)} to {out}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedistill.console import print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
@@ -26,7 +27,7 @@ def verify_command(
         if output_format is OutputFormat.json:
             sys.stdout.write(json.dumps({"schema_version": 1, "verified": False, "run_dir": str(run_dir),
                                          "failure": str(err)}, indent=2) + "\n")
-        Console(stderr=True).print(f"[red]verification failed:[/red] {err}")
+        print_error(err, "verification failed")
         raise typer.Exit(code=1) from None
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -18,7 +18,7 @@ from client.records import RecordSchema, load_records
 from coordinator.rounds import Coordinator
 from protocols.errors import ConfigError, DataError
 from protocols.pki import check_certificate
-from tests.deployment import FEATURES, fedistill, make_site, records_table
+from tests.deployment import FEATURES, RUN_TOML, fedistill, make_site, records_table
 from tests.helpers import federation
 
 SCHEMA = RecordSchema("outcome", ("negative", "positive"), tuple(FEATURES), "patient")
@@ -168,3 +168,16 @@ def test_a_resumed_coordinator_keeps_the_recorded_student_and_redoes_unrecorded_
 
     with pytest.raises(ConfigError, match="resume with the run.toml the run started with"):
         Coordinator(federation(rounds=4), "run-1", tmp_path / "run-1").resume()
+
+
+def test_run_file_errors_name_the_field_and_resume_names_the_missing_run(coordinator_dir: Path) -> None:
+    root = coordinator_dir.parent
+    (root / "run.toml").write_text(RUN_TOML.format(minutes=5).replace("rounds = 2", "rounds = 0"))
+    bad = fedistill("run", "run.toml", cwd=root)
+    assert bad.returncode == 1 and "rounds" in bad.stderr and "[federation]" in bad.stderr
+    (root / "run.toml").write_text(RUN_TOML.format(minutes=5).replace("wait_for_sites = 3", "wait_for_sites = 2"))
+    few = fedistill("run", "run.toml", cwd=root)
+    assert few.returncode == 1 and "wait_for_sites=2 is below [federation] min_cohort=3" in few.stderr.replace("\n", " ")
+    (root / "run.toml").write_text(RUN_TOML.format(minutes=5))
+    missing = fedistill("run", "run.toml", "--resume", "12345", cwd=root)
+    assert missing.returncode == 1 and "--resume 12345: no run ledger" in missing.stderr.replace("\n", " ")
