@@ -6,7 +6,6 @@ names the table and field (``[data] label``) and says what to put there.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from client.budget import ACCOUNTANTS, SitePolicy
 from client.records import RecordSchema, load_records
 from client.site import Site, create_site
+from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
 
 SCHEMA_VERSION = 1
@@ -110,14 +110,7 @@ class SiteFile:
     def load(cls, path: Path) -> SiteFile:
         path = Path(path).resolve()
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"site file '{path}' does not exist; create one with `fedistill site init DIR --name NAME`.")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{where} is not valid TOML: {err}.") from None
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(f"{where}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        raw = load_versioned_toml(path, SCHEMA_VERSION, "create one with `fedistill site init DIR --name NAME`.")
         site, coordinator = _table(raw, "site", where), _table(raw, "coordinator", where)
         data, teacher = _table(raw, "data", where), _table(raw, "teacher", where)
         privacy, node = _table(raw, "privacy", where), raw.get("node", {})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import distribution, version
@@ -19,7 +18,7 @@ from typing import Any
 import tomli_w
 
 from coordinator.operator import CoordinatorDir, flwr
-from protocols.config import FederationConfig
+from protocols.config import FederationConfig, load_versioned_toml
 from protocols.errors import ConfigError, FedistillError
 
 SCHEMA_VERSION = 1
@@ -92,14 +91,7 @@ class RunFile:
     def load(cls, path: Path) -> RunFile:
         path = Path(path).resolve()
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"run file '{path}' does not exist.")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{where} is not valid TOML: {err}.") from None
-        if raw.get("schema_version") != SCHEMA_VERSION:
-            raise ConfigError(f"{where}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        raw = load_versioned_toml(path, SCHEMA_VERSION, "write one as docs/deploy.md shows.")
         unknown = sorted(set(raw) - {"schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes",
                                      "federation"})
         if unknown:

@@ -7,8 +7,10 @@ checks that it matches the run it accepted. Every persisted form carries ``schem
 from __future__ import annotations
 
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -203,3 +205,16 @@ class FederationConfig:
             weight_scale=_int(raw, "weight_scale", where, 1, cls.weight_scale),
             min_cohort=_int(raw, "min_cohort", where, 2, cls.min_cohort),
         )
+
+
+def load_versioned_toml(path: Path, schema_version: int, missing_hint: str) -> dict[str, Any]:
+    """Read a fedistill TOML file (site.toml, run.toml) and check its schema_version; errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"'{path}' does not exist; {missing_hint}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}.") from None
+    if raw.get("schema_version") != schema_version:
+        raise ConfigError(f"{path}: schema_version {raw.get('schema_version')!r} is not {schema_version}.")
+    return raw
