@@ -10,7 +10,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install chromium clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/fedistill simulate --scenario hospitals
+# Compliance reports are printed to PDF by headless Chromium (Debian's package), installed when missing.
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-test: $(STAMP)
+# The demo ends by writing the run's compliance report (RUN_DIR/report) and printing its paths.
+demo: $(STAMP) chromium
+	$(VENV)/bin/fedistill simulate --scenario hospitals --report
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) chromium
 	$(PY) -m pytest -q -m "slow or not slow"
 
 clean:

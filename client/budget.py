@@ -133,20 +133,26 @@ class Calibration:
     accountant: str
 
 
-def epsilon_of(spends: Iterable[Spend], delta: float, accountant: str) -> float:
-    """Epsilon at ``delta`` of the composition of ``spends``, recomputed from scratch with Opacus."""
+def _history(spends: Iterable[Spend]) -> tuple[tuple[float, float, int], ...] | None:
+    """``(sigma, q, steps)`` per distinct mechanism, steps of equal ones summed (composition does not depend on
+    order, and one self-composition is far cheaper than many); None when a spend was not private."""
     merged: dict[tuple[float, float], int] = {}
     for spend in spends:
         if spend.steps == 0:
             continue
         if spend.noise_multiplier <= 0:
-            return math.inf
+            return None
         key = (spend.noise_multiplier, spend.sample_rate)
         merged[key] = merged.get(key, 0) + spend.steps
-    if not merged:
-        return 0.0
-    return _accountant_epsilon(tuple(sorted((sigma, q, steps) for (sigma, q), steps in merged.items())), delta,
-                               accountant)
+    return tuple(sorted((sigma, q, steps) for (sigma, q), steps in merged.items()))
+
+
+def epsilon_of(spends: Iterable[Spend], delta: float, accountant: str) -> float:
+    """Epsilon at ``delta`` of the composition of ``spends``, recomputed from scratch with Opacus."""
+    history = _history(spends)
+    if history is None:
+        return math.inf
+    return _accountant_epsilon(history, delta, accountant) if history else 0.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -165,18 +171,14 @@ def pld_epsilon(spends: Iterable[Spend], delta: float) -> float:
     """The same history replayed with Google's dp-accounting (privacy loss distributions): an independent check."""
     from dp_accounting import ComposedDpEvent, GaussianDpEvent, PoissonSampledDpEvent, SelfComposedDpEvent, pld
 
-    events = []
-    for spend in spends:
-        if spend.steps == 0:
-            continue
-        if spend.noise_multiplier <= 0:
-            return math.inf
-        events.append(SelfComposedDpEvent(PoissonSampledDpEvent(spend.sample_rate,
-                                                                 GaussianDpEvent(spend.noise_multiplier)), spend.steps))
-    if not events:
+    history = _history(spends)
+    if history is None:
+        return math.inf
+    if not history:
         return 0.0
     accountant = pld.PLDAccountant()
-    accountant.compose(ComposedDpEvent(events))
+    accountant.compose(ComposedDpEvent([SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), steps)
+                                        for sigma, q, steps in history]))
     return float(accountant.get_epsilon(delta))
 
 

@@ -32,6 +32,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """fedistill command line."""
 
 
+from fedistill import report as _report  # noqa: E402
 from fedistill import run as _run  # noqa: E402
 from fedistill import simulate as _simulate  # noqa: E402
 from fedistill import verify as _verify  # noqa: E402
@@ -40,6 +41,7 @@ from fedistill.site import site_app  # noqa: E402
 
 app.command("simulate")(_simulate.simulate_command)
 app.command("verify")(_verify.verify_command)
+app.command("report")(_report.report_command)
 app.command("run")(_run.run_command)
 app.add_typer(site_app, name="site")
 app.add_typer(coordinator_app, name="coordinator")

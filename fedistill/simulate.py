@@ -165,8 +165,11 @@ def simulate_command(
     fail_site: list[str] = typer.Option([], help="Fault injection: SITE:ROUND crashes that site in that round "
                                                  "(repeatable)."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
+                                                        "json, html, pdf; fedistill report) and print where."),
 ) -> None:
     """Run a multi-site federated distillation simulation, with baselines, and print the comparison."""
+    from compliance.render import chromium_path
     from simulations.runner import SimulationOptions, simulate, simulate_sweep
 
     console = Console(stderr=output_format is OutputFormat.json)
@@ -180,6 +183,8 @@ def simulate_command(
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
                                     secure_aggregation=secure_aggregation)
+        if report:
+            chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:
             for level in levels:
                 SimulationOptions(epsilon=level)
@@ -195,3 +200,10 @@ def simulate_command(
         render_sweep(result, console)
     else:
         render_summary(result, console)
+    if report:
+        from fedistill.report import write_and_print
+
+        run_dirs = [row["run_dir"] for row in result["levels"]] if len(levels) > 1 else [result["paths"]["run_dir"]]
+        for run_dir in run_dirs:
+            # Under --format json stdout is the summary alone, so the report's paths go to stderr.
+            write_and_print(Path(run_dir), to_stderr=output_format is OutputFormat.json)

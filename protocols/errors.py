@@ -29,3 +29,7 @@ class BudgetExhausted(FedistillError):
 
 class LedgerTampered(FedistillError):
     """A ledger or checkpoint does not verify."""
+
+
+class ExternalToolError(FedistillError):
+    """An external program fedistill needs (headless Chromium for PDF reports) is missing or failed."""

@@ -1,7 +1,6 @@
 """`fedistill verify` on a real simulated run: it passes as written, and fails naming the place when altered."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,20 +9,6 @@ from fedistill.audit import _verify_site_privacy
 from protocols.errors import LedgerTampered
 from protocols.ledger import generate_signing_key, read_events
 from tests.test_cli_simulate import run_cli
-
-
-@pytest.fixture(scope="module")
-def verified_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    result = run_cli("simulate", "--sites", "3", "--rounds", "2", "--subsample", "0.25", "--local-steps", "5",
-                     "--seed", "4", "--out", str(out), "--format", "json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(json.loads(result.stdout)["paths"]["run_dir"])
-
-
-@pytest.fixture
-def run_copy(verified_run, tmp_path):
-    return Path(shutil.copytree(verified_run, tmp_path / "run"))
 
 
 def verify(run_dir: Path):

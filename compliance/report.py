@@ -1,0 +1,857 @@
+"""The compliance report of one run: ``report.json``, the source of truth that the HTML and PDF only render.
+
+Everything here is read from the run directory that ``fedistill simulate`` leaves (``config.json``,
+``metrics.jsonl``, ``summary.json``, the coordinator's ledger, ``student/``, ``teacher/`` and every site's
+state directory under ``sites/``); nothing is taken from the process that ran it. Epsilons are recomputed
+from each site's stored spends with the site's own accountant (:mod:`client.budget`), and the whole run is
+verified with :func:`fedistill.audit.verify_run`, whose failure is reported in the report, never hidden.
+
+The sections follow the outline of ``docs/report.md`` (section 0, the envelope, to 14, the verification
+appendix). Whatever the run cannot evidence (legal entities, intended use, TLS in a simulation...) is the
+string :data:`NOT_ASSESSED`, never a guess. No record, label or person id of any site is ever copied into the
+report: only counts, digests and the tensor layout of what left a site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import subprocess
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from safetensors.numpy import load_file
+
+from client.budget import PrivacyState, SitePolicy, epsilon_of, json_epsilon
+from distill.data import load_splits
+from fedistill import __version__
+from fedistill.audit import EPSILON_TOLERANCE, verify_run
+from protocols.canonical import digest_arrays, digest_json
+from protocols.errors import DataError, FedistillError, LedgerTampered
+from protocols.ledger import CHECKPOINT, load_public_key, read_events
+
+SCHEMA_VERSION = 1
+NOT_ASSESSED = "not assessed"
+# The privacy profile: epsilon at these deltas, from the same spends (a single (epsilon, delta) pair is incomplete).
+PROFILE_DELTAS = (1e-5, 1e-6, 1e-8, 1e-10)
+# (key in report.json, section number, heading): the order and the headings of every rendering.
+SECTIONS = (
+    ("envelope", 0, "Envelope"),
+    ("run", 1, "Run identity and scope"),
+    ("parties", 2, "Parties"),
+    ("data_inventory", 3, "Data inventory per site"),
+    ("data_flows", 4, "Data flows"),
+    ("privacy", 5, "Differential-privacy statement"),
+    ("secure_aggregation", 6, "Secure aggregation and transport"),
+    ("access_control", 7, "Access control and authentication"),
+    ("audit_trail", 8, "Audit trail"),
+    ("model_card", 9, "Model documentation"),
+    ("evaluation", 10, "Evaluation"),
+    ("risk", 11, "Risk"),
+    ("lineage", 12, "Lineage"),
+    ("crosswalk", 13, "Regulatory crosswalk"),
+    ("verification", 14, "Verification appendix"),
+)
+SIMULATION_NOTE = ("simulation: the coordinator and every site are processes of one Flower simulation on one "
+                   "machine, so there are no user accounts, node registrations or network links to evidence")
+UNIT_OF_PRIVACY = "one record of the site's training split"
+SITE_FILES = (("ledger", "ledger.jsonl"), ("ledger public key", "ledger_key.pub.pem"),
+              ("privacy history", "privacy.json"), ("privacy policy", "policy.json"),
+              ("SecAgg+ clipping counts", "secagg_clipping.json"))
+
+
+# ------------------------------------------------------------------------------------------------ evidence
+@dataclass(frozen=True)
+class LedgerFile:
+    """One actor's ledger as read (not verified: :func:`verify_run` does that); ``error`` says why it is unreadable."""
+
+    actor: str
+    path: Path
+    public_key_pem: str | None
+    events: tuple[dict[str, Any], ...]
+    error: str | None
+
+    def of_run(self, run_id: str, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["kind"] == kind and e["payload"].get("run_id") == run_id]
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    name: str
+    directory: Path
+    ledger: LedgerFile
+    policy: SitePolicy | None
+    privacy: PrivacyState
+
+
+@dataclass(frozen=True)
+class RunEvidence:
+    run_dir: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    coordinator: LedgerFile
+    sites: dict[str, SiteFiles]
+    audit: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.config["run_id"])
+
+    @property
+    def federation(self) -> dict[str, Any]:
+        return self.config["federation"]
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: a report needs {what}. Point fedistill report at a run directory "
+                        "that fedistill simulate finished.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); the file was damaged after the run.") from exc
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path} is missing: a report needs the per-round record the coordinator wrote.")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc}).") from exc
+    return records
+
+
+def _ledger_file(directory: Path, actor: str) -> LedgerFile:
+    key_path = directory / "ledger_key.pub.pem"
+    try:
+        events, error = tuple(read_events(directory / "ledger.jsonl")), None
+    except LedgerTampered as err:
+        events, error = (), str(err)
+    return LedgerFile(actor, directory / "ledger.jsonl", key_path.read_text() if key_path.is_file() else None,
+                      events, error)
+
+
+def _audit(run_dir: Path) -> dict[str, Any]:
+    """The verifier's verdict; a failure becomes part of the report (an altered run must still be reportable)."""
+    try:
+        return verify_run(run_dir).to_dict()
+    except (FedistillError, OSError, ValueError, KeyError, TypeError) as err:
+        return {"schema_version": 1, "verified": False, "run_dir": str(run_dir), "failure": str(err), "checks": [],
+                "sites": {}}
+
+
+def load_evidence(run_dir: Path) -> RunEvidence:
+    run_dir = Path(run_dir)
+    config = _read_json(run_dir / "config.json", "the run's resolved configuration")
+    summary = _read_json(run_dir / "summary.json", "the run's summary (written when the run finished)")
+    sites = {}
+    for name in config["sites"]:
+        directory = run_dir / "sites" / name
+        policy = SitePolicy.load(directory) if (directory / "policy.json").is_file() else None
+        sites[name] = SiteFiles(name, directory, _ledger_file(directory, name), policy, PrivacyState.load(directory))
+    return RunEvidence(run_dir, config, summary, _read_metrics(run_dir / "metrics.jsonl"),
+                       _ledger_file(run_dir, "coordinator"), sites, _audit(run_dir))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def key_fingerprint(pem: str | None) -> str:
+    """``SHA256:<hex>`` of the raw Ed25519 public key: what a party reads out to another to compare keys."""
+    if pem is None:
+        return "missing"
+    try:
+        raw = load_public_key(pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    except FedistillError as err:
+        return f"invalid: {err}"
+    return "SHA256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _version_of(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _git_commit() -> str:
+    """The commit of the code that generates this report (which may differ from the one that ran the run)."""
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return NOT_ASSESSED
+    return result.stdout.strip() if result.returncode == 0 else NOT_ASSESSED
+
+
+def _finite(value: float | str | None) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+# ------------------------------------------------------------------------------------------------ section 0
+def _subjects(ev: RunEvidence) -> list[dict[str, Any]]:
+    run = ev.run_dir
+    entries = [(f"student {p.name}", p) for p in sorted((run / "student").glob("*")) if p.is_file()]
+    entries += [("run configuration", run / "config.json"), ("per-round metrics", run / "metrics.jsonl"),
+                ("run summary", run / "summary.json"), ("coordinator ledger", run / "ledger.jsonl"),
+                ("coordinator ledger public key", run / "ledger_key.pub.pem")]
+    entries += [(f"teacher {p.relative_to(run / 'teacher')}", p) for p in sorted((run / "teacher").rglob("*"))
+                if p.is_file()]
+    entries += [(f"site {site.name} {label}", site.directory / filename) for site in ev.sites.values()
+                for label, filename in SITE_FILES]
+    return [{"name": name, "path": str(path.relative_to(run)),
+             "sha256": file_sha256(path) if path.is_file() else "missing"} for name, path in entries]
+
+
+def _signature(ledger: LedgerFile, role: str) -> dict[str, Any]:
+    checkpoints = [e for e in ledger.events if e["kind"] == CHECKPOINT]
+    last = checkpoints[-1] if checkpoints else None
+    return {"signer_role": role, "signer": ledger.actor, "algorithm": "Ed25519",
+            "key_fingerprint": key_fingerprint(ledger.public_key_pem),
+            "head_seq": ledger.events[-1]["seq"] if ledger.events else None,
+            "head_hash": ledger.events[-1]["hash"] if ledger.events else None,
+            "checkpoints": len(checkpoints),
+            "last_checkpoint": None if last is None else {
+                "seq": last["seq"], "signed_seq": last["payload"]["signed_seq"],
+                "signed_hash": last["payload"]["signed_hash"], "signature": last["payload"]["signature"]},
+            "readable": ledger.error is None}
+
+
+def _envelope(ev: RunEvidence, generated_at: datetime) -> dict[str, Any]:
+    return {
+        # Filled in last: the SHA-256 of the canonical JSON of the whole report without this field.
+        "report_id": None,
+        "generated_at": generated_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "generator": {"name": "fedistill report", "version": __version__, "git_commit": _git_commit()},
+        "subjects": _subjects(ev),
+        "signatures": [_signature(ev.coordinator, "coordinator")]
+                      + [_signature(site.ledger, "site") for site in ev.sites.values()],
+        "tsa_token": NOT_ASSESSED,
+        "dsse_envelope": NOT_ASSESSED,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ sections 1-3
+def _run(ev: RunEvidence) -> dict[str, Any]:
+    started = [e for e in ev.coordinator.events if e["kind"] == "run-started"]
+    config = ev.config
+    return {
+        "run_id": ev.run_id, "scenario": config.get("scenario"), "description": ev.summary.get("description"),
+        "mode": "simulation: Flower's simulation engine, one virtual node per site",
+        "federation_name": NOT_ASSESSED, "flower_run_id": NOT_ASSESSED, "fab_hash": NOT_ASSESSED,
+        "started_at": ev.coordinator.events[0]["time"] if ev.coordinator.events else None,
+        "ended_at": ev.coordinator.events[-1]["time"] if ev.coordinator.events else None,
+        "code_version": started[0]["payload"].get("code_version") if started else None,
+        "versions": config.get("versions", {}),
+        # dp-accounting and cryptography are not recorded with the run: these are the verifier's own.
+        "verifier_versions": {name: _version_of(name) for name in ("dp-accounting", "cryptography", "opacus")},
+        "lockfile_hash": NOT_ASSESSED,
+        "config_hash": config["config_hash"],
+        "config_hash_recomputes": digest_json(ev.federation) == config["config_hash"],
+        "config": ev.federation,
+        "simulation": {key: config.get(key) for key in ("seed", "subsample", "site_caps", "accountant",
+                                                        "fault_injection", "max_records_per_person")},
+        "intended_purpose": NOT_ASSESSED, "intended_users": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED,
+        "regimes_asserted": NOT_ASSESSED,
+    }
+
+
+def _parties(ev: RunEvidence) -> dict[str, Any]:
+    def party(name: str, role: str, ledger: LedgerFile) -> dict[str, Any]:
+        return {"name": name, "function": role, "key_fingerprint": key_fingerprint(ledger.public_key_pem),
+                "legal_entity": NOT_ASSESSED, "role": NOT_ASSESSED, "privacy_officer": NOT_ASSESSED,
+                "jurisdiction": NOT_ASSESSED}
+
+    return {"coordinator": party("coordinator", "aggregates the sites' updates; never holds a record",
+                                 ev.coordinator),
+            "sites": [party(s.name, "holds its records and its teacher; trains locally under DP-SGD", s.ledger)
+                      for s in ev.sites.values()],
+            "agreements": NOT_ASSESSED}
+
+
+def _schema(splits: dict[str, Any], class_names: list[str], features: list[str] | None) -> dict[str, Any]:
+    train = splits["train"]
+    return {"inputs": {key: {"dtype": str(array.dtype), "shape_per_record": list(array.shape[1:])}
+                       for key, array in sorted(train.inputs.items())},
+            "labels": str(train.labels.dtype), "classes": class_names, "features": features}
+
+
+def _data_inventory(ev: RunEvidence) -> dict[str, Any]:
+    provenance = ev.summary.get("provenance", {})
+    class_names = ev.summary.get("class_names", [])
+    sites = {}
+    for name, site in ev.sites.items():
+        privacy = ev.summary["privacy"]["sites"].get(name, {})
+        entry: dict[str, Any] = {
+            "splits": ev.summary["sites"].get(name, {}),
+            "max_records_per_person": privacy.get("max_records_per_person"),
+            "records_per_person_enforced": (f"at most {ev.config.get('max_records_per_person')} per person, "
+                                            "enforced when the site's training split was built"
+                                            if privacy.get("records_per_person_bounded") else "not bounded"),
+            "categories_of_subjects_and_data": NOT_ASSESSED, "lawful_basis": NOT_ASSESSED,
+            "deidentification": NOT_ASSESSED, "data_dependent_preprocessing": NOT_ASSESSED,
+            "erasure_schedule": NOT_ASSESSED,
+        }
+        data_path = site.directory / "data.npz"
+        if data_path.is_file():
+            splits = load_splits(data_path)
+            schema = _schema(splits, class_names, provenance.get("features"))
+            entry |= {"data_digest": {split: data.digest() for split, data in splits.items()},
+                      "schema": schema, "schema_digest": digest_json(schema),
+                      "digests_computed": "by the report generator from the site's state directory (simulation); "
+                                          "a deployed site computes them itself"}
+        else:
+            entry |= {"data_digest": NOT_ASSESSED, "schema_digest": NOT_ASSESSED}
+        sites[name] = entry
+    return {"sites": sites, "provenance": provenance,
+            "never_in_report": "records, labels and person ids: only counts and digests are reported"}
+
+
+# ------------------------------------------------------------------------------------------------ section 4
+def _data_flows(ev: RunEvidence) -> dict[str, Any]:
+    rounds = list(range(1, int(ev.federation["rounds"]) + 1))
+    sites: dict[str, Any] = {}
+    bytes_per_round: dict[str, list[int]] = {}
+    for name, site in ev.sites.items():
+        updates = [{"round": e["payload"]["round"], "seq": e["seq"], "time": e["time"],
+                    "payload_kind": e["payload"]["payload_kind"], "tensors": e["payload"]["tensors"],
+                    "bytes": e["payload"]["bytes"], "digest": e["payload"]["digest"]}
+                   for e in site.ledger.of_run(ev.run_id, "update-sent")]
+        layouts = {json.dumps(u["tensors"], sort_keys=True) for u in updates}
+        sites[name] = {
+            "ledger": str(site.ledger.path.relative_to(ev.run_dir)),
+            "ledger_error": site.ledger.error,
+            "updates": updates,
+            "refusals": [{"round": e["payload"]["round"], "seq": e["seq"], "reason": e["payload"]["reason"]}
+                         for e in site.ledger.of_run(ev.run_id, "refusal")],
+            # Every update of a run has one tensor layout (SecAgg+ needs it); listed once when it holds.
+            "tensor_layout": updates[0]["tensors"] if len(layouts) == 1 else None,
+            "total_bytes": sum(u["bytes"] for u in updates),
+        }
+        sent = {u["round"]: u["bytes"] for u in updates}
+        bytes_per_round[name] = [sent.get(r, 0) for r in rounds]
+    secure = bool(ev.federation.get("secure_aggregation"))
+    return {
+        "sites": sites, "rounds": rounds, "bytes_per_round": bytes_per_round,
+        "recipient": "the coordinator" + (" (only the SecAgg+ sum of the masked vectors)" if secure else ""),
+        "came_back": "each round every accepting site receives the whole global student and the round's instruction "
+                     "(plan, temperature, steps, run id, config hash)",
+        "never_leaves": ["records, labels and person ids", "the teacher and its outputs",
+                         "per-example gradients and the unmasked update" if secure else "per-example gradients",
+                         "the site's DP noise secret (noise.key) and its ledger signing key"]
+                        + (["the site's record count (it travels masked, as a weight)"] if secure else []),
+        "clear_metadata": ["whether the site took part in a round or refused it", "the site's own epsilon report",
+                           "the site's ledger head (seq and hash), recorded in the coordinator's checkpoint"],
+        "necessity_rationale": NOT_ASSESSED,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ section 5
+def unprotected_quantities(secure_aggregation: bool) -> list[str]:
+    return [
+        "participation: which rounds a site took part in or refused (a refusal reveals a nearly spent budget)",
+        "evaluation metrics, computed on the sites' validation and test records without noise",
+        "the number of records: it sets the sampling rate and delta"
+        + (" (masked under SecAgg+, stated in this report)" if secure_aggregation else " and is sent with the update"),
+        "the teacher's own training data: the guarantee holds for the student update given a fixed teacher",
+        "hyperparameter choices (learning rate, clipping norm, rounds), chosen once on the hospitals scenario",
+        "side channels: timing, message sizes, the per-round epsilon a site reports",
+        "DP randomness from torch generators, not a CSPRNG (Opacus secure_mode needs torchcsprng, which has no "
+        "build for current torch)",
+    ]
+
+
+def dp_statement(site: str, block: dict[str, Any]) -> str:
+    """The plain-language sentence of a site's DP block, generated from the block's own numbers only.
+
+    A verifier regenerates it from report.json and compares: the words cannot drift from the numbers.
+    """
+    mechanism = block["mechanism"]
+    if not block["rounds_joined"]:
+        return (f"Site {site} sent no model update in this run, so no update computed from its records left it "
+                "(its evaluation metrics did; see the unprotected quantities).")
+    if block["epsilon_total"] == "inf":
+        return (f"Site {site} trained without differential privacy (noise multiplier 0): the updates it sent carry "
+                "no formal privacy guarantee.")
+    sentence = (f"The updates site {site} sent satisfy ({block['epsilon_total']:.4g}, {block['delta']:.2g})-"
+                f"differential privacy for {UNIT_OF_PRIVACY} ({mechanism['records']:,} records), adding or "
+                f"removing one record: {mechanism['total_steps']} steps of Poisson-sampled DP-SGD (sampling rate "
+                f"{mechanism['sample_rate']:.3g}, noise multiplier {mechanism['noise_multiplier']:.3g}, clipping norm "
+                f"{mechanism['clipping_norm']:g}) over {len(block['rounds_joined'])} round(s), accounted with "
+                f"{block['accountant']['name'].upper()} ({block['accountant']['library']}).")
+    person = block["contribution_bound"]
+    k, level = person["max_records_per_person"], person["person_level"]
+    if k == 1:
+        return sentence + " Each person has one record there, so the guarantee is also person-level."
+    if level is None:
+        return sentence
+    group = f"({level['epsilon']:.4g}, {level['delta']:.2g})"
+    if person["bounded"]:
+        return sentence + f" Each person has at most {k} records there, so by group privacy a person is protected " \
+                          f"at {group}."
+    return sentence + (f" A person can have up to {k} records there, for whom group privacy gives only {group}: the "
+                       "guarantee is record-level, not person-level.")
+
+
+def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, Any]:
+    summary = ev.summary["privacy"]["sites"].get(site.name, {})
+    calibration = site.privacy.calibrations.get(ev.run_id)
+    calibrated = asdict(calibration) if calibration else {}
+    spends = site.privacy.run_spends(ev.run_id)
+    accountant = site.policy.accountant if site.policy else summary.get("accountant", "prv")
+    delta = calibration.delta if calibration else None
+    sent = site.ledger.of_run(ev.run_id, "update-sent")
+    total = epsilon_of(spends, delta, accountant) if delta else (math.inf if spends else 0.0)
+    recorded = sent[-1]["payload"]["epsilon_run"] if sent else None
+    audit = ev.audit.get("sites", {}).get(site.name, {})
+    block: dict[str, Any] = {
+        "setting": "site-local DP-SGD: the site curates its own records and only clipped, noised updates leave it",
+        "unit_of_privacy": UNIT_OF_PRIVACY, "neighbouring_relation": "add or remove one record",
+        "contribution_bound": {"max_records_per_person": summary.get("max_records_per_person"),
+                               "bounded": bool(summary.get("records_per_person_bounded")),
+                               "person_level": summary.get("person_level")},
+        "mechanism": {
+            "name": "Poisson-sampled DP-SGD (Opacus make_private, poisson_sampling=True)",
+            "clipping": "flat per-sample L2 clipping", "clipping_norm": calibrated.get("max_grad_norm"),
+            "grad_sample_mode": ev.federation.get("grad_sample_mode"),
+            "noise_multiplier": calibrated.get("noise_multiplier"), "sample_rate": calibrated.get("sample_rate"),
+            "expected_batch_size": calibrated.get("batch_size"), "records": calibrated.get("records"),
+            "steps_per_round": ev.federation.get("local_steps"), "total_steps": sum(s.steps for s in spends),
+            "empty_batches": sum(s.empty_batches for s in spends), "secure_mode": False,
+            "calibrated_for": {key: calibrated.get(key) for key in ("target_epsilon", "planned_steps")},
+        },
+        "accountant": {"name": accountant, "library": f"opacus {ev.config.get('versions', {}).get('opacus', '')}"
+                                                      .strip(),
+                       "replayed_with": f"dp-accounting {_version_of('dp-accounting')} (PLD)"},
+        "delta": delta,
+        "delta_rationale": (None if calibration is None else
+                            f"at most 1/(10 n) = {1 / (10 * calibration.records):.2g} for n = {calibration.records} "
+                            "records, the site policy's delta and the run's request"),
+        "rounds_joined": [s.round for s in spends],
+        "epsilon_per_round": [{"round": e["payload"]["round"], "epsilon": e["payload"]["epsilon_run"],
+                               "seq": e["seq"]} for e in sent],
+        "epsilon_total": json_epsilon(total),
+        "epsilon_recorded": recorded,
+        "epsilon_replayed_pld": audit.get("epsilon_replayed"),
+        "epsilon_lifetime": json_epsilon(site.privacy.epsilon(delta, accountant)) if delta else json_epsilon(total),
+        "privacy_profile": [{"delta": d, "epsilon": json_epsilon(epsilon_of(spends, d, accountant))}
+                            for d in PROFILE_DELTAS] if delta else [],
+        "mu_gdp": NOT_ASSESSED,
+        "budget": {"cap_per_run": site.policy.epsilon_per_run if site.policy else None,
+                   "cap_lifetime": site.policy.epsilon_lifetime if site.policy else None,
+                   "exceed_policy": "refuse the round before training: nothing is trained, spent or sent",
+                   "refusals": [{"round": e["payload"]["round"], "reason": e["payload"]["reason"],
+                                 "epsilon_run_after": e["payload"].get("epsilon_run_after")}
+                                for e in site.ledger.of_run(ev.run_id, "refusal")]},
+        "released_outputs": "every round's update (all iterates) reaches the coordinator"
+                            + (" inside the SecAgg+ sum" if secure else "") + "; the statement covers all of them",
+    }
+    cap = block["budget"]["cap_per_run"]
+    block["budget"]["within_cap"] = None if cap is None or _finite(total) is None else total <= cap * (1 + 1e-9)
+    block["statement"] = dp_statement(site.name, block)
+    return block
+
+
+def _privacy(ev: RunEvidence) -> dict[str, Any]:
+    secure = bool(ev.federation.get("secure_aggregation"))
+    sites = {name: _site_privacy(ev, site, secure) for name, site in ev.sites.items()}
+    spent = [b["epsilon_total"] for b in sites.values() if b["rounds_joined"]]
+    finite = [e for e in spent if _finite(e) is not None]
+    unbounded = "inf" in spent
+    federation: dict[str, Any] = {
+        "sites_that_sent_updates": len(spent),
+        "max_epsilon": "inf" if unbounded else (max(finite) if finite else None),
+        "median_epsilon": statistics.median(finite) if finite and not unbounded else ("inf" if unbounded else None),
+        "warning": "epsilon adds up for a person present at several sites: each site accounts only for its own "
+                   "records, so a patient seen at two sites is protected at most at the sum of their epsilons",
+    }
+    if unbounded:
+        federation["statement"] = ("At least one site trained without differential privacy in this run; for its "
+                                   "records the federation offers no formal guarantee.")
+    elif finite:
+        federation["statement"] = (f"Across the {len(finite)} site(s) that sent updates, the largest epsilon is "
+                                   f"{max(finite):.4g} and the median {statistics.median(finite):.4g}, each for one "
+                                   "record of that site at its own delta; a person with records at several sites "
+                                   "composes across them.")
+    else:
+        federation["statement"] = "No site sent an update in this run."
+    return {"target_epsilon": ev.federation.get("target_epsilon"), "sites": sites, "federation": federation,
+            "unprotected_quantities": unprotected_quantities(secure)}
+
+
+# ------------------------------------------------------------------------------------------------ sections 6-8
+def _secure_aggregation(ev: RunEvidence) -> dict[str, Any]:
+    f = ev.federation
+    enabled = bool(f.get("secure_aggregation"))
+    clipped = {}
+    for name, site in ev.sites.items():
+        path = site.directory / "secagg_clipping.json"
+        counts = json.loads(path.read_text())["runs"].get(ev.run_id, {}) if path.is_file() else {}
+        clipped[name] = sum(counts.values())
+    return {
+        "enabled": enabled,
+        "protocol": "Flower SecAgg+ (SecAggPlusWorkflow, secaggplus_mod)" if enabled else "none: plain aggregation",
+        "parameters": {
+            "num_shares": f.get("num_shares"), "reconstruction_threshold": f.get("reconstruction_threshold"),
+            "clipping_range": f.get("clipping_range"), "quantization_range": f.get("quantization_range"),
+            "quantization_step": 2 * f["clipping_range"] / f["quantization_range"],
+            "weight_scale": f.get("weight_scale"), "min_cohort": f.get("min_cohort"),
+            "modulus_range": NOT_ASSESSED, "timeout": NOT_ASSESSED,
+        },
+        "per_round": [{"round": r["round"], "status": r["status"], "aggregation": r.get("aggregation"),
+                       "participants": r.get("participants", []), "failures": r.get("failures", {}),
+                       "refusals": r.get("refusals", {}), "aggregate_rejected": r.get("aggregate_rejected"),
+                       "reason": r.get("reason"),
+                       "min_cohort_met": len(r.get("participants", [])) >= f.get("min_cohort", 0) if enabled else None,
+                       "quantization_error_bound": r.get("quantization_error_bound")} for r in ev.metrics],
+        "clipped_values": clipped,
+        "transport": {"tls": NOT_ASSESSED, "node_keys": NOT_ASSESSED, "note": SIMULATION_NOTE},
+        "caveat": "SecAgg+ hides each site's update from the coordinator but adds no differential privacy; with "
+                  "very few sites, a site can infer the sum of the others' updates",
+    }
+
+
+def _access_control(ev: RunEvidence) -> dict[str, Any]:
+    return {
+        "note": SIMULATION_NOTE,
+        "principals": NOT_ASSESSED, "unique_user_ids": NOT_ASSESSED, "mfa": NOT_ASSESSED,
+        "emergency_access": NOT_ASSESSED, "automatic_logoff": NOT_ASSESSED, "node_key_registrations": NOT_ASSESSED,
+        "ledger_signing_keys": [{"actor": ledger.actor, "key_fingerprint": key_fingerprint(ledger.public_key_pem)}
+                                for ledger in [ev.coordinator, *(s.ledger for s in ev.sites.values())]],
+    }
+
+
+def _ledger_summary(ev: RunEvidence, ledger: LedgerFile) -> dict[str, Any]:
+    events = ledger.events
+    return {"actor": ledger.actor, "path": str(ledger.path.relative_to(ev.run_dir)), "events": len(events),
+            "first_seq": events[0]["seq"] if events else None, "last_seq": events[-1]["seq"] if events else None,
+            "head_hash": events[-1]["hash"] if events else None,
+            "first_time": events[0]["time"] if events else None, "last_time": events[-1]["time"] if events else None,
+            "checkpoints": sum(1 for e in events if e["kind"] == CHECKPOINT),
+            "kinds": dict(sorted(Counter(e["kind"] for e in events).items())), "error": ledger.error}
+
+
+def _audit_trail(ev: RunEvidence) -> dict[str, Any]:
+    checkpoints = [{"seq": e["seq"], "round": e["payload"].get("round"), "signed_seq": e["payload"]["signed_seq"],
+                    "student_digest": e["payload"].get("student_digest"),
+                    "site_heads": len(e["payload"].get("site_heads", {}))}
+                   for e in ev.coordinator.events if e["kind"] == CHECKPOINT]
+    return {
+        "scheme": "append-only JSON lines, one event per line (seq, UTC time, actor, kind, payload, prev_hash); each "
+                  "event's hash is SHA-256 over its canonical JSON; an Ed25519-signed checkpoint ends every round; "
+                  "each coordinator checkpoint records the ledger heads of the sites of that round "
+                  "(protocols/ledger.py)",
+        "ledgers": [_ledger_summary(ev, ev.coordinator)] + [_ledger_summary(ev, s.ledger) for s in ev.sites.values()],
+        "coordinator_checkpoints": checkpoints,
+        "cross_recorded_site_heads": sum(c["site_heads"] for c in checkpoints),
+        "clock_source": NOT_ASSESSED, "retention": NOT_ASSESSED, "tsa_tokens": NOT_ASSESSED,
+        "verification": ev.audit,
+        "limits": "tamper-evident, not tamper-proof: an alteration after signing is detected; a record that was "
+                  "incomplete or untrue when written is not",
+    }
+
+
+# ------------------------------------------------------------------------------------------------ sections 9-12
+def _weights_check(ev: RunEvidence) -> dict[str, Any]:
+    """Do the checkpointed weights hash to the student digest the last round recorded?"""
+    path = ev.run_dir / "student" / "model.safetensors"
+    recorded = ev.metrics[-1]["student_digest"] if ev.metrics else None
+    if not path.is_file() or recorded is None:
+        return {"check": "the checkpointed student weights hash to the last round's recorded student digest",
+                "result": NOT_ASSESSED}
+    actual = digest_arrays(load_file(str(path)))
+    return {"check": "the checkpointed student weights hash to the last round's recorded student digest",
+            "result": "ok" if actual == recorded else "failed", "recorded": recorded, "recomputed": actual}
+
+
+def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    f, size = ev.federation, ev.summary.get("size", {})
+    provenance = ev.summary.get("provenance", {})
+    federated = ev.summary["models"]["federated"]
+    undefined = sorted(site for site, m in federated["per_site"].items() if m.get("undefined"))
+    gap = ev.summary.get("comparison", {}).get("federated_minus_centralized")
+    caveats = ["the teacher's own training data is outside the DP guarantee (section 5)"]
+    if undefined:
+        caveats.append(f"metrics are undefined at {', '.join(undefined)} (a test split with a single class)")
+    if gap is not None:
+        caveats.append(f"the federated student is {gap:+.4f} {ev.summary.get('headline_metric')} against the "
+                       "centralized distilled student (the cost of federation and DP here)")
+    return {
+        "model": {"name": f"{ev.run_id} student", "family": f["student"]["family"],
+                  "settings": f["student"]["settings"], "parameters": size.get("student_parameters"),
+                  "weights": [s for s in subjects if s["path"].startswith("student/")],
+                  "student_digest": ev.metrics[-1]["student_digest"] if ev.metrics else None},
+        "teacher": {"description": provenance.get("teacher"),
+                    "files": [s for s in subjects if s["path"].startswith("teacher/")],
+                    "size": {"measure": size.get("measure"), "teacher": size.get("teacher"),
+                             "student": size.get("student"), "ratio": size.get("ratio")}},
+        "distillation": {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)",
+                         "alpha": f.get("alpha"), "temperature_schedule": f.get("temperature_schedule"),
+                         "temperature_start": f.get("temperature_start"), "temperature_end": f.get("temperature_end"),
+                         "transfer_set": "each site's own private training split; teacher outputs computed at the "
+                                         "site and never sent"},
+        "strategy": {"aggregation": ("SecAgg+ weighted mean of fragment updates" if f.get("secure_aggregation")
+                                     else "weighted mean of fragment updates (FedAvg)"),
+                     **{key: f.get(key) for key in ("fragment_plan", "rounds", "local_steps", "batch_size",
+                                                    "optimizer", "learning_rate", "max_update_norm", "seed")}},
+        "training_data": provenance,
+        "compute_seconds": ev.summary.get("seconds"),
+        "caveats": caveats,
+        "intended_use": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED, "model_owner": NOT_ASSESSED,
+        "risk_tier": NOT_ASSESSED, "independent_validator": NOT_ASSESSED, "inventory_id": NOT_ASSESSED,
+    }
+
+
+MODELS = (("teacher", "teacher"), ("federated", "federated student"),
+          ("centralized_distilled", "centralized distilled student (non-private)"),
+          ("centralized_labels_only", "centralized labels-only student (non-private)"))
+METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
+
+
+def _evaluation(ev: RunEvidence) -> dict[str, Any]:
+    models = ev.summary["models"]
+    local = models["local_only"]
+    overall = [{"model": label, **{m: models[key]["overall"].get(m) for m in METRICS}} for key, label in MODELS]
+    overall.append({"model": "local-only students (non-private), mean", **{
+        m: local[m]["mean"] if local.get(m) else None for m in METRICS}})
+    per_site = {}
+    for site in ev.sites:
+        rows = [{"model": label, **{m: models[key]["per_site"].get(site, {}).get(m) for m in METRICS}}
+                for key, label in MODELS]
+        own = local["per_site"].get(site, {}).get("per_site", {}).get(site, {})
+        rows.append({"model": "this site's local-only student", **{m: own.get(m) for m in METRICS}})
+        per_site[site] = rows
+    per_round = [{"round": r["round"], "status": r["status"], "train_loss": r.get("train_loss"),
+                  **{m: (r.get("evaluation") or {}).get("overall", {}).get(m) for m in METRICS}} for r in ev.metrics]
+    return {
+        "headline_metric": ev.summary.get("headline_metric"),
+        "data": "the sites' held-out test splits, pooled for the overall figures; the decision threshold is chosen "
+                "once per model on the pooled validation splits",
+        "overall": overall, "per_site": per_site, "per_round": per_round,
+        "baselines_reference": {key: models[key]["overall"].get(ev.summary.get("headline_metric", "roc_auc"))
+                                for key, _ in MODELS if key != "federated"},
+        "comparison": ev.summary.get("comparison", {}),
+        "confidence_intervals": NOT_ASSESSED, "empirical_privacy_audit": NOT_ASSESSED,
+    }
+
+
+def _risk() -> dict[str, Any]:
+    return {"dpia": NOT_ASSESSED, "ai_act_risk_management": NOT_ASSESSED, "hipaa_risk_analysis": NOT_ASSESSED,
+            "residual_risks": NOT_ASSESSED,
+            "anonymity_claim": "none: the report does not claim the student is anonymous (that would need "
+                               "extraction and membership-inference evidence, which the run does not hold)"}
+
+
+def _lineage(ev: RunEvidence, weights: dict[str, Any]) -> dict[str, Any]:
+    return {"parent_model": f"none: the student is initialised from seed {ev.federation.get('seed')}",
+            "parent_report": "none",
+            "student_digest_per_round": [{"round": r["round"], "status": r["status"],
+                                          "student_digest": r.get("student_digest")} for r in ev.metrics],
+            "final_weights_check": weights,
+            "config_diff": NOT_ASSESSED, "substantial_modification": NOT_ASSESSED}
+
+
+# ------------------------------------------------------------------------------------------------ section 13
+def _names(path: str, pattern: str) -> bool:
+    """``student/`` names a folder; ``ledger.jsonl`` names the coordinator's file and every site's."""
+    if pattern.endswith("/"):
+        return path.startswith(pattern)
+    return path == pattern or path.endswith("/" + pattern)
+
+
+def _evidence(subjects: list[dict[str, Any]], pointers: list[str], *patterns: str) -> dict[str, Any]:
+    """Where in report.json, and which files (with their digests), a crosswalk row rests on."""
+    return {"report": pointers, "files": [{"path": s["path"], "sha256": s["sha256"]} for s in subjects
+                                          if any(_names(s["path"], p) for p in patterns)]}
+
+
+def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[str, Any]) -> dict[str, Any]:
+    verified = bool(ev.audit.get("verified"))
+    intact = verified and weights["result"] == "ok"
+    private = ev.federation.get("target_epsilon") is not None
+    secure = bool(ev.federation.get("secure_aggregation"))
+    flows_readable = all(s.ledger.error is None for s in ev.sites.values())
+    ledgers = ["ledger.jsonl", "ledger_key.pub.pem"]
+    failure = f"verification failed: {ev.audit.get('failure')}"
+
+    def row(regime: str, clause: str, requirement: str, sections: list[int], evidence: dict[str, Any], status: str,
+            basis: str) -> dict[str, Any]:
+        return {"regime": regime, "clause": clause, "requirement": requirement, "sections": sections,
+                "evidence": evidence, "status": status, "basis": basis}
+
+    none: dict[str, Any] = {"report": [], "files": []}
+    rows = [
+        row("HIPAA", "45 CFR 164.312(a)(1)-(2)", "access control: unique user IDs, emergency access, automatic "
+            "logoff, encryption", [7], none, NOT_ASSESSED, SIMULATION_NOTE),
+        row("HIPAA", "45 CFR 164.312(b)", "audit controls that record and examine activity", [8, 14],
+            _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
+            "every site and the coordinator keep a signed, hash-chained ledger; fedistill verify examined them"
+            if verified else failure),
+        row("HIPAA", "45 CFR 164.312(c)(1)-(2)", "integrity: protection against improper alteration, and a "
+            "mechanism to corroborate it", [0, 8, 12, 14],
+            _evidence(subjects, ["#/envelope/subjects", "#/lineage/final_weights_check"], *ledgers, "student/"),
+            "met" if intact else "not met",
+            "ledgers verify and the checkpointed weights hash to the recorded student digest" if intact else
+            (failure if not verified else "the checkpointed weights do not hash to the recorded student digest")),
+        row("HIPAA", "45 CFR 164.312(d)", "person or entity authentication", [2, 7],
+            _evidence(subjects, ["#/parties"], "ledger_key.pub.pem"), "partial",
+            "each actor signs its own ledger with its own Ed25519 key; node authentication (SuperNode keys, "
+            f"mTLS) is {NOT_ASSESSED}: " + SIMULATION_NOTE),
+        row("HIPAA", "45 CFR 164.312(e)(1)-(2)", "transmission security: integrity controls and encryption in "
+            "transit", [6], _evidence(subjects, ["#/secure_aggregation"], "config.json") if secure else none,
+            "partial" if secure else NOT_ASSESSED,
+            ("updates travel masked by SecAgg+; " if secure else "") + f"TLS is {NOT_ASSESSED}: " + SIMULATION_NOTE),
+        row("GDPR", "Art. 5(1)(c), 5(2)", "data minimisation and accountability: what left each site and why",
+            [4, 5], _evidence(subjects, ["#/data_flows"], "ledger.jsonl") if flows_readable else none,
+            "partial" if flows_readable else NOT_ASSESSED,
+            ("what left each site each round is enumerated from its own signed ledger; the necessity rationale "
+             f"is {NOT_ASSESSED}") if flows_readable else "a site ledger could not be read"),
+        row("GDPR", "Art. 25", "data protection by design and by default", [5, 6],
+            _evidence(subjects, ["#/privacy", "#/secure_aggregation"], "config.json", "policy.json"),
+            "met" if private and secure else ("partial" if private or secure else "not met"),
+            "local training; DP-SGD at every site" + (" (on)" if private else " (off in this run)")
+            + "; SecAgg+" + (" (on)" if secure else " (off in this run)") + "; both are the defaults"),
+        row("GDPR", "Art. 30(1)(a)-(g)", "records of processing", [1, 2, 3, 4],
+            _evidence(subjects, ["#/run", "#/data_inventory", "#/data_flows"], "config.json", "summary.json"),
+            "partial", "categories of data (section 3), recipients (section 4) and security measures (sections 5, "
+            "6, 8) are evidenced; controller and DPO contacts, purposes, transfers and erasure limits are "
+            f"{NOT_ASSESSED}"),
+        row("GDPR", "Art. 32(1)(a)-(d)", "security of processing: encryption, confidentiality and integrity, "
+            "restore, regular testing", [5, 6, 8, 14],
+            _evidence(subjects, ["#/privacy", "#/secure_aggregation", "#/verification"], *ledgers, "privacy.json"),
+            "partial", "DP-SGD, SecAgg+ masking and verifiable ledgers are evidenced"
+            + ("" if verified else f" ({failure})") + f"; availability, resilience and restore are {NOT_ASSESSED}"),
+        row("GDPR", "Art. 35(7)(a)-(d)", "data protection impact assessment", [11], none, NOT_ASSESSED,
+            "no DPIA is linked to the run"),
+        row("EU AI Act", "Art. 11", "technical documentation", [1, 9, 10],
+            _evidence(subjects, ["#/run", "#/model_card", "#/evaluation"], "config.json", "summary.json", "student/"),
+            "partial", f"generated from the run; intended purpose, risk management and conformity are {NOT_ASSESSED}"),
+        row("EU AI Act", "Art. 12", "automatic recording of events (logs) for traceability", [8],
+            _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
+            ("every round is recorded automatically in signed, hash-chained ledgers at the coordinator and every "
+             f"site; retention (Art. 19, at least 6 months) is {NOT_ASSESSED}") if verified else failure),
+        row("EU AI Act", "Annex IV point 1", "general description: purpose, versions, hardware", [1],
+            _evidence(subjects, ["#/run"], "config.json"), "partial",
+            f"software versions and configuration are evidenced; purpose and hardware are {NOT_ASSESSED}"),
+        row("EU AI Act", "Annex IV point 2", "development: methods, pre-trained components, design choices, "
+            "architecture, data provenance, validation, cybersecurity", [3, 5, 6, 9, 10],
+            _evidence(subjects, ["#/model_card", "#/data_inventory", "#/evaluation"], "summary.json", "teacher/"),
+            "partial", f"evidenced from the run; compute resources and datasheet narrative are {NOT_ASSESSED}"),
+        row("EU AI Act", "Annex IV points 3-9", "monitoring, metrics appropriateness, risk management, lifecycle "
+            "changes, standards, declaration of conformity, post-market monitoring", [11, 12], none, NOT_ASSESSED,
+            "outside what a run can evidence"),
+        row("SR 11-7", "model risk management (OCC 2011-12)", "documentation, data, limitations, outcomes analysis, "
+            "independent validation, monitoring, change control", [9, 10, 12, 14],
+            _evidence(subjects, ["#/model_card", "#/evaluation", "#/lineage"], "summary.json", "metrics.jsonl"),
+            "partial", "model documentation, data, caveats and outcomes against baselines are evidenced; inventory "
+            f"entry, independent validation, ongoing monitoring and change control are {NOT_ASSESSED}"),
+    ]
+    return {"statuses": ["met", "partial", "not met", NOT_ASSESSED],
+            "note": "presence of evidence is machine-checked; its adequacy is a judgement for the privacy officer "
+                    "and counsel, and the report is not legal advice",
+            "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------ section 14
+def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, Any],
+                  config_recomputes: bool) -> dict[str, Any]:
+    run = str(ev.run_dir)
+    audit = ev.audit
+    checks = ([{"check": text, "result": "ok"} for text in audit["checks"]] if audit["verified"] else
+              [{"check": "fedistill verify (stops at the first failure)", "result": "failed",
+                "detail": audit["failure"]}])
+    report_checks = [{"check": "config.json's config_hash is the hash of its federation section",
+                      "result": "ok" if config_recomputes else "failed"}, weights]
+    for name, block in privacy["sites"].items():
+        recomputed, recorded = _finite(block["epsilon_total"]), _finite(block["epsilon_recorded"])
+        if not block["rounds_joined"]:
+            result = "ok" if block["epsilon_recorded"] is None else "failed"
+        elif recomputed is None or recorded is None:
+            result = "ok" if block["epsilon_total"] == block["epsilon_recorded"] == "inf" else "failed"
+        else:
+            result = "ok" if abs(recomputed - recorded) <= EPSILON_TOLERANCE * max(recorded, 1e-9) else "failed"
+        report_checks.append({"check": f"site {name}: epsilon recomputed from privacy.json with Opacus matches the "
+                                       f"epsilon its ledger recorded (within {EPSILON_TOLERANCE:.0%})",
+                              "result": result})
+    return {
+        "tool": {"name": "fedistill verify", "version": __version__},
+        "commands": [f"fedistill verify {run}", f"fedistill verify {run} --format json",
+                     *(f"fedistill site report {run}/sites/{name} --format json" for name in ev.sites),
+                     f"cd {run} && sha256sum <path>   # for each subject of section 0"],
+        "verified": bool(audit["verified"]), "checks": checks, "report_checks": report_checks,
+        "not_machine_checked": [
+            "section 1: intended purpose, users and regimes asserted",
+            "section 2: legal entities, roles, privacy officers, jurisdictions and agreements",
+            "section 3: data categories, lawful basis, de-identification; the data digests cannot be checked "
+            "without the records",
+            "section 4: the never-leaves list, a property of the code (client/train.py), not of the ledgers",
+            "section 5: the setting, trust model and unprotected quantities (narrative)",
+            "section 6: transport security (TLS) and SecAgg+ parameters Flower does not record",
+            "section 7: access control and authentication of people",
+            "section 8: clock source and retention",
+            "section 9: intended use, owner, risk tier, validator",
+            "section 10: evaluation metrics need the sites' test records to recompute; reported as the simulation "
+            "computed them",
+            "sections 11-12: DPIA, risk management, substantial modification",
+            "section 13: the adequacy of the evidence for each clause",
+            "completeness and truth at capture: a ledger shows that nothing changed after signing, not that what was "
+            "written was complete or true",
+            "sign-offs by privacy officers, security officer, validator and operator are not part of a generated "
+            "report",
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def build_report(run_dir: Path) -> dict[str, Any]:
+    """``report.json`` of a run directory: every section of the outline, from the run's evidence only."""
+    ev = load_evidence(run_dir)
+    envelope = _envelope(ev, datetime.now(timezone.utc))
+    subjects = envelope["subjects"]
+    weights = _weights_check(ev)
+    run = _run(ev)
+    privacy = _privacy(ev)
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "sections": [{"key": key, "number": number, "title": title} for key, number, title in SECTIONS],
+        "envelope": envelope,
+        "run": run,
+        "parties": _parties(ev),
+        "data_inventory": _data_inventory(ev),
+        "data_flows": _data_flows(ev),
+        "privacy": privacy,
+        "secure_aggregation": _secure_aggregation(ev),
+        "access_control": _access_control(ev),
+        "audit_trail": _audit_trail(ev),
+        "model_card": _model_card(ev, subjects),
+        "evaluation": _evaluation(ev),
+        "risk": _risk(),
+        "lineage": _lineage(ev, weights),
+        "crosswalk": _crosswalk(ev, subjects, weights),
+        "verification": _verification(ev, privacy, weights, run["config_hash_recomputes"]),
+    }
+    envelope["report_id"] = report_id(report)
+    return report
+
+
+def report_id(report: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the report with ``report_id`` empty: anyone can recompute it."""
+    blank = {**report, "envelope": {**report["envelope"], "report_id": None}}
+    return digest_json(blank)

@@ -1,0 +1,35 @@
+"""``fedistill report RUN_DIR``: the run's compliance report as report.json, a self-contained HTML page and a PDF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedistill.console import print_error
+from protocols.errors import FedistillError
+
+ALL_FORMATS = "html,pdf,json"
+
+
+def report_command(
+    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run-id>) that fedistill simulate finished."),
+    formats: str = typer.Option(ALL_FORMATS, "--format", help="Comma-separated: html, pdf, json."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write the report (default: RUN_DIR/report)."),
+) -> None:
+    """Write the compliance report of a run: what left each site, privacy spent, audit trail, crosswalk."""
+    write_and_print(run_dir, out, formats)
+
+
+def write_and_print(run_dir: Path, out: Path | None = None, formats: str = ALL_FORMATS,
+                    to_stderr: bool = False) -> None:
+    """Write the report, then one unwrapped line per file, so the path can be copied from any terminal or log."""
+    from compliance.render import parse_formats, write_report
+
+    try:
+        written = write_report(run_dir, out, parse_formats(formats))
+    except FedistillError as err:
+        print_error(err)
+        raise typer.Exit(code=1) from None
+    for kind, path in written.items():
+        typer.echo(f"report ({kind}): {path}", err=to_stderr)
