@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedistill.console import print_error
 from protocols.errors import FedistillError
 
 
@@ -192,7 +193,7 @@ def simulate_command(
         else:
             result = simulate(options, RichReporter(console))
     except FedistillError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}")
+        print_error(err)
         raise typer.Exit(code=2) from None
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
