@@ -172,9 +172,12 @@ class Coordinator:
                                 "student_digest": record["student_digest"]})
         self._append_metrics(record)
         # The student is checkpointed after the round is on record: a crash in between leaves the previous
-        # round's student, whose digest the ledger holds, so a resumed run redoes this round (see resume).
-        save_student(self.model, self.config.student, self.student_dir, self.config,
-                     {"run_id": self.run_id, "round": record["round"], "student_digest": record["student_digest"]})
+        # round's student, whose digest the ledger holds, so a resumed run redoes this round (see resume). A
+        # stopped round trained nothing; the checkpoint stays that of the last round that did, and a resumed
+        # run asks the sites again.
+        if record["status"] != "stopped":
+            save_student(self.model, self.config.student, self.student_dir, self.config,
+                         {"run_id": self.run_id, "round": record["round"], "student_digest": record["student_digest"]})
         self.completed_round = record["round"]
         self.records.append(record)
         if self.on_round is not None:

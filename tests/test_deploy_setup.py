@@ -150,8 +150,8 @@ def test_a_certificate_expiring_within_30_days_is_refused(tmp_path: Path) -> Non
 def test_a_resumed_coordinator_keeps_the_recorded_student_and_redoes_unrecorded_rounds(tmp_path: Path) -> None:
     config = federation(rounds=3)
     first = Coordinator(config, "run-1", tmp_path / "run-1")
-    first.stop(1, {}, {"node-1": "crashed"}, started=0.0)
-    first.stop(2, {}, {}, started=0.0)
+    for server_round in (1, 2):  # rounds in which SecAgg+ halted: recorded and checkpointed, student unchanged
+        first.complete_secure_round(server_round, None, [], {}, {"node-1": "crashed"}, {}, started=0.0)
 
     resumed = Coordinator(config, "run-1", tmp_path / "run-1")
     assert resumed.resume() == 2 and [r["round"] for r in resumed.records] == [1, 2]
