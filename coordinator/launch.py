@@ -20,6 +20,7 @@ import tomli_w
 from coordinator.operator import CoordinatorDir, flwr
 from protocols.config import FederationConfig, load_versioned_toml
 from protocols.errors import ConfigError, FedistillError
+from protocols.ledger import read_events
 
 SCHEMA_VERSION = 1
 POLL_S = 3.0
@@ -148,12 +149,24 @@ def _app_dir(coordinator: CoordinatorDir, overrides: dict[str, Any]) -> tuple[Pa
     return app, overrides_path
 
 
+def _check_resumable(run: RunFile, resume: str) -> None:
+    """Refuse before submitting: a resumed run must exist and continue with the configuration it started with."""
+    ledger = run.out_dir / resume / "ledger.jsonl"
+    if not ledger.is_file():
+        known = sorted(p.name for p in run.out_dir.iterdir()) if run.out_dir.is_dir() else []
+        raise ConfigError(f"--resume {resume}: no run ledger at {ledger.parent}; check the run id (runs in "
+                          f"{run.out_dir}: {', '.join(known) or 'none'}).")
+    started = next((e["payload"] for e in read_events(ledger) if e["kind"] == "run-started"), None)
+    if started is None or started["config_hash"] != run.federation.config_hash():
+        raise ConfigError(f"--resume {resume}: the run started with config hash "
+                          f"{started and started['config_hash']}, but {run.path} [federation] hashes to "
+                          f"{run.federation.config_hash()}; resume with the run.toml the run started with.")
+
+
 def submit(run: RunFile, resume: str | None = None) -> int:
     """Start the run on the coordinator; returns Flower's run id."""
     if resume is not None:
-        if not (run.out_dir / resume / "ledger.jsonl").is_file():
-            raise ConfigError(f"--resume {resume}: no run ledger at {run.out_dir / resume}; check the run id "
-                              f"(runs in {run.out_dir}: {', '.join(sorted(p.name for p in run.out_dir.iterdir())) if run.out_dir.is_dir() else 'none'}).")
+        _check_resumable(run, resume)
     app, overrides = _app_dir(run.coordinator, run.run_config(resume))
     answer = flwr(run.coordinator, "run", str(app), "--run-config", str(overrides), timeout=300)
     if not answer.get("success"):
@@ -161,24 +174,31 @@ def submit(run: RunFile, resume: str | None = None) -> int:
     return int(answer["run-id"])
 
 
-def run_status(coordinator: CoordinatorDir, flower_run_id: int) -> dict[str, Any]:
+def run_status(coordinator: CoordinatorDir, flower_run_id: int, run_id: str) -> dict[str, Any]:
     answer = flwr(coordinator, "list", "--run-id", str(flower_run_id))
-    if not answer.get("success") or not answer.get("runs"):
-        raise FedistillError(f"the coordinator has no run {flower_run_id}: {answer.get('error-message')}")
-    return answer["runs"][0]
+    if answer.get("success") and answer.get("runs"):
+        return answer["runs"][0]
+    message = str(answer.get("error-message", ""))
+    if "unavailable" in message:
+        raise FedistillError(f"lost the coordinator at {coordinator.address} while waiting for run {run_id}. If it "
+                             "crashed, start it again (`fedistill coordinator start`) and continue the run with "
+                             f"`fedistill run RUN_TOML --resume {run_id}`.")
+    raise FedistillError(f"the coordinator has no run {flower_run_id}: {message}")
 
 
 def wait_for(run: RunFile, flower_run_id: int, resume: str | None,
              on_poll: Callable[[dict[str, Any]], None] | None = None) -> RunOutcome:
     deadline = time.monotonic() + run.timeout_s
     while True:
-        record = run_status(run.coordinator, flower_run_id)
+        record = run_status(run.coordinator, flower_run_id, resume or str(flower_run_id))
         if on_poll is not None:
             on_poll(record)
         status = str(record.get("status", ""))
         if status.startswith(FINISHED):
             run_id = resume or str(flower_run_id)
-            return RunOutcome(flower_run_id, run_id, status, str(record.get("status-details", "")),
+            # Flower reports "N/A" when a run has nothing to add to its status.
+            details = str(record.get("status-details", ""))
+            return RunOutcome(flower_run_id, run_id, status, "" if details == "N/A" else details,
                               run.out_dir / run_id, record)
         if time.monotonic() > deadline:
             raise FedistillError(f"run {flower_run_id} is still '{status}' after {run.timeout_s / 60:.0f} min; it goes "

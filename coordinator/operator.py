@@ -165,10 +165,27 @@ def flwr(coordinator: CoordinatorDir, *args: str, timeout: float = 120.0) -> dic
 
 
 def register_with_superlink(coordinator: CoordinatorDir, name: str, public_key: Path) -> None:
+    """Register a site's key with the running SuperLink and remember the node id Flower gave it."""
     answer = flwr(coordinator, "supernode", "register", str(public_key), "--name", name)
-    # The SuperLink keeps registrations in its database: a key registered before a restart is still there.
-    if not answer.get("success") and "already in use" not in str(answer.get("error-message", "")):
+    if answer.get("success"):
+        sites = coordinator.registry()
+        sites[name] = sites[name] | {"node_id": str(answer["node-id"])}
+        atomic_write_json(coordinator.path / REGISTRY_FILE, {"schema_version": SCHEMA_VERSION, "sites": sites})
+    elif "already in use" not in str(answer.get("error-message", "")):
         raise FedistillError(f"the SuperLink refused site '{name}''s key: {answer.get('error-message')}")
+
+
+def register_sites(coordinator: CoordinatorDir) -> None:
+    """Register every site of the registry the SuperLink does not know yet.
+
+    The SuperLink keeps registrations in its database, so after a restart only new sites (or all of them,
+    if the database was lost) are registered.
+    """
+    listed = flwr(coordinator, "supernode", "list")
+    known = {str(node["node-id"]) for node in listed.get("nodes", []) if node.get("status") != "unregistered"}
+    for name, entry in coordinator.registry().items():
+        if entry.get("node_id") not in known:
+            register_with_superlink(coordinator, name, coordinator.path / entry["public_key"])
 
 
 def _wait_for_tls(host: str, port: int, ca: Path, daemon: Daemon) -> None:
@@ -201,8 +218,8 @@ def superlink_command(coordinator: CoordinatorDir) -> list[str]:
 def start_coordinator(coordinator: CoordinatorDir, on_ready: Callable[[CoordinatorDir], None] | None = None) -> int:
     """Run the SuperLink in the foreground until SIGTERM or SIGINT, then stop it and everything it started.
 
-    Once it accepts TLS connections, every site in the registry is registered with it (again, harmlessly,
-    after a restart), and ``on_ready`` is called.
+    Once it accepts TLS connections, every site in the registry is registered with it, and ``on_ready`` is
+    called.
     """
     if running_pid(coordinator) is not None:
         raise FedistillError(f"a coordinator from {coordinator.path} is already running (pid "
@@ -214,8 +231,7 @@ def start_coordinator(coordinator: CoordinatorDir, on_ready: Callable[[Coordinat
     try:
         dial = "127.0.0.1" if coordinator.listen in ("0.0.0.0", "::") else coordinator.listen
         _wait_for_tls(dial, coordinator.port, coordinator.ca_certificate, daemon)
-        for name, entry in coordinator.registry().items():
-            register_with_superlink(coordinator, name, coordinator.path / entry["public_key"])
+        register_sites(coordinator)
         if on_ready is not None:
             on_ready(coordinator)
         return daemon.wait()
