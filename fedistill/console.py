@@ -9,7 +9,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-err_console = Console(stderr=True)
+# Soft wrap: an error names paths and hashes, which must stay whole when copied from a log.
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def print_error(err: Exception | str, heading: str = "error") -> None:

@@ -181,3 +181,16 @@ def test_run_file_errors_name_the_field_and_resume_names_the_missing_run(coordin
     (root / "run.toml").write_text(RUN_TOML.format(minutes=5))
     missing = fedistill("run", "run.toml", "--resume", "12345", cwd=root)
     assert missing.returncode == 1 and "--resume 12345: no run ledger" in missing.stderr.replace("\n", " ")
+
+
+def test_resume_with_a_changed_run_toml_is_refused_before_anything_is_submitted(coordinator_dir: Path) -> None:
+    from coordinator.launch import RunFile
+
+    root = coordinator_dir.parent
+    (root / "run.toml").write_text(RUN_TOML.format(minutes=5))
+    started = RunFile.load(root / "run.toml")
+    assert Coordinator(started.federation, "777", started.out_dir / "777").ledger.head[0] == 0
+    (root / "run.toml").write_text(RUN_TOML.format(minutes=5).replace("rounds = 2", "rounds = 3"))
+    changed = fedistill("run", "run.toml", "--resume", "777", cwd=root)
+    assert changed.returncode == 1
+    assert "resume with the run.toml the run started with" in changed.stderr.replace("\n", " ")
