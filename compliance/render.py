@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from compliance.report import METRICS, NOT_ASSESSED, build_report
+from compliance.report import METRICS, NOT_ASSESSED, build_report, is_not_assessed
 from protocols.canonical import atomic_write_bytes
 from protocols.errors import ConfigError, ExternalToolError
 
@@ -68,8 +68,9 @@ def fmt(value: Any) -> str:
     """One value as HTML: numbers compact, digests monospaced, "not assessed" marked, containers nested."""
     if value is None:
         return "&mdash;"
-    if value == NOT_ASSESSED:
-        return f'<span class="na">{NOT_ASSESSED}</span>'
+    if is_not_assessed(value):
+        # The mark stays on one line; the reason after it, if any, wraps like any text.
+        return f'<span class="na">{NOT_ASSESSED}</span>' + _e(value[len(NOT_ASSESSED):])
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -246,6 +247,9 @@ def _envelope(section: dict[str, Any], report: dict[str, Any]) -> str:
 def _data_inventory(section: dict[str, Any], report: dict[str, Any]) -> str:
     out = []
     for site, entry in section["sites"].items():
+        if is_not_assessed(entry["splits"]):  # a deployed site keeps its records and their counts
+            out.append(f"<h3>{_e(site)}</h3>" + kv_table(entry, [k for k in entry if k != "schema"]))
+            continue
         splits = [{"split": name, "records": split["records"], "persons": split["persons"],
                    **{f"class {label}": count for label, count in split["class_counts"].items()}}
                   for name, split in entry["splits"].items()]
@@ -328,6 +332,12 @@ def _audit_trail(section: dict[str, Any], report: dict[str, Any]) -> str:
 
 
 def _evaluation(section: dict[str, Any], report: dict[str, Any]) -> str:
+    if is_not_assessed(section["overall"]):
+        # No utility to plot (a deployed run): say why instead of drawing an empty chart.
+        return (f'<p class="statement">{fmt(section["overall"])}</p>'
+                + kv_table(section, ["headline_metric", "confidence_intervals", "empirical_privacy_audit"])
+                + "<h3>Per round: the training loss the sites reported</h3>"
+                + table(section["per_round"], ["round", "status", "train_loss"]))
     metric = section["headline_metric"]
     per_round = [(r["round"], r[metric]) for r in section["per_round"] if r.get(metric) is not None]
     references = {_label(k): v for k, v in section["baselines_reference"].items() if v is not None}
@@ -395,7 +405,7 @@ def render_html(report: dict[str, Any]) -> str:
     body = [f"<h1>Compliance report: run {_e(run['run_id'])}</h1>",
             f'<p class="meta">report {_e(report["envelope"]["report_id"])} &middot; generated '
             f'{_e(report["envelope"]["generated_at"])} &middot; schema version {report["schema_version"]} &middot; '
-            f"{_e(run['description'] or '')}</p>", banner,
+            f"{_e(run['description'] or run['mode'])}</p>", banner,
             f"<p>Every figure below is read from report.json; fields the run cannot evidence say "
             f'{fmt(NOT_ASSESSED)}. Not legal advice.</p><nav><ul>{toc}</ul></nav>']
     for entry in report["sections"]:

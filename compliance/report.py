@@ -1,15 +1,23 @@
 """The compliance report of one run: ``report.json``, the source of truth that the HTML and PDF only render.
 
-Everything here is read from the run directory that ``fedistill simulate`` leaves (``config.json``,
-``metrics.jsonl``, ``summary.json``, the coordinator's ledger, ``student/``, ``teacher/`` and every site's
-state directory under ``sites/``); nothing is taken from the process that ran it. Epsilons are recomputed
-from each site's stored spends with the site's own accountant (:mod:`client.budget`), and the whole run is
-verified with :func:`fedistill.audit.verify_run`, whose failure is reported in the report, never hidden.
+Everything here is read from the run directory; nothing is taken from the process that ran it. Two kinds
+of run directory are reported by the same code:
+
+- a simulation's (``fedistill simulate``): ``config.json``, ``metrics.jsonl``, ``summary.json``, the
+  coordinator's ledger, ``student/``, ``teacher/`` and every site's whole state directory under ``sites/``;
+- a deployment's (``fedistill run``, then ``fedistill site evidence`` at every site): ``config.json`` with a
+  ``deployment`` block, ``metrics.jsonl``, the coordinator's ledger, ``student/`` and, under ``sites/``, only
+  each site's evidence (:data:`client.report.EVIDENCE_FILES`). The coordinator never sees site data, so there
+  is no summary, no evaluation and no teacher: those fields say why they are not assessed.
+
+Epsilons are recomputed from each site's stored spends with the site's own accountant (:mod:`client.budget`),
+and the whole run is verified with :func:`fedistill.audit.verify_run`, whose failure is reported in the report,
+never hidden.
 
 The sections follow the outline of ``docs/report.md`` (section 0, the envelope, to 14, the verification
 appendix). Whatever the run cannot evidence (legal entities, intended use, TLS in a simulation...) is the
-string :data:`NOT_ASSESSED`, never a guess. No record, label or person id of any site is ever copied into the
-report: only counts, digests and the tensor layout of what left a site.
+string :data:`NOT_ASSESSED`, or :func:`not_assessed` with the reason, never a guess. No record, label or person
+id of any site is ever copied into the report: only counts, digests and the tensor layout of what left a site.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load_file
 
 from client.budget import PrivacyState, SitePolicy, epsilon_of, json_epsilon
+from client.report import EVIDENCE_FILES
 from distill.data import load_splits
 from fedistill import __version__
 from fedistill.audit import EPSILON_TOLERANCE, verify_run
@@ -61,10 +70,36 @@ SECTIONS = (
 )
 SIMULATION_NOTE = ("simulation: the coordinator and every site are processes of one Flower simulation on one "
                    "machine, so there are no user accounts, node registrations or network links to evidence")
+DEPLOYMENT_NOTE = ("deployment: the coordinator and every site run their own Flower processes (SuperLink, "
+                   "SuperNodes) and talk over the network; the run directory holds their ledgers and the sites' "
+                   "evidence, not the connections, the coordinator's node-key registry or any user account, so "
+                   "those are not evidenced here")
 UNIT_OF_PRIVACY = "one record of the site's training split"
-SITE_FILES = (("ledger", "ledger.jsonl"), ("ledger public key", "ledger_key.pub.pem"),
-              ("privacy history", "privacy.json"), ("privacy policy", "policy.json"),
-              ("SecAgg+ clipping counts", "secagg_clipping.json"))
+SITE_FILE_LABELS = {"ledger.jsonl": "ledger", "ledger_key.pub.pem": "ledger public key",
+                    "privacy.json": "privacy history", "policy.json": "privacy policy",
+                    "secagg_clipping.json": "SecAgg+ clipping counts", "site.json": "site description"}
+# The site files a report rests on: a simulation keeps each site's whole state directory; a deployed site hands
+# over only its evidence. Either list is shown whole in the envelope, so a missing file reads "missing".
+SIMULATED_SITE_FILES = ("ledger.jsonl", "ledger_key.pub.pem", "privacy.json", "policy.json", "secagg_clipping.json")
+
+
+def not_assessed(reason: str) -> str:
+    """A field the run cannot evidence, with why: still recognised by :func:`is_not_assessed`."""
+    return f"{NOT_ASSESSED}: {reason}"
+
+
+def is_not_assessed(value: Any) -> bool:
+    return isinstance(value, str) and (value == NOT_ASSESSED or value.startswith(NOT_ASSESSED + ": "))
+
+
+# What a deployed run cannot evidence, and why (the coordinator never sees a site's data or teacher).
+KEPT_AT_SITE = not_assessed("kept at the site (a deployed site hands over only its ledger, spends and policy, not "
+                            "its records nor a description of them)")
+NO_EVALUATION = not_assessed("a deployed run has no coordinator-side evaluation (the sites' validation and test "
+                             "records never leave them; no teacher or baseline is evaluated)")
+NODE_KEYS_ABSENT = not_assessed("the coordinator admits only SuperNodes whose key the operator registered, but "
+                                "its registry (sites.json) is not part of the run directory")
+NO_TEACHER = not_assessed("each site keeps its own teacher; a deployed run directory holds no teacher file")
 
 
 # ------------------------------------------------------------------------------------------------ evidence
@@ -95,7 +130,8 @@ class SiteFiles:
 class RunEvidence:
     run_dir: Path
     config: dict[str, Any]
-    summary: dict[str, Any]
+    # None in a deployment: the coordinator never evaluates the student nor sees a site's data.
+    summary: dict[str, Any] | None
     metrics: list[dict[str, Any]]
     coordinator: LedgerFile
     sites: dict[str, SiteFiles]
@@ -109,11 +145,20 @@ class RunEvidence:
     def federation(self) -> dict[str, Any]:
         return self.config["federation"]
 
+    @property
+    def deployment(self) -> dict[str, Any] | None:
+        """``config.json``'s ``deployment`` block (Flower run id, sites waited for); None in a simulation."""
+        return self.config.get("deployment")
+
+    @property
+    def scope_note(self) -> str:
+        return SIMULATION_NOTE if self.deployment is None else DEPLOYMENT_NOTE
+
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path} is missing: a report needs {what}. Point fedistill report at a run directory "
-                        "that fedistill simulate finished.")
+                        "that fedistill simulate finished, or at a deployment's run directory (docs/deploy.md).")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -151,17 +196,35 @@ def _audit(run_dir: Path) -> dict[str, Any]:
                 "sites": {}}
 
 
+def _deployed_sites(run_dir: Path, metrics: list[dict[str, Any]]) -> list[str]:
+    """A deployment's configuration names no sites: they are those that handed over evidence and those the
+    coordinator recorded in a round, so a site that took part but handed nothing over is reported with its
+    evidence missing, not left out."""
+    sites_dir = run_dir / "sites"
+    handed_over = {p.name for p in sites_dir.iterdir() if p.is_dir()} if sites_dir.is_dir() else set()
+    recorded = {site for r in metrics for key in ("participants", "refusals", "failures") for site in r.get(key) or ()}
+    return sorted(handed_over | recorded)
+
+
 def load_evidence(run_dir: Path) -> RunEvidence:
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json", "the run's resolved configuration")
-    summary = _read_json(run_dir / "summary.json", "the run's summary (written when the run finished)")
+    deployed = "deployment" in config
+    required = ("run_id", "federation", "config_hash") + (() if deployed else ("sites",))
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise DataError(f"{run_dir / 'config.json'}: field(s) {', '.join(missing)} missing; it was not written by "
+                        "fedistill simulate or fedistill run, or was altered after the run.")
+    summary = None if deployed else _read_json(run_dir / "summary.json",
+                                               "the run's summary (written when the simulation finished)")
+    metrics = _read_metrics(run_dir / "metrics.jsonl")
     sites = {}
-    for name in config["sites"]:
+    for name in _deployed_sites(run_dir, metrics) if deployed else config["sites"]:
         directory = run_dir / "sites" / name
         policy = SitePolicy.load(directory) if (directory / "policy.json").is_file() else None
         sites[name] = SiteFiles(name, directory, _ledger_file(directory, name), policy, PrivacyState.load(directory))
-    return RunEvidence(run_dir, config, summary, _read_metrics(run_dir / "metrics.jsonl"),
-                       _ledger_file(run_dir, "coordinator"), sites, _audit(run_dir))
+    return RunEvidence(run_dir, config, summary, metrics, _ledger_file(run_dir, "coordinator"), sites,
+                       _audit(run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -209,13 +272,16 @@ def _finite(value: float | str | None) -> float | None:
 def _subjects(ev: RunEvidence) -> list[dict[str, Any]]:
     run = ev.run_dir
     entries = [(f"student {p.name}", p) for p in sorted((run / "student").glob("*")) if p.is_file()]
-    entries += [("run configuration", run / "config.json"), ("per-round metrics", run / "metrics.jsonl"),
-                ("run summary", run / "summary.json"), ("coordinator ledger", run / "ledger.jsonl"),
+    entries += [("run configuration", run / "config.json"), ("per-round metrics", run / "metrics.jsonl")]
+    if ev.summary is not None:
+        entries.append(("run summary", run / "summary.json"))
+    entries += [("coordinator ledger", run / "ledger.jsonl"),
                 ("coordinator ledger public key", run / "ledger_key.pub.pem")]
     entries += [(f"teacher {p.relative_to(run / 'teacher')}", p) for p in sorted((run / "teacher").rglob("*"))
                 if p.is_file()]
-    entries += [(f"site {site.name} {label}", site.directory / filename) for site in ev.sites.values()
-                for label, filename in SITE_FILES]
+    site_files = SIMULATED_SITE_FILES if ev.deployment is None else EVIDENCE_FILES
+    entries += [(f"site {site.name} {SITE_FILE_LABELS.get(filename, filename)}", site.directory / filename)
+                for site in ev.sites.values() for filename in site_files]
     return [{"name": name, "path": str(path.relative_to(run)),
              "sha256": file_sha256(path) if path.is_file() else "missing"} for name, path in entries]
 
@@ -251,23 +317,32 @@ def _envelope(ev: RunEvidence, generated_at: datetime) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ sections 1-3
 def _run(ev: RunEvidence) -> dict[str, Any]:
     started = [e for e in ev.coordinator.events if e["kind"] == "run-started"]
-    config = ev.config
+    config, deployment = ev.config, ev.deployment
     return {
-        "run_id": ev.run_id, "scenario": config.get("scenario"), "description": ev.summary.get("description"),
-        "mode": "simulation: Flower's simulation engine, one virtual node per site",
-        "federation_name": NOT_ASSESSED, "flower_run_id": NOT_ASSESSED, "fab_hash": NOT_ASSESSED,
+        "run_id": ev.run_id, "scenario": config.get("scenario"),
+        "description": ev.summary.get("description") if ev.summary is not None else None,
+        "mode": ("simulation: Flower's simulation engine, one virtual node per site" if deployment is None else
+                 "deployment: Flower's deployment engine, a SuperLink at the coordinator and a SuperNode at every "
+                 "site, launched by fedistill run"),
+        "federation_name": NOT_ASSESSED,
+        "flower_run_id": NOT_ASSESSED if deployment is None else str(deployment.get("flower_run_id")),
+        "fab_hash": NOT_ASSESSED,
         "started_at": ev.coordinator.events[0]["time"] if ev.coordinator.events else None,
         "ended_at": ev.coordinator.events[-1]["time"] if ev.coordinator.events else None,
         "code_version": started[0]["payload"].get("code_version") if started else None,
-        "versions": config.get("versions", {}),
+        # A deployment records only the coordinator's code version (run-started), not the sites' packages.
+        "versions": config.get("versions", {}) if deployment is None else not_assessed(
+            "a deployed run records the coordinator's code version only; each site's package versions stay with "
+            "the site"),
         # dp-accounting and cryptography are not recorded with the run: these are the verifier's own.
         "verifier_versions": {name: _version_of(name) for name in ("dp-accounting", "cryptography", "opacus")},
         "lockfile_hash": NOT_ASSESSED,
         "config_hash": config["config_hash"],
         "config_hash_recomputes": digest_json(ev.federation) == config["config_hash"],
         "config": ev.federation,
-        "simulation": {key: config.get(key) for key in ("seed", "subsample", "site_caps", "accountant",
-                                                        "fault_injection", "max_records_per_person")},
+        **({"simulation": {key: config.get(key) for key in ("seed", "subsample", "site_caps", "accountant",
+                                                            "fault_injection", "max_records_per_person")}}
+           if deployment is None else {"deployment": deployment}),
         "intended_purpose": NOT_ASSESSED, "intended_users": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED,
         "regimes_asserted": NOT_ASSESSED,
     }
@@ -293,18 +368,31 @@ def _schema(splits: dict[str, Any], class_names: list[str], features: list[str] 
             "labels": str(train.labels.dtype), "classes": class_names, "features": features}
 
 
+def _person_bound(ev: RunEvidence, site: str) -> dict[str, Any]:
+    """How many records one person has at a site: a simulation's summary says; a deployed site keeps it."""
+    if ev.summary is None:
+        return {"max_records_per_person": KEPT_AT_SITE, "bounded": KEPT_AT_SITE, "person_level": None}
+    privacy = ev.summary["privacy"]["sites"].get(site, {})
+    return {"max_records_per_person": privacy.get("max_records_per_person"),
+            "bounded": bool(privacy.get("records_per_person_bounded")), "person_level": privacy.get("person_level")}
+
+
 def _data_inventory(ev: RunEvidence) -> dict[str, Any]:
-    provenance = ev.summary.get("provenance", {})
-    class_names = ev.summary.get("class_names", [])
+    # A deployment has no summary: what it would say about a site's data stays at the site.
+    summary = ev.summary or {}
+    provenance = summary.get("provenance", {})
     sites = {}
     for name, site in ev.sites.items():
-        privacy = ev.summary["privacy"]["sites"].get(name, {})
+        bound = _person_bound(ev, name)
+        if is_not_assessed(bound["bounded"]):
+            enforced = bound["bounded"]
+        else:
+            enforced = (f"at most {ev.config.get('max_records_per_person')} per person, enforced when the site's "
+                        "training split was built" if bound["bounded"] else "not bounded")
         entry: dict[str, Any] = {
-            "splits": ev.summary["sites"].get(name, {}),
-            "max_records_per_person": privacy.get("max_records_per_person"),
-            "records_per_person_enforced": (f"at most {ev.config.get('max_records_per_person')} per person, "
-                                            "enforced when the site's training split was built"
-                                            if privacy.get("records_per_person_bounded") else "not bounded"),
+            "splits": summary["sites"].get(name, {}) if ev.summary is not None else KEPT_AT_SITE,
+            "max_records_per_person": bound["max_records_per_person"],
+            "records_per_person_enforced": enforced,
             "categories_of_subjects_and_data": NOT_ASSESSED, "lawful_basis": NOT_ASSESSED,
             "deidentification": NOT_ASSESSED, "data_dependent_preprocessing": NOT_ASSESSED,
             "erasure_schedule": NOT_ASSESSED,
@@ -312,15 +400,16 @@ def _data_inventory(ev: RunEvidence) -> dict[str, Any]:
         data_path = site.directory / "data.npz"
         if data_path.is_file():
             splits = load_splits(data_path)
-            schema = _schema(splits, class_names, provenance.get("features"))
+            schema = _schema(splits, summary.get("class_names", []), provenance.get("features"))
             entry |= {"data_digest": {split: data.digest() for split, data in splits.items()},
                       "schema": schema, "schema_digest": digest_json(schema),
                       "digests_computed": "by the report generator from the site's state directory (simulation); "
                                           "a deployed site computes them itself"}
         else:
-            entry |= {"data_digest": NOT_ASSESSED, "schema_digest": NOT_ASSESSED}
+            absent = NOT_ASSESSED if ev.deployment is None else KEPT_AT_SITE
+            entry |= {"data_digest": absent, "schema_digest": absent}
         sites[name] = entry
-    return {"sites": sites, "provenance": provenance,
+    return {"sites": sites, "provenance": provenance if ev.summary is not None else KEPT_AT_SITE,
             "never_in_report": "records, labels and person ids: only counts and digests are reported"}
 
 
@@ -364,13 +453,18 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ section 5
-def unprotected_quantities(secure_aggregation: bool) -> list[str]:
+def unprotected_quantities(secure_aggregation: bool, deployed: bool) -> list[str]:
+    masked = " (only its SecAgg+ sum)" if secure_aggregation else ""
     return [
         "participation: which rounds a site took part in or refused (a refusal reveals a nearly spent budget)",
+        # A deployment evaluates nothing centrally: besides the updates, the sites release their training loss.
+        f"the training loss of each round, weighted over the sites{masked}, without noise" if deployed else
         "evaluation metrics, computed on the sites' validation and test records without noise",
         "the number of records: it sets the sampling rate and delta"
         + (" (masked under SecAgg+, stated in this report)" if secure_aggregation else " and is sent with the update"),
         "the teacher's own training data: the guarantee holds for the student update given a fixed teacher",
+        "hyperparameter choices (learning rate, clipping norm, rounds): any tuning of them on the sites' data is "
+        "outside the guarantee" if deployed else
         "hyperparameter choices (learning rate, clipping norm, rounds), chosen once on the hospitals scenario",
         "side channels: timing, message sizes, the per-round epsilon a site reports",
         "DP randomness from torch generators, not a CSPRNG (Opacus secure_mode needs torchcsprng, which has no "
@@ -398,6 +492,9 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
                 f"{block['accountant']['name'].upper()} ({block['accountant']['library']}).")
     person = block["contribution_bound"]
     k, level = person["max_records_per_person"], person["person_level"]
+    if is_not_assessed(k):
+        return sentence + (" How many records one person has there is kept at the site, so the guarantee is stated "
+                           "for one record, not for a person.")
     if k == 1:
         return sentence + " Each person has one record there, so the guarantee is also person-level."
     if level is None:
@@ -411,22 +508,21 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
 
 
 def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, Any]:
-    summary = ev.summary["privacy"]["sites"].get(site.name, {})
     calibration = site.privacy.calibrations.get(ev.run_id)
     calibrated = asdict(calibration) if calibration else {}
     spends = site.privacy.run_spends(ev.run_id)
-    accountant = site.policy.accountant if site.policy else summary.get("accountant", "prv")
+    # The site's own choice: its policy, else the accountant it calibrated this run with.
+    accountant = site.policy.accountant if site.policy else calibrated.get("accountant", "prv")
     delta = calibration.delta if calibration else None
     sent = site.ledger.of_run(ev.run_id, "update-sent")
     total = epsilon_of(spends, delta, accountant) if delta else (math.inf if spends else 0.0)
     recorded = sent[-1]["payload"]["epsilon_run"] if sent else None
     audit = ev.audit.get("sites", {}).get(site.name, {})
+    opacus = ev.config.get("versions", {}).get("opacus")
     block: dict[str, Any] = {
         "setting": "site-local DP-SGD: the site curates its own records and only clipped, noised updates leave it",
         "unit_of_privacy": UNIT_OF_PRIVACY, "neighbouring_relation": "add or remove one record",
-        "contribution_bound": {"max_records_per_person": summary.get("max_records_per_person"),
-                               "bounded": bool(summary.get("records_per_person_bounded")),
-                               "person_level": summary.get("person_level")},
+        "contribution_bound": _person_bound(ev, site.name),
         "mechanism": {
             "name": "Poisson-sampled DP-SGD (Opacus make_private, poisson_sampling=True)",
             "clipping": "flat per-sample L2 clipping", "clipping_norm": calibrated.get("max_grad_norm"),
@@ -437,8 +533,8 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
             "empty_batches": sum(s.empty_batches for s in spends), "secure_mode": False,
             "calibrated_for": {key: calibrated.get(key) for key in ("target_epsilon", "planned_steps")},
         },
-        "accountant": {"name": accountant, "library": f"opacus {ev.config.get('versions', {}).get('opacus', '')}"
-                                                      .strip(),
+        "accountant": {"name": accountant, "library": f"opacus {opacus}" if opacus else
+                       "opacus, version not recorded in a deployed run",
                        "replayed_with": f"dp-accounting {_version_of('dp-accounting')} (PLD)"},
         "delta": delta,
         "delta_rationale": (None if calibration is None else
@@ -493,18 +589,23 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
     else:
         federation["statement"] = "No site sent an update in this run."
     return {"target_epsilon": ev.federation.get("target_epsilon"), "sites": sites, "federation": federation,
-            "unprotected_quantities": unprotected_quantities(secure)}
+            "unprotected_quantities": unprotected_quantities(secure, ev.deployment is not None)}
 
 
 # ------------------------------------------------------------------------------------------------ sections 6-8
 def _secure_aggregation(ev: RunEvidence) -> dict[str, Any]:
     f = ev.federation
     enabled = bool(f.get("secure_aggregation"))
-    clipped = {}
+    clipped: dict[str, int | str] = {}
     for name, site in ev.sites.items():
         path = site.directory / "secagg_clipping.json"
-        counts = json.loads(path.read_text())["runs"].get(ev.run_id, {}) if path.is_file() else {}
-        clipped[name] = sum(counts.values())
+        if path.is_file():
+            clipped[name] = sum(json.loads(path.read_text())["runs"].get(ev.run_id, {}).values())
+        elif enabled and ev.deployment is not None:
+            # The counts stay in the site's state directory: fedistill site evidence does not hand them over.
+            clipped[name] = not_assessed(f"{path.name} is not part of a deployed site's evidence")
+        else:
+            clipped[name] = 0
     return {
         "enabled": enabled,
         "protocol": "Flower SecAgg+ (SecAggPlusWorkflow, secaggplus_mod)" if enabled else "none: plain aggregation",
@@ -522,17 +623,27 @@ def _secure_aggregation(ev: RunEvidence) -> dict[str, Any]:
                        "min_cohort_met": len(r.get("participants", [])) >= f.get("min_cohort", 0) if enabled else None,
                        "quantization_error_bound": r.get("quantization_error_bound")} for r in ev.metrics],
         "clipped_values": clipped,
-        "transport": {"tls": NOT_ASSESSED, "node_keys": NOT_ASSESSED, "note": SIMULATION_NOTE},
+        "transport": _transport(ev),
         "caveat": "SecAgg+ hides each site's update from the coordinator but adds no differential privacy; with "
                   "very few sites, a site can infer the sum of the others' updates",
     }
 
 
+def _transport(ev: RunEvidence) -> dict[str, Any]:
+    if ev.deployment is None:
+        return {"tls": NOT_ASSESSED, "node_keys": NOT_ASSESSED, "note": SIMULATION_NOTE}
+    # What fedistill's coordinator enforces is known from its code, but this run's files do not record it.
+    return {"tls": not_assessed("fedistill coordinator start serves the sites over TLS only (docs/deploy.md), but "
+                                "the run directory holds no record of the connections, certificates or TLS version"),
+            "node_keys": NODE_KEYS_ABSENT, "note": DEPLOYMENT_NOTE}
+
+
 def _access_control(ev: RunEvidence) -> dict[str, Any]:
     return {
-        "note": SIMULATION_NOTE,
+        "note": ev.scope_note,
         "principals": NOT_ASSESSED, "unique_user_ids": NOT_ASSESSED, "mfa": NOT_ASSESSED,
-        "emergency_access": NOT_ASSESSED, "automatic_logoff": NOT_ASSESSED, "node_key_registrations": NOT_ASSESSED,
+        "emergency_access": NOT_ASSESSED, "automatic_logoff": NOT_ASSESSED,
+        "node_key_registrations": NOT_ASSESSED if ev.deployment is None else NODE_KEYS_ABSENT,
         "ledger_signing_keys": [{"actor": ledger.actor, "key_fingerprint": key_fingerprint(ledger.public_key_pem)}
                                 for ledger in [ev.coordinator, *(s.ledger for s in ev.sites.values())]],
     }
@@ -581,27 +692,47 @@ def _weights_check(ev: RunEvidence) -> dict[str, Any]:
             "result": "ok" if actual == recorded else "failed", "recorded": recorded, "recomputed": actual}
 
 
+def _checkpoint_parameters(ev: RunEvidence) -> int | str:
+    """The student's parameters counted in its checkpoint (floating-point tensors: integer buffers such as
+    position ids are not parameters), for a run whose summary does not state them."""
+    path = ev.run_dir / "student" / "model.safetensors"
+    if not path.is_file():
+        return not_assessed(f"{path.relative_to(ev.run_dir)} is missing")
+    return sum(int(array.size) for array in load_file(str(path)).values() if array.dtype.kind == "f")
+
+
 def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, Any]:
-    f, size = ev.federation, ev.summary.get("size", {})
-    provenance = ev.summary.get("provenance", {})
-    federated = ev.summary["models"]["federated"]
-    undefined = sorted(site for site, m in federated["per_site"].items() if m.get("undefined"))
-    gap = ev.summary.get("comparison", {}).get("federated_minus_centralized")
+    f = ev.federation
     caveats = ["the teacher's own training data is outside the DP guarantee (section 5)"]
-    if undefined:
-        caveats.append(f"metrics are undefined at {', '.join(undefined)} (a test split with a single class)")
-    if gap is not None:
-        caveats.append(f"the federated student is {gap:+.4f} {ev.summary.get('headline_metric')} against the "
-                       "centralized distilled student (the cost of federation and DP here)")
+    if ev.summary is None:
+        caveats.append("the coordinator of a deployed run does not evaluate the student: its utility is not "
+                       "assessed here (section 10)")
+        parameters: int | str | None = _checkpoint_parameters(ev)
+        teacher: dict[str, Any] = {"description": NO_TEACHER, "files": [], "size": NO_TEACHER}
+        # The rounds as the coordinator timed them: a deployment trains nothing else.
+        seconds = round(sum(r.get("seconds", 0.0) for r in ev.metrics), 3)
+    else:
+        size, summary = ev.summary.get("size", {}), ev.summary
+        undefined = sorted(site for site, m in summary["models"]["federated"]["per_site"].items()
+                           if m.get("undefined"))
+        gap = summary.get("comparison", {}).get("federated_minus_centralized")
+        if undefined:
+            caveats.append(f"metrics are undefined at {', '.join(undefined)} (a test split with a single class)")
+        if gap is not None:
+            caveats.append(f"the federated student is {gap:+.4f} {summary.get('headline_metric')} against the "
+                           "centralized distilled student (the cost of federation and DP here)")
+        parameters = size.get("student_parameters")
+        teacher = {"description": summary.get("provenance", {}).get("teacher"),
+                   "files": [s for s in subjects if s["path"].startswith("teacher/")],
+                   "size": {"measure": size.get("measure"), "teacher": size.get("teacher"),
+                            "student": size.get("student"), "ratio": size.get("ratio")}}
+        seconds = summary.get("seconds")
     return {
         "model": {"name": f"{ev.run_id} student", "family": f["student"]["family"],
-                  "settings": f["student"]["settings"], "parameters": size.get("student_parameters"),
+                  "settings": f["student"]["settings"], "parameters": parameters,
                   "weights": [s for s in subjects if s["path"].startswith("student/")],
                   "student_digest": ev.metrics[-1]["student_digest"] if ev.metrics else None},
-        "teacher": {"description": provenance.get("teacher"),
-                    "files": [s for s in subjects if s["path"].startswith("teacher/")],
-                    "size": {"measure": size.get("measure"), "teacher": size.get("teacher"),
-                             "student": size.get("student"), "ratio": size.get("ratio")}},
+        "teacher": teacher,
         "distillation": {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)",
                          "alpha": f.get("alpha"), "temperature_schedule": f.get("temperature_schedule"),
                          "temperature_start": f.get("temperature_start"), "temperature_end": f.get("temperature_end"),
@@ -611,8 +742,8 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, An
                                      else "weighted mean of fragment updates (FedAvg)"),
                      **{key: f.get(key) for key in ("fragment_plan", "rounds", "local_steps", "batch_size",
                                                     "optimizer", "learning_rate", "max_update_norm", "seed")}},
-        "training_data": provenance,
-        "compute_seconds": ev.summary.get("seconds"),
+        "training_data": ev.summary.get("provenance", {}) if ev.summary is not None else KEPT_AT_SITE,
+        "compute_seconds": seconds,
         "caveats": caveats,
         "intended_use": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED, "model_owner": NOT_ASSESSED,
         "risk_tier": NOT_ASSESSED, "independent_validator": NOT_ASSESSED, "inventory_id": NOT_ASSESSED,
@@ -626,6 +757,14 @@ METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
 
 
 def _evaluation(ev: RunEvidence) -> dict[str, Any]:
+    if ev.summary is None:
+        # The coordinator knows only the training loss the sites reported each round.
+        per_round = [{"round": r["round"], "status": r["status"], "train_loss": r.get("train_loss")}
+                     for r in ev.metrics]
+        return {"headline_metric": NOT_ASSESSED, "data": NO_EVALUATION, "overall": NO_EVALUATION,
+                "per_site": NO_EVALUATION, "per_round": per_round, "baselines_reference": NO_EVALUATION,
+                "comparison": NO_EVALUATION, "confidence_intervals": NOT_ASSESSED,
+                "empirical_privacy_audit": NOT_ASSESSED}
     models = ev.summary["models"]
     local = models["local_only"]
     overall = [{"model": label, **{m: models[key]["overall"].get(m) for m in METRICS}} for key, label in MODELS]
@@ -677,9 +816,10 @@ def _names(path: str, pattern: str) -> bool:
 
 
 def _evidence(subjects: list[dict[str, Any]], pointers: list[str], *patterns: str) -> dict[str, Any]:
-    """Where in report.json, and which files (with their digests), a crosswalk row rests on."""
+    """Where in report.json, and which files (with their digests), a crosswalk row rests on; a file the run
+    lacks is never cited."""
     return {"report": pointers, "files": [{"path": s["path"], "sha256": s["sha256"]} for s in subjects
-                                          if any(_names(s["path"], p) for p in patterns)]}
+                                          if s["sha256"] != "missing" and any(_names(s["path"], p) for p in patterns)]}
 
 
 def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[str, Any]) -> dict[str, Any]:
@@ -690,6 +830,11 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
     flows_readable = all(s.ledger.error is None for s in ev.sites.values())
     ledgers = ["ledger.jsonl", "ledger_key.pub.pem"]
     failure = f"verification failed: {ev.audit.get('failure')}"
+    # A simulation's summary holds the evaluation and the data inventory; a deployed run has neither, so its rows
+    # cite neither and say why in their basis.
+    simulated = ev.summary is not None
+    evaluation, inventory = (["#/evaluation"], ["#/data_inventory"]) if simulated else ([], [])
+    unevaluated = "" if simulated else f"; evaluation is {NO_EVALUATION}"
 
     def row(regime: str, clause: str, requirement: str, sections: list[int], evidence: dict[str, Any], status: str,
             basis: str) -> dict[str, Any]:
@@ -699,7 +844,7 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
     none: dict[str, Any] = {"report": [], "files": []}
     rows = [
         row("HIPAA", "45 CFR 164.312(a)(1)-(2)", "access control: unique user IDs, emergency access, automatic "
-            "logoff, encryption", [7], none, NOT_ASSESSED, SIMULATION_NOTE),
+            "logoff, encryption", [7], none, NOT_ASSESSED, ev.scope_note),
         row("HIPAA", "45 CFR 164.312(b)", "audit controls that record and examine activity", [8, 14],
             _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
             "every site and the coordinator keep a signed, hash-chained ledger; fedistill verify examined them"
@@ -713,11 +858,11 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
         row("HIPAA", "45 CFR 164.312(d)", "person or entity authentication", [2, 7],
             _evidence(subjects, ["#/parties"], "ledger_key.pub.pem"), "partial",
             "each actor signs its own ledger with its own Ed25519 key; node authentication (SuperNode keys, "
-            f"mTLS) is {NOT_ASSESSED}: " + SIMULATION_NOTE),
+            f"mTLS) is {NOT_ASSESSED}: " + ev.scope_note),
         row("HIPAA", "45 CFR 164.312(e)(1)-(2)", "transmission security: integrity controls and encryption in "
             "transit", [6], _evidence(subjects, ["#/secure_aggregation"], "config.json") if secure else none,
             "partial" if secure else NOT_ASSESSED,
-            ("updates travel masked by SecAgg+; " if secure else "") + f"TLS is {NOT_ASSESSED}: " + SIMULATION_NOTE),
+            ("updates travel masked by SecAgg+; " if secure else "") + f"TLS is {NOT_ASSESSED}: " + ev.scope_note),
         row("GDPR", "Art. 5(1)(c), 5(2)", "data minimisation and accountability: what left each site and why",
             [4, 5], _evidence(subjects, ["#/data_flows"], "ledger.jsonl") if flows_readable else none,
             "partial" if flows_readable else NOT_ASSESSED,
@@ -729,10 +874,11 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
             "local training; DP-SGD at every site" + (" (on)" if private else " (off in this run)")
             + "; SecAgg+" + (" (on)" if secure else " (off in this run)") + "; both are the defaults"),
         row("GDPR", "Art. 30(1)(a)-(g)", "records of processing", [1, 2, 3, 4],
-            _evidence(subjects, ["#/run", "#/data_inventory", "#/data_flows"], "config.json", "summary.json"),
-            "partial", "categories of data (section 3), recipients (section 4) and security measures (sections 5, "
-            "6, 8) are evidenced; controller and DPO contacts, purposes, transfers and erasure limits are "
-            f"{NOT_ASSESSED}"),
+            _evidence(subjects, ["#/run", *inventory, "#/data_flows"], "config.json", "summary.json"),
+            "partial", ("categories of data (section 3), " if simulated else "")
+            + "recipients (section 4) and security measures (sections 5, 6, 8) are evidenced; "
+            + ("" if simulated else f"the data inventory is {KEPT_AT_SITE}; ")
+            + f"controller and DPO contacts, purposes, transfers and erasure limits are {NOT_ASSESSED}"),
         row("GDPR", "Art. 32(1)(a)-(d)", "security of processing: encryption, confidentiality and integrity, "
             "restore, regular testing", [5, 6, 8, 14],
             _evidence(subjects, ["#/privacy", "#/secure_aggregation", "#/verification"], *ledgers, "privacy.json"),
@@ -741,27 +887,34 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
         row("GDPR", "Art. 35(7)(a)-(d)", "data protection impact assessment", [11], none, NOT_ASSESSED,
             "no DPIA is linked to the run"),
         row("EU AI Act", "Art. 11", "technical documentation", [1, 9, 10],
-            _evidence(subjects, ["#/run", "#/model_card", "#/evaluation"], "config.json", "summary.json", "student/"),
-            "partial", f"generated from the run; intended purpose, risk management and conformity are {NOT_ASSESSED}"),
+            _evidence(subjects, ["#/run", "#/model_card", *evaluation], "config.json", "summary.json", "student/"),
+            "partial", f"generated from the run{unevaluated}; intended purpose, risk management and conformity are "
+            f"{NOT_ASSESSED}"),
         row("EU AI Act", "Art. 12", "automatic recording of events (logs) for traceability", [8],
             _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
             ("every round is recorded automatically in signed, hash-chained ledgers at the coordinator and every "
              f"site; retention (Art. 19, at least 6 months) is {NOT_ASSESSED}") if verified else failure),
         row("EU AI Act", "Annex IV point 1", "general description: purpose, versions, hardware", [1],
             _evidence(subjects, ["#/run"], "config.json"), "partial",
-            f"software versions and configuration are evidenced; purpose and hardware are {NOT_ASSESSED}"),
+            ("software versions and configuration are evidenced; purpose and hardware are " if simulated else
+             "the coordinator's code version and the configuration are evidenced; the sites' package versions, "
+             "purpose and hardware are ") + NOT_ASSESSED),
         row("EU AI Act", "Annex IV point 2", "development: methods, pre-trained components, design choices, "
             "architecture, data provenance, validation, cybersecurity", [3, 5, 6, 9, 10],
-            _evidence(subjects, ["#/model_card", "#/data_inventory", "#/evaluation"], "summary.json", "teacher/"),
-            "partial", f"evidenced from the run; compute resources and datasheet narrative are {NOT_ASSESSED}"),
+            _evidence(subjects, ["#/model_card", *inventory, *evaluation], "config.json", "student/", "summary.json",
+                      "teacher/"),
+            "partial", "evidenced from the run" + ("" if simulated else f"; data provenance is {KEPT_AT_SITE}")
+            + f"{unevaluated}; compute resources and datasheet narrative are {NOT_ASSESSED}"),
         row("EU AI Act", "Annex IV points 3-9", "monitoring, metrics appropriateness, risk management, lifecycle "
             "changes, standards, declaration of conformity, post-market monitoring", [11, 12], none, NOT_ASSESSED,
             "outside what a run can evidence"),
         row("SR 11-7", "model risk management (OCC 2011-12)", "documentation, data, limitations, outcomes analysis, "
             "independent validation, monitoring, change control", [9, 10, 12, 14],
-            _evidence(subjects, ["#/model_card", "#/evaluation", "#/lineage"], "summary.json", "metrics.jsonl"),
-            "partial", "model documentation, data, caveats and outcomes against baselines are evidenced; inventory "
-            f"entry, independent validation, ongoing monitoring and change control are {NOT_ASSESSED}"),
+            _evidence(subjects, ["#/model_card", *evaluation, "#/lineage"], "summary.json", "metrics.jsonl"),
+            "partial", ("model documentation, data, caveats and outcomes against baselines are evidenced" if simulated
+                        else f"model documentation and caveats are evidenced; the data is {KEPT_AT_SITE}"
+                        + unevaluated)
+            + f"; inventory entry, independent validation, ongoing monitoring and change control are {NOT_ASSESSED}"),
     ]
     return {"statuses": ["met", "partial", "not met", NOT_ASSESSED],
             "note": "presence of evidence is machine-checked; its adequacy is a judgement for the privacy officer "
@@ -808,7 +961,8 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
             "section 8: clock source and retention",
             "section 9: intended use, owner, risk tier, validator",
             "section 10: evaluation metrics need the sites' test records to recompute; reported as the simulation "
-            "computed them",
+            "computed them" if ev.summary is not None else "section 10: the training loss per round, as the sites "
+            "reported it (a deployed run has no coordinator-side evaluation)",
             "sections 11-12: DPIA, risk management, substantial modification",
             "section 13: the adequacy of the evidence for each clause",
             "completeness and truth at capture: a ledger shows that nothing changed after signing, not that what was "

@@ -13,7 +13,8 @@ ALL_FORMATS = "html,pdf,json"
 
 
 def report_command(
-    run_dir: Path = typer.Argument(..., help="A run directory (runs/<run-id>) that fedistill simulate finished."),
+    run_dir: Path = typer.Argument(..., help="A run directory: runs/<run-id> of fedistill simulate, or a "
+                                             "deployment's with every site's evidence (docs/deploy.md)."),
     formats: str = typer.Option(ALL_FORMATS, "--format", help="Comma-separated: html, pdf, json."),
     out: Path | None = typer.Option(None, "--out", help="Where to write the report (default: RUN_DIR/report)."),
 ) -> None:

@@ -1,5 +1,6 @@
 """`fedistill report` on the shared small run: report.json against the ledgers and the summary, the crosswalk,
-an altered run, and the HTML and PDF as headless Chromium renders them."""
+an altered run, the same run reshaped as a deployment's run directory, and the HTML and PDF as headless Chromium
+renders them."""
 
 import json
 import re
@@ -13,9 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from client.budget import PrivacyState, SitePolicy, epsilon_of
+from client.report import EVIDENCE_FILES
 from compliance import render
 from compliance.render import heading, run_chromium, write_report
-from compliance.report import NOT_ASSESSED, PROFILE_DELTAS, SECTIONS, dp_statement, file_sha256, report_id
+from compliance.report import (NOT_ASSESSED, PROFILE_DELTAS, SECTIONS, build_report, dp_statement, file_sha256,
+                               is_not_assessed, report_id)
 from fedistill.cli import app
 from protocols.errors import ExternalToolError
 from protocols.ledger import read_events
@@ -161,6 +165,102 @@ def test_an_altered_run_gets_a_report_that_says_so_and_pdf_needs_chromium(run_co
     rows = {row["clause"]: row for row in altered["crosswalk"]["rows"]}
     assert rows["45 CFR 164.312(b)"]["status"] == "not met" and failure in rows["45 CFR 164.312(b)"]["basis"]
     assert "Verification FAILED" in written["html"].read_text()
+
+
+def as_deployed(run_dir: Path) -> None:
+    """Reshape a simulated run directory into what `fedistill run` and `fedistill site evidence` leave
+    (docs/deploy.md): no summary, no teacher, no evaluation, and under sites/ only each site's evidence."""
+    config = json.loads((run_dir / "config.json").read_text())
+    for path in run_dir.iterdir():
+        if path.is_dir() and path.name not in ("student", "sites"):
+            shutil.rmtree(path)
+        elif path.is_file() and path.name not in ("config.json", "metrics.jsonl", "ledger.jsonl", "ledger_key.pub.pem"):
+            path.unlink()
+    for site in (run_dir / "sites").iterdir():
+        for path in site.iterdir():
+            if path.name not in EVIDENCE_FILES:
+                path.unlink()
+    # The coordinator of a deployment evaluates nothing; metrics.jsonl is not what verify checks.
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in m.items() if k != "evaluation"}) + "\n"
+                                                   for m in metrics))
+    # federation and config_hash unchanged, so the run still verifies (coordinator_from_run_config's shape).
+    (run_dir / "config.json").write_text(json.dumps({
+        "schema_version": 1, "run_id": config["run_id"], "deployment": {"flower_run_id": 5630224506200417090,
+                                                                        "wait_for_sites": 3},
+        "federation": config["federation"], "config_hash": config["config_hash"]}, indent=2))
+
+
+def pointed(report: dict, pointer: str):
+    value = report
+    for key in pointer.removeprefix("#/").split("/"):
+        value = value[key]
+    return value
+
+
+def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_assessed(verified_run, tmp_path):
+    run_dir = Path(shutil.copytree(verified_run, tmp_path / "deployed"))
+    as_deployed(run_dir)
+    # The CLI in-process: a subprocess would spend most of this test importing torch and dp-accounting again.
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--format", "json,html"])
+    assert result.exit_code == 0, result.output[-3000:]
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    run = report["run"]
+    assert run["mode"].startswith("deployment") and run["flower_run_id"] == "5630224506200417090"
+    assert run["deployment"]["wait_for_sites"] == 3 and "simulation" not in run and run["config_hash_recomputes"]
+
+    evaluation = report["evaluation"]
+    assert all(is_not_assessed(evaluation[key]) for key in ("overall", "per_site", "baselines_reference"))
+    assert "no coordinator-side evaluation" in evaluation["overall"]
+    assert [r["round"] for r in evaluation["per_round"]] == [1, 2]
+    page = (run_dir / "report" / "report.html").read_text()
+    assert f'{NOT_ASSESSED}</span>: a deployed run has no coordinator-side evaluation' in page
+    assert "per round (pooled test splits)" not in page  # no empty utility chart
+    teacher = report["model_card"]["teacher"]
+    assert is_not_assessed(teacher["description"]) and teacher["files"] == []
+    assert report["model_card"]["model"]["parameters"] == 2146  # counted in the checkpoint, as the summary said
+
+    run_id = run["run_id"]
+    for site, inventory in report["data_inventory"]["sites"].items():
+        assert "kept at the site" in inventory["splits"] and is_not_assessed(inventory["data_digest"])
+        site_dir = run_dir / "sites" / site
+        privacy, policy = PrivacyState.load(site_dir), SitePolicy.load(site_dir)
+        block = report["privacy"]["sites"][site]
+        expected = epsilon_of(privacy.run_spends(run_id), privacy.calibrations[run_id].delta, policy.accountant)
+        assert block["epsilon_total"] == pytest.approx(expected)
+        assert block["epsilon_total"] == pytest.approx(block["epsilon_recorded"], rel=0.02)
+        assert block["statement"] == dp_statement(site, block) and "not for a person" in block["statement"]
+        assert is_not_assessed(report["secure_aggregation"]["clipped_values"][site])
+    assert all(check["result"] == "ok" for check in report["verification"]["report_checks"])
+
+    # Every clause is still mapped, and no row cites a file or a section the run does not have.
+    subjects = {s["path"]: s["sha256"] for s in report["envelope"]["subjects"]}
+    assert "summary.json" not in subjects and "missing" not in subjects.values()
+    assert {f"sites/clinical-lab/{name}" for name in EVIDENCE_FILES} <= set(subjects)
+    rows = {row["clause"]: row for row in report["crosswalk"]["rows"]}
+    assert set(rows) == CROSSWALK_CLAUSES
+    for row in rows.values():
+        for cited in row["evidence"]["files"]:
+            assert cited["sha256"] == file_sha256(run_dir / cited["path"]), (row["clause"], cited["path"])
+        for pointer in row["evidence"]["report"]:
+            assert not is_not_assessed(pointed(report, pointer)), (row["clause"], pointer)
+        assert "#/evaluation" not in row["evidence"]["report"]
+        if row["status"] != NOT_ASSESSED:
+            assert row["evidence"]["files"], row["clause"]
+    assert rows["45 CFR 164.312(b)"]["status"] == "met" and "deployment" in rows["45 CFR 164.312(e)(1)-(2)"]["basis"]
+
+    verified = CliRunner().invoke(app, ["verify", str(run_dir), "--format", "json"])
+    assert verified.exit_code == 0 and json.loads(verified.stdout)["verified"] is True
+
+
+def test_a_deployed_run_missing_a_site_s_evidence_is_reported_as_failing_verification(verified_run, tmp_path):
+    run_dir = Path(shutil.copytree(verified_run, tmp_path / "deployed"))
+    as_deployed(run_dir)
+    shutil.rmtree(run_dir / "sites" / "emergency-dept")  # it took part, but handed no evidence over
+    report = build_report(run_dir)
+    assert report["verification"]["verified"] is False and "emergency-dept" in report["privacy"]["sites"]
+    assert "missing" in report["audit_trail"]["verification"]["failure"]
+    assert report["data_flows"]["sites"]["emergency-dept"]["ledger_error"]
 
 
 def test_a_bad_format_is_refused_naming_the_choices(tmp_path):
