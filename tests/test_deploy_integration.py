@@ -121,6 +121,10 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     verified = fedistill("verify", str(run_dir), "--format", "json", cwd=root)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["verified"] is True
+    reported = fedistill("report", str(run_dir), "--format", "json,html", cwd=root)
+    assert reported.returncode == 0, reported.stderr
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["run"]["mode"].startswith("deployment") and report["run"]["run_id"] == run_id
 
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:
