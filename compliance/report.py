@@ -151,6 +151,13 @@ class RunEvidence:
         return self.config.get("deployment")
 
     @property
+    def transport(self) -> dict[str, Any] | None:
+        """The transport a deployed coordinator enforced (TLS, SuperNode authentication, registered site keys), as
+        its signed run-started event attests it; None in a simulation or when the ledger does not record it."""
+        started = [e for e in self.coordinator.events if e["kind"] == "run-started"]
+        return started[0]["payload"].get("transport") if started and self.deployment is not None else None
+
+    @property
     def scope_note(self) -> str:
         return SIMULATION_NOTE if self.deployment is None else DEPLOYMENT_NOTE
 
@@ -629,9 +636,19 @@ def _secure_aggregation(ev: RunEvidence) -> dict[str, Any]:
     }
 
 
+TRANSPORT_ATTESTED = ("attested, not observed: fedistill run recorded the coordinator's certificates, SuperNode "
+                      "authentication and registered site keys in the signed run-started event of the coordinator "
+                      "ledger (seq 0); the run directory holds no record of the individual connections")
+
+
 def _transport(ev: RunEvidence) -> dict[str, Any]:
     if ev.deployment is None:
         return {"tls": NOT_ASSESSED, "node_keys": NOT_ASSESSED, "note": SIMULATION_NOTE}
+    if ev.transport is not None:
+        return {"tls": ev.transport["tls"], "supernode_authentication": ev.transport["supernode_authentication"],
+                "node_keys": ev.transport["registered_sites"],
+                "runtime_dependency_installation": ev.transport.get("runtime_dependency_installation"),
+                "note": TRANSPORT_ATTESTED}
     # What fedistill's coordinator enforces is known from its code, but this run's files do not record it.
     return {"tls": not_assessed("fedistill coordinator start serves the sites over TLS only (docs/deploy.md), but "
                                 "the run directory holds no record of the connections, certificates or TLS version"),
@@ -643,7 +660,8 @@ def _access_control(ev: RunEvidence) -> dict[str, Any]:
         "note": ev.scope_note,
         "principals": NOT_ASSESSED, "unique_user_ids": NOT_ASSESSED, "mfa": NOT_ASSESSED,
         "emergency_access": NOT_ASSESSED, "automatic_logoff": NOT_ASSESSED,
-        "node_key_registrations": NOT_ASSESSED if ev.deployment is None else NODE_KEYS_ABSENT,
+        "node_key_registrations": (NOT_ASSESSED if ev.deployment is None else NODE_KEYS_ABSENT
+                                   if ev.transport is None else ev.transport["registered_sites"]),
         "ledger_signing_keys": [{"actor": ledger.actor, "key_fingerprint": key_fingerprint(ledger.public_key_pem)}
                                 for ledger in [ev.coordinator, *(s.ledger for s in ev.sites.values())]],
     }
@@ -828,6 +846,7 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
     private = ev.federation.get("target_epsilon") is not None
     secure = bool(ev.federation.get("secure_aggregation"))
     flows_readable = all(s.ledger.error is None for s in ev.sites.values())
+    attested = ev.transport if verified else None
     ledgers = ["ledger.jsonl", "ledger_key.pub.pem"]
     failure = f"verification failed: {ev.audit.get('failure')}"
     # A simulation's summary holds the evaluation and the data inventory; a deployed run has neither, so its rows
@@ -856,13 +875,19 @@ def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[st
             "ledgers verify and the checkpointed weights hash to the recorded student digest" if intact else
             (failure if not verified else "the checkpointed weights do not hash to the recorded student digest")),
         row("HIPAA", "45 CFR 164.312(d)", "person or entity authentication", [2, 7],
-            _evidence(subjects, ["#/parties"], "ledger_key.pub.pem"), "partial",
-            "each actor signs its own ledger with its own Ed25519 key; node authentication (SuperNode keys, "
-            f"mTLS) is {NOT_ASSESSED}: " + ev.scope_note),
+            _evidence(subjects, ["#/parties", "#/access_control"], *ledgers),
+            "met" if attested else "partial",
+            "each actor signs its own ledger with its own Ed25519 key; " + (
+                f"only SuperNodes holding one of the {len(attested['registered_sites'])} registered site keys may "
+                f"join ({TRANSPORT_ATTESTED})" if attested else
+                f"node authentication (SuperNode keys, mTLS) is {NOT_ASSESSED}: " + ev.scope_note)),
         row("HIPAA", "45 CFR 164.312(e)(1)-(2)", "transmission security: integrity controls and encryption in "
-            "transit", [6], _evidence(subjects, ["#/secure_aggregation"], "config.json") if secure else none,
-            "partial" if secure else NOT_ASSESSED,
-            ("updates travel masked by SecAgg+; " if secure else "") + f"TLS is {NOT_ASSESSED}: " + ev.scope_note),
+            "transit", [6], _evidence(subjects, ["#/secure_aggregation"], "config.json",
+                                      *(ledgers if attested else [])) if secure or attested else none,
+            "met" if secure and attested else "partial" if secure or attested else NOT_ASSESSED,
+            ("updates travel masked by SecAgg+; " if secure else "") + (
+                f"every connection is TLS under the consortium CA ({TRANSPORT_ATTESTED})" if attested else
+                f"TLS is {NOT_ASSESSED}: " + ev.scope_note)),
         row("GDPR", "Art. 5(1)(c), 5(2)", "data minimisation and accountability: what left each site and why",
             [4, 5], _evidence(subjects, ["#/data_flows"], "ledger.jsonl") if flows_readable else none,
             "partial" if flows_readable else NOT_ASSESSED,

@@ -124,8 +124,12 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     resume = str(run_config.get("resume-run", ""))
     run_id = resume or str(context.run_id)
     signing_key = str(run_config.get("signing-key", ""))
+    # The transport the coordinator enforces (TLS certificates, SuperNode authentication, registered site keys),
+    # attested by `fedistill run` from the coordinator directory; it goes into the signed run ledger.
+    transport = json.loads(str(run_config.get("transport") or "{}"))
     run_dir = Path(str(run_config["out-dir"])) / run_id
-    coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None)
+    coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None,
+                              transport=transport)
     if resume:
         coordinator.resume()
     else:

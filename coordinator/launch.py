@@ -76,6 +76,7 @@ out-dir = ""
 min-sites = 3
 resume-run = ""
 signing-key = ""
+transport = ""
 """
 
 
@@ -117,7 +118,8 @@ class RunFile:
     def run_config(self, resume: str | None) -> dict[str, Any]:
         return {"federation": json.dumps(self.federation.to_dict(), sort_keys=True), "out-dir": str(self.out_dir),
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
-                "signing-key": str(self.coordinator.signing_key)}
+                "signing-key": str(self.coordinator.signing_key),
+                "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
 
 
 @dataclass(frozen=True)

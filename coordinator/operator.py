@@ -31,7 +31,7 @@ from typing import Any
 from protocols.canonical import atomic_write_json
 from protocols.errors import ConfigError, FedistillError
 from protocols.ledger import generate_signing_key
-from protocols.pki import create_certificates, node_key_fingerprint
+from protocols.pki import check_certificate, certificate_fingerprint, create_certificates, node_key_fingerprint
 from protocols.processes import Daemon, flower_environment, flower_script
 
 SCHEMA_VERSION = 1
@@ -81,6 +81,24 @@ class CoordinatorDir:
         if raw.get("schema_version") != SCHEMA_VERSION:
             raise ConfigError(f"{settings}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
         return cls(path, tuple(raw["hosts"]), int(raw["port"]), str(raw["listen"]))
+
+    def transport(self) -> dict[str, Any]:
+        """What this coordinator enforces on every connection, as its operator's tooling attests it.
+
+        ``coordinator start`` runs the SuperLink with exactly these certificates and with SuperNode
+        authentication over exactly these registered keys; the run ledger records this at run start.
+        """
+        certs = self.path / "certs"
+        server = check_certificate(certs / "server.pem", "the coordinator's server certificate", warn_days=0)
+        return {
+            "tls": {"server_certificate": certificate_fingerprint(certs / "server.pem"),
+                    "ca_certificate": certificate_fingerprint(certs / "ca.crt"), "hosts": list(server.hosts),
+                    "not_after": server.not_after.isoformat(timespec="seconds")},
+            "supernode_authentication": True,
+            "registered_sites": {name: {"fingerprint": entry["fingerprint"], "added_at": entry["added_at"]}
+                                 for name, entry in sorted(self.registry().items())},
+            "runtime_dependency_installation": False,
+        }
 
     def registry(self) -> dict[str, dict[str, Any]]:
         raw = json.loads((self.path / REGISTRY_FILE).read_text())

@@ -39,7 +39,8 @@ class Coordinator:
     """Holds the global student of one run and advances it round by round."""
 
     def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
-                 on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None) -> None:
+                 on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None,
+                 transport: dict[str, Any] | None = None) -> None:
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
@@ -49,7 +50,7 @@ class Coordinator:
         self.spec = fragment_spec_for(config.student.family, parameter_names(self.model), config.fragment_patterns)
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0
-        self.signing_key = signing_key
+        self.signing_key, self.transport = signing_key, transport
         self._ledger: Ledger | None = None
 
     @property
@@ -60,7 +61,8 @@ class Coordinator:
             if self._ledger.head[0] < 0:
                 self._ledger.append("run-started", {"run_id": self.run_id, "config_hash": self.config_hash,
                                                     "config": self.config.to_dict(),
-                                                    "code_version": version("fedistill")})
+                                                    "code_version": version("fedistill")}
+                                    | ({"transport": self.transport} if self.transport else {}))
         return self._ledger
 
     @property
@@ -223,7 +225,8 @@ class Coordinator:
             self.model, self.state, kept = model, state, round_
         superseded = sorted(r for r in recorded if r > kept)
         self.ledger.append("run-resumed", {"run_id": self.run_id, "config_hash": self.config_hash,
-                                           "from_round": kept + 1, "superseded_rounds": superseded})
+                                           "from_round": kept + 1, "superseded_rounds": superseded}
+                           | ({"transport": self.transport} if self.transport else {}))
         self.records = [r for r in load_metrics(self.run_dir) if r["round"] <= kept] if self.metrics_path.is_file() else []
         atomic_write_bytes(self.metrics_path, "".join(canonical_json(r) + "\n" for r in self.records).encode())
         self.completed_round = kept

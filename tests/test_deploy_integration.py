@@ -125,6 +125,12 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert reported.returncode == 0, reported.stderr
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["run"]["mode"].startswith("deployment") and report["run"]["run_id"] == run_id
+    # TLS and SuperNode authentication are attested in the coordinator's signed ledger, so the report shows them.
+    transport = report["secure_aggregation"]["transport"]
+    assert transport["supernode_authentication"] is True and sorted(transport["node_keys"]) == sorted(SITES)
+    assert transport["tls"]["hosts"] == ["127.0.0.1"]
+    clauses = {row["clause"]: row["status"] for row in report["crosswalk"]["rows"]}
+    assert clauses["45 CFR 164.312(d)"] == "met" and clauses["45 CFR 164.312(e)(1)-(2)"] == "met"
 
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:
