@@ -26,27 +26,6 @@ SCHEMA_VERSION = 1
 POLL_S = 3.0
 FINISHED = "finished"
 
-RUN_TEMPLATE = """\
-# A fedistill run, launched with `fedistill run run.toml` on the coordinator machine.
-schema_version = 1
-coordinator = "coordinator"      # the coordinator directory (`fedistill coordinator init`)
-out_dir = "runs"                 # run directories are written here, on the coordinator machine
-wait_for_sites = 3               # each round waits until this many sites are connected
-timeout_minutes = 120            # fedistill run gives up waiting after this long (the run goes on)
-
-[federation]                     # what every site must agree on; see docs/deploy.md for every field
-rounds = 20
-local_steps = 25
-batch_size = 64
-learning_rate = 0.3
-target_epsilon = 8.0
-max_grad_norm = 0.1
-
-[federation.student]
-family = "mlp"
-settings = { input_dim = 5, hidden = [32, 32], num_classes = 2 }
-"""
-
 # The ServerApp's entry point and run-config keys; the FAB carries only this file, and the apps' code is
 # the fedistill installed beside the SuperLink and every SuperNode (runtime installs are off).
 APP_VERSION = version("fedistill")
