@@ -20,7 +20,7 @@ import tomli_w
 from coordinator.operator import CoordinatorDir, flwr
 from protocols.config import FederationConfig, load_versioned_toml
 from protocols.errors import ConfigError, FedistillError
-from protocols.ledger import read_events
+from protocols.ledger import resumable_run
 
 SCHEMA_VERSION = 1
 POLL_S = 3.0
@@ -137,11 +137,7 @@ def _check_resumable(run: RunFile, resume: str) -> None:
         known = sorted(p.name for p in run.out_dir.iterdir()) if run.out_dir.is_dir() else []
         raise ConfigError(f"--resume {resume}: no run ledger at {ledger.parent}; check the run id (runs in "
                           f"{run.out_dir}: {', '.join(known) or 'none'}).")
-    started = next((e["payload"] for e in read_events(ledger) if e["kind"] == "run-started"), None)
-    if started is None or started["config_hash"] != run.federation.config_hash():
-        raise ConfigError(f"--resume {resume}: the run started with config hash "
-                          f"{started and started['config_hash']}, but {run.path} [federation] hashes to "
-                          f"{run.federation.config_hash()}; resume with the run.toml the run started with.")
+    resumable_run(ledger, resume, run.federation.config_hash())
 
 
 def submit(run: RunFile, resume: str | None = None) -> int:

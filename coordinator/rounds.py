@@ -25,8 +25,8 @@ from distill.models import build_student, load_numpy_state, parameter_names, sta
 from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
-from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
-from protocols.ledger import Ledger, ledger_in, read_events
+from protocols.errors import LedgerTampered, UpdateRejected
+from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import TrainInstruction
 from protocols.secagg import decode_aggregate
 
@@ -193,7 +193,6 @@ class Coordinator:
             handle.flush()
             os.fsync(handle.fileno())
 
-
     def resume(self) -> int:
         """Continue this run after a coordinator crash; returns the last round whose student is kept.
 
@@ -201,16 +200,7 @@ class Coordinator:
         Rounds the ledger holds beyond it (a crash between the record and the checkpoint) are redone; the
         ledger keeps them, and a ``run-resumed`` event says which were superseded.
         """
-        ledger_path = self.run_dir / "ledger.jsonl"
-        if not ledger_path.is_file():
-            raise ConfigError(f"cannot resume run {self.run_id}: {ledger_path} does not exist; check the run id and "
-                              "out_dir in run.toml.")
-        events = [e for e in read_events(ledger_path) if e["actor"] == "coordinator"]
-        started = next((e["payload"] for e in events if e["kind"] == "run-started"), None)
-        if started is None or started["config_hash"] != self.config_hash:
-            raise ConfigError(f"cannot resume run {self.run_id}: it started with config hash "
-                              f"{started and started['config_hash']}, but this configuration hashes to "
-                              f"{self.config_hash}; resume with the run.toml the run started with.")
+        events = resumable_run(self.run_dir / "ledger.jsonl", self.run_id, self.config_hash)
         recorded = {e["payload"]["round"]: e["payload"] for e in events if e["kind"] == "round"}
         kept = 0
         directory = next((d for d in (self.student_dir, self.student_dir.with_name(f".{self.student_dir.name}.old"))

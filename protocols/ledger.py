@@ -321,3 +321,20 @@ def ledger_in(directory: Path, actor: str, name: str = "ledger", key_path: Path 
     if not public_path.is_file():
         public_path.write_text(public_key_pem(key))
     return Ledger(directory / f"{name}.jsonl", actor, key)
+
+
+def resumable_run(path: Path, run_id: str, config_hash: str) -> list[dict[str, Any]]:
+    """The events of run ``run_id``'s ledger, if the run can be continued under ``config_hash``.
+
+    A run is continued only with the configuration it started with: the ledger's run-started event names it.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"cannot resume run {run_id}: {path} does not exist; check the run id and out_dir in "
+                          "run.toml.")
+    events = read_events(path)
+    started = next((e["payload"] for e in events if e["kind"] == "run-started"), None)
+    if started is None or started["config_hash"] != config_hash:
+        raise ConfigError(f"cannot resume run {run_id}: it started with config hash "
+                          f"{started and started['config_hash']}, but this configuration hashes to {config_hash}; "
+                          "resume with the run.toml the run started with.")
+    return events
