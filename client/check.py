@@ -19,6 +19,7 @@ import numpy as np
 
 from client.budget import PrivacyState
 from client.records import load_records
+from client.registration import CoordinatorUnreachable, node_key_registered
 from client.sitefile import SiteFile
 from distill.data import SplitData
 from distill.models import load_teacher
@@ -27,12 +28,13 @@ from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_finge
 
 TEACHER_SAMPLE = 64
 CONNECT_TIMEOUT_S = 5.0
+REGISTRATION = "node key registered"
 
 
 @dataclass(frozen=True)
 class CheckItem:
     name: str
-    ok: bool | None  # None: skipped, because a check it depends on failed
+    ok: bool | None  # None: not checked (a check it depends on failed, --offline, coordinator unreachable)
     detail: str
 
 
@@ -102,8 +104,8 @@ def _coordinator(site: SiteFile) -> str:
         raise FedistillError(f"coordinator {site.coordinator_address}: its certificate does not verify against "
                              f"{site.ca_certificate} ({err.verify_message}); check the address and the CA file.") from None
     except OSError as err:
-        raise FedistillError(f"coordinator {site.coordinator_address} is not reachable ({err}); check the address, "
-                             "the firewall, and that the coordinator is running.") from None
+        raise CoordinatorUnreachable(f"coordinator {site.coordinator_address} is not reachable ({err}); check the "
+                                     "address, the firewall, and that the coordinator is running.") from None
     not_after = ssl.cert_time_to_seconds(certificate["notAfter"])
     days = (not_after - time.time()) / 86400
     if days < EXPIRY_WARNING_DAYS:
@@ -112,13 +114,34 @@ def _coordinator(site: SiteFile) -> str:
     return f"{site.coordinator_address} answers over {version}; certificate verified, {days:.0f} days left"
 
 
+def _registration(site: SiteFile) -> CheckItem:
+    """Ask the coordinator whether it knows this site's node key, as `site start` will (client/registration.py)."""
+    public = site.node_key.with_name(site.node_key.name + ".pub")
+    try:
+        known = node_key_registered(site.coordinator_address, site.ca_certificate, site.node_key, CONNECT_TIMEOUT_S)
+    except CoordinatorUnreachable as err:
+        # Nothing was learnt about the key: neither a pass nor a failure of this check.
+        return CheckItem(REGISTRATION, None, f"not checked: coordinator unreachable ({err})")
+    except FedistillError as err:
+        return CheckItem(REGISTRATION, False, str(err))
+    if not known:
+        return CheckItem(REGISTRATION, False, (
+            f"the coordinator at {site.coordinator_address} does not know this site's node key "
+            f"({node_key_fingerprint(public)}), so `site start` would be refused. Send {public} to the consortium "
+            f"operator, who registers it with `fedistill coordinator add-site {site.name} {public.name} --dir "
+            "COORDINATOR_DIR`; then check again."))
+    return CheckItem(REGISTRATION, True, f"the coordinator knows this site's node key ({node_key_fingerprint(public)})")
+
+
 def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, list[CheckItem]]:
     items: list[CheckItem] = []
+    failures: dict[str, FedistillError] = {}
 
     def attempt(name: str, check: Callable[[], Any]) -> Any:
         try:
             result = check()
         except FedistillError as err:
+            failures[name] = err
             items.append(CheckItem(name, False, str(err)))
             return None
         detail, value = result if isinstance(result, tuple) else (result, True)
@@ -134,14 +157,22 @@ def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, 
     else:
         attempt("teacher", lambda: _teacher(site, records))
     attempt("privacy budget", lambda: _budget(site))
-    attempt("node key", lambda: _node_key(site))
+    node_key = attempt("node key", lambda: _node_key(site))
     certificate = attempt("CA certificate", lambda: _certificate(site))
     if not connect:
         items.append(CheckItem("coordinator", None, "skipped (--offline)"))
+        items.append(CheckItem(REGISTRATION, None, "skipped (--offline)"))
     elif certificate is None:
         items.append(CheckItem("coordinator", None, "skipped: the CA certificate check failed"))
+        items.append(CheckItem(REGISTRATION, None, "skipped: the CA certificate check failed"))
     else:
         attempt("coordinator", lambda: _coordinator(site))
+        if isinstance(failures.get("coordinator"), CoordinatorUnreachable):
+            items.append(CheckItem(REGISTRATION, None, "not checked: coordinator unreachable"))
+        elif node_key is None:
+            items.append(CheckItem(REGISTRATION, None, "skipped: the node key check failed"))
+        else:
+            items.append(_registration(site))
     return site, items
 
 

@@ -15,6 +15,7 @@ from client.records import RecordSchema, load_records
 from client.site import Site, create_site
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
+from protocols.fields import reject_unknown_fields
 
 SCHEMA_VERSION = 1
 SITE_FILE_NAME = "site.toml"
@@ -57,11 +58,30 @@ runtime_port = 9094              # local port of the SuperNode's runtime API (12
 """
 
 
-def _table(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    table = raw.get(name)
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: table [{name}] is missing.")
-    return table
+# Every table and field site.toml may hold. A field not listed is refused by name: a misspelt
+# `epsilon_per_run` that were ignored would leave the site with no per-run cap at all.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "site": ("name", "state_dir", "node_key"),
+    "coordinator": ("address", "ca_certificate"),
+    "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person"),
+    "teacher": ("path",),
+    "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant"),
+    "node": ("runtime_port",),
+}
+OPTIONAL_TABLES = ("node",)
+
+
+def _tables(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """Every table of site.toml, each checked for unknown fields before any value is read."""
+    reject_unknown_fields(raw, {"schema_version", *FIELDS}, where)
+    tables = {}
+    for name, fields in FIELDS.items():
+        table = raw.get(name, {} if name in OPTIONAL_TABLES else None)
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: table [{name}] is missing; `fedistill site init` writes one to copy from.")
+        reject_unknown_fields(table, fields, f"{where} [{name}]")
+        tables[name] = table
+    return tables
 
 
 def _text(table: dict[str, Any], section: str, key: str, where: str, required: bool = True) -> str:
@@ -111,9 +131,9 @@ class SiteFile:
         path = Path(path).resolve()
         where = str(path)
         raw = load_versioned_toml(path, SCHEMA_VERSION, "create one with `fedistill site init DIR --name NAME`.")
-        site, coordinator = _table(raw, "site", where), _table(raw, "coordinator", where)
-        data, teacher = _table(raw, "data", where), _table(raw, "teacher", where)
-        privacy, node = _table(raw, "privacy", where), raw.get("node", {})
+        tables = _tables(raw, where)
+        site, coordinator, data = tables["site"], tables["coordinator"], tables["data"]
+        teacher, privacy, node = tables["teacher"], tables["privacy"], tables["node"]
         base = path.parent
         address = _text(coordinator, "coordinator", "address", where)
         host, _, port = address.rpartition(":")

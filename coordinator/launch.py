@@ -20,9 +20,12 @@ import tomli_w
 from coordinator.operator import CoordinatorDir, flwr
 from protocols.config import FederationConfig, load_versioned_toml
 from protocols.errors import ConfigError, FedistillError
+from protocols.fields import reject_unknown_fields
 from protocols.ledger import resumable_run
 
 SCHEMA_VERSION = 1
+# run.toml's top-level fields; [federation] is FederationConfig's, which refuses unknown fields itself.
+RUN_FIELDS = ("schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes", "federation")
 POLL_S = 3.0
 FINISHED = "finished"
 
@@ -73,10 +76,7 @@ class RunFile:
         path = Path(path).resolve()
         where = str(path)
         raw = load_versioned_toml(path, SCHEMA_VERSION, "write one as docs/deploy.md shows.")
-        unknown = sorted(set(raw) - {"schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes",
-                                     "federation"})
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}.")
+        reject_unknown_fields(raw, RUN_FIELDS, where)
         for key in ("coordinator", "out_dir"):
             if not isinstance(raw.get(key), str) or not raw[key]:
                 raise ConfigError(f"{where}: field '{key}' must be a path (a string).")

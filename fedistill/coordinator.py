@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from fedistill.console import err_console, print_error
+from fedistill.console import make_console, print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
@@ -38,7 +37,7 @@ def init_command(
         coordinator = init_coordinator(directory, host, port, listen, organisation)
     except FedistillError as err:
         raise _fail(err) from None
-    console = Console()
+    console = make_console()
     console.print(f"coordinator directory {coordinator.path}: sites dial {coordinator.address}, listening on "
                   f"{coordinator.listen}:{coordinator.port}")
     console.print(f"send every site the CA certificate {coordinator.ca_certificate}; register each site's key with "
@@ -58,7 +57,7 @@ def add_site_command(
         entry = add_site(CoordinatorDir.load(directory), name, public_key)
     except FedistillError as err:
         raise _fail(err) from None
-    Console().print(f"registered site {name}, key {entry['fingerprint']}")
+    make_console().print(f"registered site {name}, key {entry['fingerprint']}")
 
 
 @coordinator_app.command("sites")
@@ -85,7 +84,7 @@ def start_command(directory: Path = typer.Argument(..., help="The coordinator di
     """Run the coordinator (Flower SuperLink: TLS, SuperNode authentication, no runtime installs) until stopped."""
     from coordinator.operator import CoordinatorDir, start_coordinator
 
-    console = Console()
+    console = make_console()
 
     def ready(coordinator) -> None:
         console.print(f"coordinator ready on {coordinator.listen}:{coordinator.port} (TLS), "
@@ -96,5 +95,5 @@ def start_command(directory: Path = typer.Argument(..., help="The coordinator di
     except FedistillError as err:
         raise _fail(err) from None
     if code:
-        err_console.print(f"[red]the SuperLink exited with code {code}[/red]; see {Path(directory) / 'logs'}")
+        print_error(f"see the log in {Path(directory) / 'logs'}", heading=f"the SuperLink exited with code {code}")
         raise typer.Exit(code=1)

@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from fedistill.console import print_error
+from fedistill.console import make_console, print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
@@ -23,7 +22,7 @@ def run_command(
     """Submit a run (or resume one after a coordinator crash) and report how it finished."""
     from coordinator.launch import RunFile, submit, wait_for
 
-    console = Console(stderr=output_format is OutputFormat.json)
+    console = make_console(stderr=output_format is OutputFormat.json)
     try:
         run = RunFile.load(run_file)
         flower_run_id = submit(run, resume)

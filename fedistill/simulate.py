@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedistill.console import print_error
+from fedistill.console import make_console, print_error
 from protocols.errors import FedistillError
 
 
@@ -173,7 +173,7 @@ def simulate_command(
     from compliance.render import chromium_path
     from simulations.runner import SimulationOptions, simulate, simulate_sweep
 
-    console = Console(stderr=output_format is OutputFormat.json)
+    console = make_console(stderr=output_format is OutputFormat.json)
     try:
         levels = parse_levels(epsilon) if epsilon is not None else []
         options = SimulationOptions(scenario=scenario, sites=sites, rounds=rounds, seed=seed, out=out,

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from fedistill.console import err_console, print_error
+from fedistill.console import make_console, print_error
 from fedistill.simulate import OutputFormat
 from protocols.errors import FedistillError
 
@@ -38,7 +37,7 @@ def init_command(
     except FedistillError as err:
         print_error(err)
         raise typer.Exit(code=1) from None
-    console = Console()
+    console = make_console()
     console.print(f"wrote {site_file}: fill in every FILL IN, then run [bold]fedistill site check {site_file}[/bold]")
     console.print(f"send this public key to the consortium operator ({public_key}, fingerprint "
                   f"{node_key_fingerprint(public_key)}):")
@@ -59,7 +58,8 @@ def check_command(
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
-        console = Console()
+        # Soft wrap: the details are error messages naming paths, which must stay whole.
+        console = make_console(soft_wrap=True)
         marks = {True: "[green]ok[/green]  ", False: "[red]FAIL[/red]", None: "[yellow]skip[/yellow]"}
         for item in items:
             console.print(f"{marks[item.ok]} {item.name}: {escape(item.detail)}", highlight=False)
@@ -81,7 +81,7 @@ def start_command(site_file: Path = typer.Argument(..., help="The site's site.to
     except FedistillError as err:
         print_error(err)
         raise typer.Exit(code=1) from None
-    Console().print(f"site {site.name} connects to {site.coordinator_address}; log: {log_path}")
+    make_console().print(f"site {site.name} connects to {site.coordinator_address}; log: {log_path}")
     try:
         code = daemon.wait()
     finally:
@@ -89,10 +89,10 @@ def start_command(site_file: Path = typer.Argument(..., help="The site's site.to
     if code:
         from client.node import failure_reason
 
-        err_console.print(f"[red]the SuperNode exited with code {code}[/red]: {escape(failure_reason(log_path))}\n"
-                          "If activation failed: is this site's key registered with the coordinator (`fedistill "
-                          "coordinator add-site`)? A site stopped uncleanly is released after about a minute; "
-                          f"then start it again. Log: {log_path}", highlight=False)
+        print_error(f"{failure_reason(log_path)}\nIf activation failed: is this site's key registered with the "
+                    "coordinator (`fedistill site check` asks it; the operator registers it with `fedistill coordinator "
+                    "add-site`)? A site stopped uncleanly is released after about a minute; then start it again. "
+                    f"Log: {log_path}", heading=f"the SuperNode exited with code {code}")
         raise typer.Exit(code=1)
 
 
@@ -112,7 +112,7 @@ def report_command(
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    console = Console()
+    console = make_console()
     console.print(f"site {report['site']}: unit of privacy {report['unit_of_privacy']}; ledger verified "
                   f"({report['ledger']['events']} events, {report['ledger']['checkpoints']} signed checkpoints)")
     table = Table(title="what left this site")
@@ -149,4 +149,4 @@ def evidence_command(
     except FedistillError as err:
         print_error(err)
         raise typer.Exit(code=1) from None
-    Console().print(f"copied {', '.join(p.name for p in copied)} to {out}")
+    make_console().print(f"copied {', '.join(p.name for p in copied)} to {out}")

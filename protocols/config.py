@@ -16,6 +16,7 @@ from typing import Any
 
 from protocols.canonical import digest_json
 from protocols.errors import ConfigError
+from protocols.fields import reject_unknown_fields
 from protocols.secagg import SecureAggregationSettings
 
 SCHEMA_VERSION = 1
@@ -161,9 +162,9 @@ class FederationConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "run config") -> FederationConfig:
         known = {f for f in cls.__dataclass_fields__} | {"schema_version"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}.")
+        reject_unknown_fields(raw, known, where)
+        if isinstance(raw.get("student"), Mapping):
+            reject_unknown_fields(raw["student"], ("family", "settings"), f"{where} student")
         version = raw.get("schema_version", SCHEMA_VERSION)
         _require(version == SCHEMA_VERSION, where, "schema_version", f"{SCHEMA_VERSION}", version)
         if "student" not in raw:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.operator import CoordinatorDir, flwr
 from tests.deployment import RUN_TOML, Processes, fedistill, free_port, make_site
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,8 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
         checks = json.loads(done.stdout)
         assert done.returncode == 0 and checks["ok"], done.stdout
         assert [c["name"] for c in checks["checks"] if c["ok"]] == [
-            "configuration", "data", "teacher", "privacy budget", "node key", "CA certificate", "coordinator"]
+            "configuration", "data", "teacher", "privacy budget", "node key", "CA certificate", "coordinator",
+            "node key registered"]
 
     # A site whose key the operator never registered is refused by the SuperLink.
     intruder = make_site(root, "intruder", root / "coordinator", address, 7, free_port())
@@ -72,6 +74,16 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     for name, site_file in site_files.items():
         processes.start(name, "site", "start", str(site_file), cwd=root)
         processes.wait_for_log(name, "connects to", timeout=60)
+    # Asking whether a key is registered leaves a joined site as it is (the question activates nothing).
+    coordinator_dir = CoordinatorDir.load(root / "coordinator")
+    deadline = time.monotonic() + 60
+    while not all(n["status"] == "online" for n in flwr(coordinator_dir, "supernode", "list")["nodes"]):
+        assert time.monotonic() < deadline, flwr(coordinator_dir, "supernode", "list")
+        time.sleep(2)
+    done = fedistill("site", "check", str(site_files["hospital-a"]), "--format", "json", cwd=root)
+    assert done.returncode == 0, done.stdout
+    nodes = flwr(coordinator_dir, "supernode", "list")["nodes"]
+    assert len(nodes) == len(SITES) and all(n["status"] == "online" for n in nodes), nodes
 
     # The run starts; once round 1 is on record the coordinator dies with everything it started.
     processes.start("first-launch", "run", "run.toml", "--format", "json", cwd=root)
