@@ -44,11 +44,12 @@ import opacus
 import torch
 from torch import nn
 
-from client.budget import Calibration, sample_rate
+from client.budget import sample_rate
 from client.privacy import private_distill
 from distill.data import SplitData
 from distill.models import build_student
 from distill.train import TrainSettings, distill
+from protocols.accounting import Calibration
 from protocols.config import StudentSpec
 from simulations.drug_reviews import CLASS_NAMES as DRUG_REVIEW_CLASSES
 from simulations.drug_reviews import MAX_LENGTH as DRUG_REVIEW_SEQUENCE_LENGTH

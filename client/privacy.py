@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.budget import Calibration, Spend
 from distill.data import SplitData
 from distill.losses import DistillationLoss
 from distill.models import student_forward
 from distill.train import TrainOutcome, TrainSettings, freeze_except, make_optimizer
+from protocols.accounting import Calibration, Spend
 
 log = logging.getLogger("fedistill.site.privacy")
 

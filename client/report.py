@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from client.budget import PrivacyState, SitePolicy, json_epsilon
 from client.site import Site
+from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, json_epsilon
 from protocols.ledger import read_events, verify_ledger
 
 
@@ -50,10 +50,6 @@ def site_report(state_dir: Path) -> dict[str, Any]:
                                  else json_epsilon(max(0.0, policy.epsilon_lifetime - lifetime))),
         "runs": runs,
     }
-
-
-# What an auditor needs from a site to verify a run, and nothing more: no records, no teacher, no secrets.
-EVIDENCE_FILES = ("ledger.jsonl", "ledger_key.pub.pem", "privacy.json", "policy.json", "site.json")
 
 
 def export_evidence(state_dir: Path, out: Path) -> list[Path]:

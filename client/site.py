@@ -18,8 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.budget import SitePolicy
 from distill.data import SplitData, load_splits, save_splits
+from protocols.accounting import SitePolicy
 from protocols.canonical import atomic_write_json
 from protocols.errors import ConfigError
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.budget import (Calibration, Decision, PrivacyState, SitePolicy, Spend, calibrate, decide, epsilon_of,
-                           json_epsilon, planned_spend, record_refusal, record_spend)
+from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
 from client.privacy import private_distill
 from client.site import Site
 from distill.cache import TeacherLogitCache
 from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
                             teacher_digest)
 from distill.train import TrainSettings, distill
+from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
 from protocols.errors import BudgetExhausted, UpdateRejected
 from protocols.fragments import fragment_spec_for

@@ -7,12 +7,12 @@ of run directory are reported by the same code:
   coordinator's ledger, ``student/``, ``teacher/`` and every site's whole state directory under ``sites/``;
 - a deployment's (``fedistill run``, then ``fedistill site evidence`` at every site): ``config.json`` with a
   ``deployment`` block, ``metrics.jsonl``, the coordinator's ledger, ``student/`` and, under ``sites/``, only
-  each site's evidence (:data:`client.report.EVIDENCE_FILES`). The coordinator never sees site data, so there
-  is no summary, no evaluation and no teacher: those fields say why they are not assessed.
+  each site's evidence (:data:`protocols.accounting.EVIDENCE_FILES`). The coordinator never sees site data, so
+  there is no summary, no evaluation and no teacher: those fields say why they are not assessed.
 
-Epsilons are recomputed from each site's stored spends with the site's own accountant (:mod:`client.budget`),
-and the whole run is verified with :func:`fedistill.audit.verify_run`, whose failure is reported in the report,
-never hidden.
+Epsilons are recomputed from each site's stored spends with the site's own accountant
+(:mod:`protocols.accounting`), and the whole run is verified with :func:`compliance.verify.verify_run`, whose
+failure is reported in the report, never hidden.
 
 The sections follow the outline of ``docs/report.md`` (section 0, the envelope, to 14, the verification
 appendix). Whatever the run cannot evidence (legal entities, intended use, TLS in a simulation...) is the
@@ -37,11 +37,9 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load_file
 
-from client.budget import PrivacyState, SitePolicy, epsilon_of, json_epsilon
-from client.report import EVIDENCE_FILES
+from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
-from fedistill import __version__
-from fedistill.audit import EPSILON_TOLERANCE, verify_run
+from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, epsilon_of, json_epsilon
 from protocols.canonical import digest_arrays, digest_json
 from protocols.errors import DataError, FedistillError, LedgerTampered
 from protocols.ledger import CHECKPOINT, load_public_key, read_events
@@ -312,7 +310,7 @@ def _envelope(ev: RunEvidence, generated_at: datetime) -> dict[str, Any]:
         # Filled in last: the SHA-256 of the canonical JSON of the whole report without this field.
         "report_id": None,
         "generated_at": generated_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
-        "generator": {"name": "fedistill report", "version": __version__, "git_commit": _git_commit()},
+        "generator": {"name": "fedistill report", "version": _version_of("fedistill"), "git_commit": _git_commit()},
         "subjects": _subjects(ev),
         "signatures": [_signature(ev.coordinator, "coordinator")]
                       + [_signature(site.ledger, "site") for site in ev.sites.values()],
@@ -969,7 +967,7 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
                                        f"epsilon its ledger recorded (within {EPSILON_TOLERANCE:.0%})",
                               "result": result})
     return {
-        "tool": {"name": "fedistill verify", "version": __version__},
+        "tool": {"name": "fedistill verify", "version": _version_of("fedistill")},
         "commands": [f"fedistill verify {run}", f"fedistill verify {run} --format json",
                      *(f"fedistill site report {run}/sites/{name} --format json" for name in ev.sites),
                      f"cd {run} && sha256sum <path>   # for each subject of section 0"],

@@ -19,7 +19,7 @@ def verify_command(
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Verify a run: config hash, every ledger chain and signature, cross-recorded heads, replayed epsilons."""
-    from fedistill.audit import verify_run
+    from compliance.verify import verify_run
 
     try:
         report = verify_run(run_dir)

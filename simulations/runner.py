@@ -24,19 +24,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from client.budget import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from client.site import create_site
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.evaluate import evaluate_across_sites
 from distill.models import count_parameters, load_teacher, teacher_digest
 from distill.train import predict_proba
+from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
 from simulations.engine import FaultPlan, run_federation
-from simulations.scenario import ScenarioOptions, load_scenario
+from simulations.scenario import ScenarioOptions
+from simulations.scenarios import load_scenario
 
 SCHEMA_VERSION = 1
 HEADLINE_METRIC = "roc_auc"

@@ -44,18 +44,3 @@ def validate_options(options: ScenarioOptions, available_sites: int, default_sit
     if not 0.0 < options.subsample <= 1.0:
         raise ConfigError(f"--subsample must be in (0, 1], got {options.subsample}.")
     return sites
-
-
-def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
-    if name == "hospitals":
-        from simulations.hospitals import load_hospitals
-
-        return load_hospitals(options)
-    if name == "drug-reviews":
-        from simulations.drug_reviews import load_drug_reviews
-
-        return load_drug_reviews(options)
-    raise ConfigError(f"--scenario: unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}.")
-
-
-SCENARIOS = ("hospitals", "drug-reviews")

@@ -115,14 +115,14 @@ QUICK = ("--rounds", "4", "--subsample", "0.25", "--local-steps", "10", "--seed"
 
 
 def site_privacy(summary: dict, site: str) -> tuple[dict, "PrivacyState"]:
-    from client.budget import PrivacyState
+    from protocols.accounting import PrivacyState
 
     state_dir = Path(summary["paths"]["run_dir"]) / "sites" / site
     return summary["privacy"]["sites"][site], PrivacyState.load(state_dir)
 
 
 def test_a_site_whose_cap_is_reached_mid_run_refuses_and_the_others_finish(tmp_path):
-    from client.budget import epsilon_of
+    from protocols.accounting import epsilon_of
 
     # Four sites: after one refuses, three remain, SecAgg+'s smallest cohort.
     result = run_cli("simulate", *QUICK, "--sites", "4", "--epsilon", "8", "--site-cap", "emergency-dept=6",

@@ -16,7 +16,8 @@ import torch
 from distill.models import TEACHER_MANIFEST, build_student, count_parameters, load_teacher, state_to_numpy
 from distill.train import TrainSettings, distill
 from protocols.errors import ConfigError, DataError
-from simulations.scenario import Scenario, ScenarioOptions, load_scenario
+from simulations.scenario import Scenario, ScenarioOptions
+from simulations.scenarios import load_scenario
 
 
 @pytest.fixture(scope="module")

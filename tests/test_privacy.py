@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.budget import (PrivacyState, SitePolicy, Spend, calibrate, decide, epsilon_of, planned_spend, pld_epsilon,
-                           sample_rate)
+from client.budget import calibrate, decide, planned_spend, sample_rate
 from client.site import Site, create_site
 from client.train import train_round
 from coordinator.rounds import Coordinator
+from protocols.accounting import PrivacyState, SitePolicy, Spend, epsilon_of, pld_epsilon
 from protocols.errors import BudgetExhausted, ConfigError
 from tests.helpers import TINY_BERT, federation, make_site, tabular_split, text_site
 
@@ -57,7 +57,7 @@ def test_the_accountant_survives_a_process_restart(tmp_path):
     state = PrivacyState.load(site.state_dir)
     delta = state.calibrations["run-a"].delta
     here = state.epsilon(delta, "prv")
-    script = ("import sys, json; from client.budget import PrivacyState; "
+    script = ("import sys, json; from protocols.accounting import PrivacyState; "
               f"print(json.dumps(PrivacyState.load(sys.argv[1]).epsilon({delta!r}, 'prv')))")
     fresh = subprocess.run([sys.executable, "-c", script, str(site.state_dir)], capture_output=True, text=True,
                            check=True)
@@ -148,6 +148,9 @@ def test_policy_files_are_validated_naming_the_field(tmp_path):
         SitePolicy(accountant="gdp")
     with pytest.raises(ConfigError, match="policy.json is missing"):
         SitePolicy.load(tmp_path / "nowhere")
+    (tmp_path / "policy.json").write_text(json.dumps({"schema_version": 1, "epsilon_per_rnu": 1.0}))
+    with pytest.raises(ConfigError, match="unknown field 'epsilon_per_rnu' \\(did you mean 'epsilon_per_run'\\?\\)"):
+        SitePolicy.load(tmp_path)
 
 
 def test_dp_and_hidden_alignment_are_refused_together():

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from client.budget import PrivacyState, SitePolicy, epsilon_of
-from client.report import EVIDENCE_FILES
 from compliance import render
 from compliance.render import heading, run_chromium, write_report
 from compliance.report import (NOT_ASSESSED, PROFILE_DELTAS, SECTIONS, build_report, dp_statement, file_sha256,
                                is_not_assessed, report_id)
 from fedistill.cli import app
+from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, epsilon_of
 from protocols.errors import ExternalToolError
 from protocols.ledger import read_events
 from tests.test_cli_simulate import run_cli

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedistill.audit import _verify_site_privacy
+from compliance.verify import _verify_site_privacy
 from protocols.errors import LedgerTampered
 from protocols.ledger import generate_signing_key, read_events
 from tests.test_cli_simulate import run_cli

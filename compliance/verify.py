@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.budget import PrivacyState, Spend, pld_epsilon
+from protocols.accounting import PrivacyState, Spend, pld_epsilon
 from protocols.canonical import digest_json
 from protocols.errors import LedgerTampered
 from protocols.ledger import read_events, verify_ledger

@@ -1,0 +1,24 @@
+"""The scenarios ``fedistill simulate --scenario`` can load, by name.
+
+Each scenario module is imported only when its scenario is loaded (they read data sets and build teachers).
+The scenario modules import :mod:`simulations.scenario` (the dataclasses), never this registry.
+"""
+
+from __future__ import annotations
+
+from protocols.errors import ConfigError
+from simulations.scenario import Scenario, ScenarioOptions
+
+SCENARIOS = ("hospitals", "drug-reviews")
+
+
+def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
+    if name == "hospitals":
+        from simulations.hospitals import load_hospitals
+
+        return load_hospitals(options)
+    if name == "drug-reviews":
+        from simulations.drug_reviews import load_drug_reviews
+
+        return load_drug_reviews(options)
+    raise ConfigError(f"--scenario: unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}.")
