@@ -21,12 +21,9 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from client.site import Site
 from protocols.errors import BudgetExhausted
-from protocols.messages import TrainInstruction
+from protocols.messages import PUBLIC_PRIVACY_FIELDS, TrainInstruction
 
 SiteResolver = Callable[[Context], Path]
-# What a site reports in the clear under SecAgg+: its own epsilon, never its sampling rate, noise
-# multiplier or delta, from which its record count could be read (its own state keeps them all).
-PUBLIC_PRIVACY_FIELDS = ("epsilon-run", "epsilon-lifetime", "accountant", "steps", "ledger-seq", "ledger-hash")
 
 
 def state_dir_from_node_config(context: Context) -> Path:
@@ -42,10 +39,10 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
-def _refusal(site: Site, refusal: BudgetExhausted) -> RecordDict:
+def _refusal(site: Site, refusal: BudgetExhausted, instruction: TrainInstruction) -> RecordDict:
     return RecordDict({"refusal": ConfigRecord({"reason": str(refusal), **{
         key.replace("_", "-"): value for key, value in refusal.details.items() if value is not None}}),
-        "site": ConfigRecord({"name": site.name})})
+        "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(instruction.binding())})
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable) -> Message:
@@ -63,7 +60,8 @@ def _secure_train(site: Site, msg: Message) -> RecordDict:
     instruction = TrainInstruction.from_config(json.loads(str(fit_ins.config["instruction"])))
     encoded, update = secure_train_round(site, instruction, parameters_to_ndarrays(fit_ins.parameters))
     report = {key: value for key, value in update.privacy.items() if key in PUBLIC_PRIVACY_FIELDS}
-    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(encoded.vectors), 1, {"site": site.name, **report})
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(encoded.vectors), 1,
+                    {"site": site.name, **instruction.binding(), **report})
     return fitres_to_recorddict(result, keep_input=False)
 
 
@@ -81,9 +79,10 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
         try:
             check_budget(site, instruction, len(site.splits()["train"]))
         except BudgetExhausted as refusal:
-            return Message(_refusal(site, refusal), reply_to=msg)
+            return Message(_refusal(site, refusal, instruction), reply_to=msg)
         return Message(RecordDict({"accept": ConfigRecord({"round": instruction.server_round}),
-                                   "site": ConfigRecord({"name": site.name})}), reply_to=msg)
+                                   "site": ConfigRecord({"name": site.name}),
+                                   "binding": ConfigRecord(instruction.binding())}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -96,13 +95,14 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
         try:
             update = plain_train_round(site, instruction, from_array_record(msg.content["arrays"]))
         except BudgetExhausted as refusal:
-            return Message(_refusal(site, refusal), reply_to=msg)
+            return Message(_refusal(site, refusal, instruction), reply_to=msg)
         return Message(RecordDict({
             "arrays": to_array_record(update.arrays),
             "metrics": MetricRecord({"num-examples": update.num_examples, "train-loss": update.train_loss,
                                      "steps": update.steps}),
             "privacy": ConfigRecord(update.privacy),
             "site": ConfigRecord({"name": site.name}),
+            "binding": ConfigRecord(instruction.binding()),
         }), reply_to=msg)
 
     return app

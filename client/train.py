@@ -21,10 +21,10 @@ from distill.models import (build_student, load_numpy_state, load_teacher, param
 from distill.train import TrainSettings, distill
 from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
-from protocols.errors import BudgetExhausted, UpdateRejected
+from protocols.errors import BudgetExhausted, ConfigError, UpdateRejected
 from protocols.fragments import fragment_spec_for
-from protocols.ledger import Ledger, ledger_in
-from protocols.messages import TrainInstruction, check_fragment_update, check_tensors
+from protocols.ledger import Ledger, key_fingerprint, ledger_in, read_events, verify_signature
+from protocols.messages import TrainInstruction, check_fragment_update, check_tensors, clip_fragment_changes
 from protocols.secagg import EncodedUpdate, encode_update
 
 log = logging.getLogger("fedistill.site")
@@ -38,6 +38,10 @@ class SiteUpdate:
     train_loss: float
     steps: int
     privacy: dict[str, float | int | str]
+    # Fragments whose change the site scaled down to the run's max_update_norm before sending.
+    norm_clipped: tuple[str, ...]
+    # The coordinator's signed checkpoint that came with the instruction (check_anchor), recorded with the update.
+    anchor: dict[str, int | str]
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class BudgetCheck:
     calibration: Calibration | None
     spend: Spend
     decision: Decision
+    anchor: dict[str, int | str]
 
 
 def derived_seed(*parts: object) -> int:
@@ -62,36 +67,81 @@ def _alignment_projection(site: Site, student_dim: int, teacher_dim: int) -> tor
     return projection
 
 
+def _run_history(site: Site, run_id: str) -> tuple[dict | None, int]:
+    """This run's run-accepted payload in the site's own ledger (None before), and the last anchor seq recorded."""
+    path = site.state_dir / "ledger.jsonl"
+    accepted, last_anchor = None, -1
+    for event in read_events(path) if path.is_file() else []:
+        payload = event["payload"]
+        if payload.get("run_id") != run_id:
+            continue
+        if event["kind"] == "run-accepted":
+            accepted = payload
+        if "coordinator_anchor" in payload:
+            last_anchor = max(last_anchor, int(payload["coordinator_anchor"]["seq"]))
+    return accepted, last_anchor
+
+
+def check_anchor(site: Site, instruction: TrainInstruction, pinned: str | None, last_seq: int) -> dict[str, int | str]:
+    """The coordinator's signed checkpoint this instruction carries: its key must be the one the site pinned when it
+    accepted the run, its signature must verify, and it may not go back before one the site recorded already.
+    Returns what the site records of it, so that the coordinator's ledger cannot later be cut back or re-signed."""
+    what = f"site {site.name}, round {instruction.server_round} of run {instruction.run_id}"
+    anchor = instruction.anchor
+    if anchor is None:
+        raise UpdateRejected(f"{what}: the instruction carries no signed coordinator checkpoint; nothing is trained "
+                             "for a coordinator whose ledger the site cannot anchor.")
+    try:
+        fingerprint = key_fingerprint(anchor.public_key)
+    except ConfigError as err:
+        raise UpdateRejected(f"{what}: the coordinator's key is unusable ({err}).") from None
+    if pinned is not None and fingerprint != pinned:
+        raise UpdateRejected(f"{what}: the coordinator's ledger key is {fingerprint}, not {pinned}, the key this site "
+                             "pinned when it accepted the run. Ask the consortium operator why the key changed.")
+    if not verify_signature(anchor.public_key, anchor.hash, anchor.signature):
+        raise UpdateRejected(f"{what}: the coordinator's checkpoint signature does not verify.")
+    if anchor.seq < last_seq:
+        raise UpdateRejected(f"{what}: the coordinator's checkpoint is at seq {anchor.seq}, before seq {last_seq} "
+                             "that this site recorded already; the coordinator's ledger went back.")
+    return {"seq": anchor.seq, "hash": anchor.hash, "signature": anchor.signature, "key_fingerprint": fingerprint}
+
+
 def check_budget(site: Site, instruction: TrainInstruction, records: int) -> BudgetCheck:
     """The site's decision on a round, before any training: calibrates sigma on the run's first round.
 
+    The first instruction of a run is recorded as ``run-accepted``, with the calibration and the fingerprint of the
+    coordinator's ledger key, which every later instruction's checkpoint must be signed with (:func:`check_anchor`).
     A refusal is recorded in the site's state and raised as :class:`BudgetExhausted` carrying the decision.
     """
     policy = SitePolicy.load(site.state_dir)
     state = PrivacyState.load(site.state_dir)
     delta = policy.delta_for(records, instruction.target_delta)
-    calibration = None
-    if instruction.private:
-        calibration = state.calibrations.get(instruction.run_id)
-        if calibration is None:
-            calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
-                                    instruction.batch_size, instruction.total_rounds * instruction.local_steps,
-                                    instruction.max_grad_norm, policy.accountant)
-            state.calibrations[instruction.run_id] = calibration
-            state.save(site.state_dir)
-            site_ledger(site).append("run-accepted", {"run_id": instruction.run_id,
-                                                      "config_hash": instruction.config_hash,
-                                                      "policy": policy.to_dict(), "calibration": asdict(calibration)})
+    accepted, last_anchor = _run_history(site, instruction.run_id)
+    anchor = check_anchor(site, instruction, accepted and accepted["coordinator_key_fingerprint"], last_anchor)
+    calibration = state.calibrations.get(instruction.run_id) if instruction.private else None
+    if instruction.private and calibration is None:
+        calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
+                                instruction.batch_size, instruction.total_rounds * instruction.local_steps,
+                                instruction.max_grad_norm, policy.accountant)
+        state.calibrations[instruction.run_id] = calibration
+        state.save(site.state_dir)
+    if accepted is None:
+        site_ledger(site).append("run-accepted", {
+            "run_id": instruction.run_id, "config_hash": instruction.config_hash, "policy": policy.to_dict(),
+            "calibration": asdict(calibration) if calibration else None,
+            "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor})
+    if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
     decision = decide(policy, state, spend, delta)
     if not decision.accept:
         if record_refusal(site.state_dir, state, site.name, instruction.run_id, instruction.server_round, decision):
             site_ledger(site).append("refusal", {"run_id": instruction.run_id, "round": instruction.server_round,
-                                                 "config_hash": instruction.config_hash, **decision.to_dict()})
+                                                 "config_hash": instruction.config_hash,
+                                                 "coordinator_anchor": anchor, **decision.to_dict()})
         raise BudgetExhausted(f"site {site.name} refuses round {instruction.server_round}: {decision.reason}.",
                               decision.to_dict())
-    return BudgetCheck(policy, state, calibration, spend, decision)
+    return BudgetCheck(policy, state, calibration, spend, decision, anchor)
 
 
 def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | str]:
@@ -112,8 +162,8 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     check = check_budget(site, instruction, len(splits["train"]))
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
     student = build_student(instruction.student)
-    expected = {name: tuple(t.shape) for name, t in student.state_dict().items()}
-    check_tensors(global_state, expected, f"round {instruction.server_round} global student received by {site.name}")
+    check_tensors(global_state, state_to_numpy(student),
+                  f"round {instruction.server_round} global student received by {site.name}")
     spec = fragment_spec_for(instruction.student.family, parameter_names(student))
     trainable = spec.parameters_of_all(instruction.fragments)
     load_numpy_state(student, global_state)
@@ -145,11 +195,17 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
         atomic_write_bytes(site.state_dir / "alignment.pt", buffer.getvalue())
 
     state = state_to_numpy(student)
-    update = {name: state[name] for name in trainable}
+    # Post-processing of the DP model: no privacy cost. The coordinator rejects any change beyond the bound.
+    update, clipped = clip_fragment_changes({name: state[name] for name in trainable}, global_state, spec,
+                                            instruction.fragments, instruction.max_update_norm)
+    if clipped:
+        log.info("site %s, round %d: change of fragment(s) %s scaled down to max_update_norm=%g", site.name,
+                 instruction.server_round, ", ".join(clipped), instruction.max_update_norm)
     # The site checks its own update before anything leaves it.
-    check_fragment_update(update, spec, instruction.fragments, expected, f"{site.name}'s own update")
+    check_fragment_update(update, spec, instruction.fragments, global_state, f"{site.name}'s own update")
     record_spend(site.state_dir, check.state, spend)
-    return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend))
+    return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend),
+                      clipped, check.anchor)
 
 
 def site_ledger(site: Site) -> Ledger:
@@ -172,6 +228,7 @@ def record_update_sent(site: Site, instruction: TrainInstruction, payload_kind: 
         "bytes": int(sum(value.nbytes for value in payload.values())), "digest": digest_arrays(payload),
         "dp": {key: update.privacy[key] for key in ("noise-multiplier", "sample-rate", "steps", "empty-batches",
                                                     "max-grad-norm", "delta", "accountant")},
+        "norm_clipped": list(update.norm_clipped), "coordinator_anchor": update.anchor,
         "epsilon_run": update.privacy["epsilon-run"], "epsilon_lifetime": update.privacy["epsilon-lifetime"]})
     ledger.checkpoint({"run_id": instruction.run_id, "round": instruction.server_round})
     seq, head = ledger.head

@@ -261,10 +261,42 @@ def _data_inventory(section: dict[str, Any], report: dict[str, Any]) -> str:
     return "".join(out) + "<h3>Provenance</h3>" + kv_table(section, ["provenance", "never_in_report"])
 
 
+def _wire_bytes(wire: dict[str, Any] | str | None) -> str:
+    """A site's bytes on the wire (its transfer events): per stage, and per round with each stage's in and out."""
+    if wire is None:
+        return ""
+    if isinstance(wire, str):
+        return f"<p>Bytes on the wire: {_e(wire)}.</p>"
+    stages = [row["stage"] for row in wire["per_stage"]]
+    rows = []
+    for summary in wire["per_round"]:
+        row: dict[str, Any] = {"round": summary["round"]}
+        for cell in (c for c in wire["per_round_stage"] if c["round"] == summary["round"]):
+            row[f"{cell['stage']} in"], row[f"{cell['stage']} out"] = cell["bytes_in"], cell["bytes_out"]
+        rows.append({**row, "total in": summary["bytes_in"], "total out": summary["bytes_out"],
+                     "payload bytes": summary["payload_bytes"]})
+    columns = ["round", *(f"{stage} {d}" for stage in stages for d in ("in", "out")), "total in", "total out",
+               "payload bytes"]
+    notes = "".join(f"; {fmt(wire[key])} {label}" for key, label in (("errors", "error reply(ies)"),
+                                                                       ("unmeasured", "size(s) not measured"))
+                    if wire[key])
+    return (f"<p>Bytes on the wire: {fmt(wire['total_bytes_in'])} in, {fmt(wire['total_bytes_out'])} out, of which "
+            f"{fmt(wire['total_payload_bytes'])} payload (update-sent){notes}.</p>"
+            + table(wire["per_stage"], ["stage", "messages", "bytes_in", "bytes_out", "errors"])
+            + table(rows, columns))
+
+
 def _data_flows(section: dict[str, Any], report: dict[str, Any]) -> str:
-    out = [kv_table(section, ["recipient", "came_back", "never_leaves", "clear_metadata", "necessity_rationale"]),
+    out = [kv_table(section, ["recipient", "came_back", "never_leaves", "clear_metadata", "wire_bytes_counted",
+                              "necessity_rationale"]),
            stacked_bars("Bytes sent per round, by site", section["rounds"], section["bytes_per_round"], "round",
                         "bytes")]
+    wire = section.get("wire_bytes_per_round") or {}
+    if wire.get("out"):
+        out += [stacked_bars("Bytes on the wire per round, by site: sent (every stage)", section["rounds"], wire["out"],
+                             "round", "bytes"),
+                stacked_bars("Bytes on the wire per round, by site: received (every stage)", section["rounds"],
+                             wire["in"], "round", "bytes")]
     for site, flows in section["sites"].items():
         out.append(f"<h3>{_e(site)}: what left the site (from {_e(flows['ledger'])})</h3>")
         if flows["ledger_error"]:
@@ -277,6 +309,7 @@ def _data_flows(section: dict[str, Any], report: dict[str, Any]) -> str:
         out.append(table(flows["updates"], ["round", "seq", "time", "payload_kind", "bytes", "digest"]))
         if flows["refusals"]:
             out.append(table(flows["refusals"]))
+        out.append(_wire_bytes(flows.get("wire")))
     return "".join(out)
 
 
@@ -311,11 +344,13 @@ def _privacy(section: dict[str, Any], report: dict[str, Any]) -> str:
 def _secure_aggregation(section: dict[str, Any], report: dict[str, Any]) -> str:
     rows = [{**r, "participants": len(r["participants"]),
              "failures": ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or None,
-             "refusals": ", ".join(r["refusals"]) or None} for r in section["per_round"]]
+             "refusals": ", ".join(r["refusals"]) or None,
+             "rejected": ", ".join(f"{k}: {v}" for k, v in r.get("rejected", {}).items()) or None}
+            for r in section["per_round"]]
     return (kv_table(section, ["enabled", "protocol", "parameters", "clipped_values", "transport", "caveat"])
             + "<h3>Per round</h3>"
             + table(rows, ["round", "status", "aggregation", "participants", "min_cohort_met", "failures",
-                           "refusals", "aggregate_rejected", "reason", "quantization_error_bound"]))
+                           "refusals", "rejected", "aggregate_rejected", "reason", "quantization_error_bound"]))
 
 
 def _audit_trail(section: dict[str, Any], report: dict[str, Any]) -> str:

@@ -207,7 +207,8 @@ def _deployed_sites(run_dir: Path, metrics: list[dict[str, Any]]) -> list[str]:
     evidence missing, not left out."""
     sites_dir = run_dir / "sites"
     handed_over = {p.name for p in sites_dir.iterdir() if p.is_dir()} if sites_dir.is_dir() else set()
-    recorded = {site for r in metrics for key in ("participants", "refusals", "failures") for site in r.get(key) or ()}
+    recorded = {site for r in metrics for key in ("participants", "refusals", "failures", "rejected")
+                for site in r.get(key) or ()}
     return sorted(handed_over | recorded)
 
 
@@ -423,12 +424,56 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
     rounds = list(range(1, int(ev.federation["rounds"]) + 1))
     sites: dict[str, Any] = {}
     bytes_per_round: dict[str, list[int]] = {}
+    # Bytes on the wire (client/traffic.py): one "transfer" event per message a site answered, sizes only.
+    stages = ("query", "train", "setup", "share-keys", "collect-masked-vectors", "unmask")
+    wire_per_round: dict[str, dict[str, list[int]]] = {"in": {}, "out": {}}
     for name, site in ev.sites.items():
         updates = [{"round": e["payload"]["round"], "seq": e["seq"], "time": e["time"],
                     "payload_kind": e["payload"]["payload_kind"], "tensors": e["payload"]["tensors"],
                     "bytes": e["payload"]["bytes"], "digest": e["payload"]["digest"]}
                    for e in site.ledger.of_run(ev.run_id, "update-sent")]
         layouts = {json.dumps(u["tensors"], sort_keys=True) for u in updates}
+        sent = {u["round"]: u["bytes"] for u in updates}
+        cells: dict[tuple[Any, str], dict[str, Any]] = {}
+        for event in site.ledger.of_run(ev.run_id, "transfer"):
+            payload = event["payload"]
+            cell = cells.setdefault((payload.get("round"), str(payload.get("stage"))), {
+                "round": payload.get("round"), "stage": str(payload.get("stage")), "messages": 0, "bytes_in": 0,
+                "bytes_out": 0, "errors": 0, "unmeasured": 0})
+            cell["messages"] += 1
+            cell["errors"] += int(bool(payload.get("error")))
+            for key in ("bytes_in", "bytes_out"):
+                if isinstance(payload.get(key), int):
+                    cell[key] += payload[key]
+                else:
+                    cell["unmeasured"] += 1
+        order = {stage: index for index, stage in enumerate(stages)}
+        per_round_stage = sorted(cells.values(), key=lambda c: (c["round"] if isinstance(c["round"], int) else -1,
+                                                                order.get(c["stage"], len(stages)), c["stage"]))
+        for cell in per_round_stage:
+            # The update leaves in the plain train reply or in SecAgg+'s collect stage: its payload bytes beside.
+            carries_update = cell["stage"] in ("train", "collect-masked-vectors")
+            cell["payload_bytes"] = sent.get(cell["round"]) if carries_update else None
+        if per_round_stage:
+            stage_names = sorted({c["stage"] for c in per_round_stage}, key=lambda s: (order.get(s, len(stages)), s))
+            per_stage = [{"stage": stage, **{key: sum(c[key] for c in per_round_stage if c["stage"] == stage)
+                                             for key in ("messages", "bytes_in", "bytes_out", "errors")}}
+                         for stage in stage_names]
+            per_round = [{"round": r, **{key: sum(c[key] for c in per_round_stage if c["round"] == r)
+                                         for key in ("messages", "bytes_in", "bytes_out")},
+                          "payload_bytes": sent.get(r, 0)} for r in rounds]
+            wire: dict[str, Any] | str = {
+                "per_round_stage": per_round_stage, "per_stage": per_stage, "per_round": per_round,
+                "total_bytes_in": sum(c["bytes_in"] for c in per_round_stage),
+                "total_bytes_out": sum(c["bytes_out"] for c in per_round_stage),
+                "total_payload_bytes": sum(u["bytes"] for u in updates),
+                "errors": sum(c["errors"] for c in per_round_stage),
+                "unmeasured": sum(c["unmeasured"] for c in per_round_stage)}
+            for direction in ("in", "out"):
+                wire_per_round[direction][name] = [row[f"bytes_{direction}"] for row in per_round]
+        else:
+            wire = ("not recorded: the site's ledger has no transfer events for this run (they are written by "
+                    "client.traffic.traffic_mod; older runs have none)")
         sites[name] = {
             "ledger": str(site.ledger.path.relative_to(ev.run_dir)),
             "ledger_error": site.ledger.error,
@@ -438,12 +483,18 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
             # Every update of a run has one tensor layout (SecAgg+ needs it); listed once when it holds.
             "tensor_layout": updates[0]["tensors"] if len(layouts) == 1 else None,
             "total_bytes": sum(u["bytes"] for u in updates),
+            "wire": wire,
         }
-        sent = {u["round"]: u["bytes"] for u in updates}
         bytes_per_round[name] = [sent.get(r, 0) for r in rounds]
     secure = bool(ev.federation.get("secure_aggregation"))
     return {
         "sites": sites, "rounds": rounds, "bytes_per_round": bytes_per_round,
+        "wire_bytes_per_round": wire_per_round,
+        "wire_bytes_counted": "per message, as Flower's Fleet API carries it: the header and object tree, and every "
+                              "distinct object's content (arrays, SecAgg+ public keys, encrypted shares, masked "
+                              "vectors, unmasking shares, node ids, the instruction, metadata); not counted: the "
+                              "per-request envelope (about 80 B per object), HTTP/2 or gRPC framing, TLS, "
+                              "heartbeats, and messages a site never answered",
         "recipient": "the coordinator" + (" (only the SecAgg+ sum of the masked vectors)" if secure else ""),
         "came_back": "each round every accepting site receives the whole global student and the round's instruction "
                      "(plan, temperature, steps, run id, config hash)",
@@ -623,7 +674,8 @@ def _secure_aggregation(ev: RunEvidence) -> dict[str, Any]:
         },
         "per_round": [{"round": r["round"], "status": r["status"], "aggregation": r.get("aggregation"),
                        "participants": r.get("participants", []), "failures": r.get("failures", {}),
-                       "refusals": r.get("refusals", {}), "aggregate_rejected": r.get("aggregate_rejected"),
+                       "refusals": r.get("refusals", {}), "rejected": r.get("rejected", {}),
+                       "aggregate_rejected": r.get("aggregate_rejected"),
                        "reason": r.get("reason"),
                        "min_cohort_met": len(r.get("participants", [])) >= f.get("min_cohort", 0) if enabled else None,
                        "quantization_error_bound": r.get("quantization_error_bound")} for r in ev.metrics],

@@ -7,12 +7,13 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.aggregate import SiteReply
+from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
 from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_json
@@ -34,32 +35,55 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _unpack_reply(msg: Message) -> SiteReply:
-    metrics = msg.content["metrics"]
-    return SiteReply(site=str(msg.content["site"]["name"]),
-                     arrays={name: a.numpy() for name, a in msg.content["arrays"].items()},
-                     num_examples=int(metrics["num-examples"]), train_loss=float(metrics["train-loss"]),
-                     privacy=dict(msg.content["privacy"]))
+def _reply_of(msg: Message) -> SiteReply:
+    """A plain training reply as plain Python; any exception here is that reply's rejection (screened later)."""
+    content = msg.content
+    metrics = content["metrics"]
+    return SiteReply(site=content["site"]["name"],
+                     arrays={name: a.numpy() for name, a in content["arrays"].items()},
+                     num_examples=metrics["num-examples"], train_loss=metrics["train-loss"],
+                     privacy=dict(content["privacy"]), binding=dict(content["binding"]), source=_source(msg))
+
+
+def _answer_of(msg: Message) -> QueryAnswer:
+    content = msg.content
+    kind = "refusal" if "refusal" in content else "accept" if "accept" in content else "unknown"
+    return QueryAnswer(source=_source(msg), site=content["site"]["name"], kind=kind, binding=dict(content["binding"]),
+                       reason=content["refusal"]["reason"] if kind == "refusal" else "")
+
+
+def _source(msg: Message) -> str:
+    return f"node-{msg.metadata.src_node_id}"
 
 
 def _exchange(grid: Grid, node_ids: list[int], content: RecordDict, message_type: str, server_round: int,
-              timeout: float) -> tuple[dict[int, Message], dict[str, str], dict[str, str]]:
-    """Send one message per node; returns (replies by node, refusals by site, failures by node)."""
+              timeout: float) -> tuple[list[Message], dict[str, str]]:
+    """Send one message per node; returns (the replies that are not errors, failures by node)."""
     messages = [Message(RecordDict(dict(content.items())), message_type=message_type, dst_node_id=node_id,
                         group_id=str(server_round)) for node_id in node_ids]
-    replies, refusals, failures = {}, {}, {}
+    replies, failures = [], {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
         if reply.has_error():
-            failures[f"node-{node}"] = reply.error.reason
-            log.warning("round %d: node-%d failed: %s", server_round, node, reply.error.reason)
-        elif "refusal" in reply.content:
-            site = str(reply.content["site"]["name"])
-            refusals[site] = str(reply.content["refusal"]["reason"])
-            log.warning("round %d: %s refused: %s", server_round, site, refusals[site])
+            failures[_source(reply)] = safe_text(reply.error.reason)
+            log.warning("round %d: %s failed: %s", server_round, _source(reply), failures[_source(reply)])
         else:
-            replies[node] = reply
-    return replies, refusals, failures
+            replies.append(reply)
+    return replies, failures
+
+
+def _decoded(replies: list[Message], decode: Callable[[Message], Any], server_round: int
+             ) -> tuple[list[Any], dict[str, str]]:
+    """Decode each reply on its own: one that cannot be read is rejected by its node, the others go on."""
+    decoded, rejected = [], {}
+    for reply in replies:
+        try:
+            decoded.append(decode(reply))
+        except Exception as err:  # a hostile or broken reply of any shape must not end the round
+            rejected[_source(reply)] = safe_text(f"round {server_round}: the reply could not be read "
+                                                 f"({type(err).__name__}: {err})")
+            log.warning("round %d: rejected the reply of %s: %s", server_round, _source(reply),
+                        rejected[_source(reply)])
+    return decoded, rejected
 
 
 def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes: int,
@@ -67,7 +91,8 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
     """Each round: ask every site whether it will train (its budget decides), then train those that accept.
 
     With secure aggregation (the default) the training goes through Flower's SecAgg+; otherwise each
-    site's update arrives on its own and is validated before the average.
+    site's update arrives on its own and is screened before the average. The run ends with a signed
+    run-finished event.
     """
     fewest = coordinator.config.fewest_sites_per_round
     if coordinator.config.secure_aggregation and min_nodes < coordinator.config.min_cohort:
@@ -78,25 +103,48 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
         node_ids = wait_for_nodes(grid, min_nodes, timeout)
         instruction = coordinator.instruction(server_round)
         config = ConfigRecord(instruction.to_config())
-        accepted, refusals, failures = _exchange(grid, node_ids, RecordDict({"config": config}), MessageType.QUERY,
-                                                 server_round, timeout)
+        answers, failures = _exchange(grid, node_ids, RecordDict({"config": config}), MessageType.QUERY,
+                                      server_round, timeout)
+        answers, unreadable = _decoded(answers, _answer_of, server_round)
+        accepted, refusals, rejected = screen_query_answers(answers, instruction)
+        rejected |= unreadable
         if len(accepted) < fewest:
-            coordinator.stop(server_round, refusals, failures, started)
+            coordinator.stop(server_round, refusals, failures, started, rejected)
             log.warning("round %d: only %d site(s) accepted, %d needed; the run ends here", server_round,
                         len(accepted), fewest)
-            return
+            break
+        nodes = sorted(int(source.removeprefix("node-")) for source in accepted)
         if coordinator.config.secure_aggregation:
-            outcome = run_secure_round(grid, context, sorted(accepted), instruction, coordinator.state,
-                                       coordinator.config, timeout)
+            node_sites = {int(source.removeprefix("node-")): site for source, site in accepted.items()}
+            outcome = run_secure_round(grid, context, nodes, node_sites, instruction, coordinator.state,
+                                       coordinator.config, list(coordinator.spec.parameters_of_all(instruction.fragments)),
+                                       coordinator.reported_ledger_seqs, timeout)
             coordinator.complete_secure_round(server_round, outcome.vectors, outcome.participants, outcome.privacy,
-                                              failures | outcome.failures, refusals, started)
+                                              failures | outcome.failures, refusals, started,
+                                              rejected | outcome.rejected, outcome.halted)
             continue
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
-        trained, late_refusals, train_failures = _exchange(
-            grid, sorted(accepted), RecordDict({"arrays": arrays, "config": config}), MessageType.TRAIN,
-            server_round, timeout)
-        coordinator.complete_round(server_round, [_unpack_reply(r) for r in trained.values()],
-                                   failures | train_failures, started, refusals | late_refusals)
+        trained, train_failures = _exchange(grid, nodes, RecordDict({"arrays": arrays, "config": config}),
+                                            MessageType.TRAIN, server_round, timeout)
+        late_answers, trained = _split_refusals(trained)
+        late_answers, late_unreadable = _decoded(late_answers, _answer_of, server_round)
+        _, late_refusals, late_rejected = screen_query_answers(late_answers, instruction)
+        replies, unreadable = _decoded(trained, _reply_of, server_round)
+        coordinator.complete_round(server_round, replies, failures | train_failures, started,
+                                   refusals | late_refusals, rejected | late_unreadable | late_rejected | unreadable,
+                                   expected_sites=accepted)
+    coordinator.finish()
+
+
+def _split_refusals(replies: list[Message]) -> tuple[list[Message], list[Message]]:
+    """(late refusals, training replies): a site may still refuse when the training message arrives."""
+    def is_refusal(reply: Message) -> bool:
+        try:
+            return "refusal" in reply.content
+        except Exception:  # unreadable content: the training decoder rejects it by name
+            return False
+
+    return [r for r in replies if is_refusal(r)], [r for r in replies if not is_refusal(r)]
 
 
 def build_server_app(make_coordinator: CoordinatorFactory) -> ServerApp:

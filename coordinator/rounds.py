@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from coordinator.aggregate import SiteReply, aggregate_fragments, check_aggregate
+from coordinator.aggregate import aggregate_fragments, check_aggregate
+from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
 from distill.losses import temperature_at
 from distill.models import build_student, load_numpy_state, parameter_names, state_to_numpy
@@ -27,7 +29,7 @@ from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
-from protocols.messages import TrainInstruction
+from protocols.messages import CoordinatorAnchor, TrainInstruction
 from protocols.secagg import decode_aggregate
 
 SCHEMA_VERSION = 1
@@ -52,6 +54,8 @@ class Coordinator:
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
         self._ledger: Ledger | None = None
+        # One instruction per round and process: its nonce binds the replies to this very request.
+        self._instructions: dict[int, TrainInstruction] = {}
 
     @property
     def ledger(self) -> Ledger:
@@ -63,6 +67,8 @@ class Coordinator:
                                                     "config": self.config.to_dict(),
                                                     "code_version": version("fedistill")}
                                     | ({"transport": self.transport} if self.transport else {}))
+                # Signed at once, so that the first instruction already carries a checkpoint the sites record.
+                self._ledger.checkpoint({"run_id": self.run_id, "after": "run-started"})
         return self._ledger
 
     @property
@@ -74,6 +80,18 @@ class Coordinator:
         return self.run_dir / "student"
 
     def instruction(self, server_round: int) -> TrainInstruction:
+        """What every site is asked in ``server_round``, with a fresh nonce and the latest signed ledger checkpoint."""
+        if server_round not in self._instructions:
+            self._instructions[server_round] = self._new_instruction(server_round)
+        return self._instructions[server_round]
+
+    def _anchor(self) -> CoordinatorAnchor:
+        checkpoint = self.ledger.last_checkpoint
+        assert checkpoint is not None, "the run ledger is checkpointed right after run-started"
+        return CoordinatorAnchor(checkpoint["signed_seq"], checkpoint["signed_hash"], checkpoint["signature"],
+                                 self.ledger.public_key_pem)
+
+    def _new_instruction(self, server_round: int) -> TrainInstruction:
         c = self.config
         return TrainInstruction(
             server_round=server_round, total_rounds=c.rounds,
@@ -85,45 +103,66 @@ class Coordinator:
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
             config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
             target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
-            secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale)
+            secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
+            max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor())
+
+    @property
+    def reported_ledger_seqs(self) -> dict[str, int]:
+        """The latest ledger head each site reported with an accepted update: its next one must be later."""
+        seqs: dict[str, int] = {}
+        for record in self.records:
+            for site, report in record.get("privacy", {}).items():
+                seqs[site] = max(seqs.get(site, -1), int(report["ledger-seq"]))
+        return seqs
 
     def complete_round(self, server_round: int, replies: Sequence[SiteReply], failures: dict[str, str],
-                       started: float, refusals: dict[str, str] | None = None) -> dict[str, Any]:
-        """Plain aggregation: validate every reply, average, validate the aggregate, then apply it."""
+                       started: float, refusals: dict[str, str] | None = None, rejected: dict[str, str] | None = None,
+                       expected_sites: dict[str, str] | None = None) -> dict[str, Any]:
+        """Plain aggregation: screen every reply, average the accepted ones, check the aggregate, then apply it.
+
+        ``rejected`` holds replies the transport could not even decode; ``expected_sites`` maps each source (node)
+        to the site it answered as in this round's query.
+        """
         instruction = self.instruction(server_round)
-        result = aggregate_fragments(self.state, self.spec, instruction.fragments, replies, server_round,
+        screened = screen_replies(replies, instruction, self.state, self.spec, self.reported_ledger_seqs,
+                                  expected_sites)
+        result = aggregate_fragments(self.state, self.spec, instruction.fragments, screened.accepted, server_round,
                                      self.config.max_update_norm)
-        accepted = [r for r in replies if r.site in result.accepted]
+        accepted = [r for r in screened.accepted if r.site in result.accepted]
         weights = np.array([r.num_examples for r in accepted], dtype=np.float64)
         loss = float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None
         return self._apply(server_round, result.state if accepted else None, sorted(result.accepted), loss,
-                           {"aggregation": "plain", "rejected": result.rejected,
+                           {"aggregation": "plain", "rejected": (rejected or {}) | screened.rejected,
                             "aggregate_rejected": result.aggregate_rejected, "failures": failures,
                             "refusals": refusals or {}, "privacy": {r.site: r.privacy for r in accepted}}, started)
 
     def complete_secure_round(self, server_round: int, vectors: Sequence[np.ndarray] | None, participants: list[str],
                               privacy: dict[str, dict[str, Any]], failures: dict[str, str], refusals: dict[str, str],
-                              started: float) -> dict[str, Any]:
+                              started: float, rejected: dict[str, str] | None = None,
+                              halted: str | None = None) -> dict[str, Any]:
         """SecAgg+: only the mean of the sites' masked vectors arrives; it is decoded and validated, then applied.
 
-        ``vectors`` is None when Flower halted the protocol (too few live sites): the round is recorded as failed.
+        ``privacy`` holds the screened clear metadata of the sites whose vectors were summed (coordinator.replies);
+        ``rejected`` the sites dropped from the sum before unmasking. ``vectors`` is None when the protocol did not
+        complete (``halted`` says why): the round is recorded as failed.
         """
         instruction = self.instruction(server_round)
         names = self.spec.parameters_of_all(instruction.fragments)
-        details: dict[str, Any] = {"aggregation": "secagg+", "rejected": {}, "aggregate_rejected": None,
+        details: dict[str, Any] = {"aggregation": "secagg+", "rejected": rejected or {}, "aggregate_rejected": None,
                                    "failures": failures, "refusals": refusals, "privacy": privacy}
         if vectors is None:
-            details["aggregate_rejected"] = (f"round {server_round}: SecAgg+ halted (fewer live sites than the "
-                                             "reconstruction threshold); nothing was aggregated")
+            details["aggregate_rejected"] = (f"round {server_round}: " + (halted or (
+                "SecAgg+ halted (fewer live sites than the reconstruction threshold)")) + "; nothing was aggregated")
             log.error("%s; the global student is unchanged.", details["aggregate_rejected"])
             return self._apply(server_round, None, [], None, details, started)
         try:
             decoded = decode_aggregate(vectors, names, self.state, self.config.secagg_settings(), server_round)
             check_aggregate(decoded.state, self.state, self.spec, instruction.fragments, server_round,
                             self.config.max_update_norm)
-        except UpdateRejected as err:
+        except Exception as err:  # an aggregate of any shape or content fails the round, never the run
             log.error("%s The global student is unchanged.", err)
-            details["aggregate_rejected"] = str(err)
+            details["aggregate_rejected"] = str(err) if isinstance(err, UpdateRejected) else (
+                f"round {server_round}: the secure aggregate could not be decoded ({type(err).__name__}: {err})")
             return self._apply(server_round, None, [], None, details, started)
         details["quantization_error_bound"] = decoded.error_bound
         return self._apply(server_round, self.state | decoded.state, sorted(participants), decoded.train_loss, details,
@@ -150,7 +189,8 @@ class Coordinator:
             record["evaluation"] = self.evaluate(self.model)
         return self._finish(record, started)
 
-    def stop(self, server_round: int, refusals: dict[str, str], failures: dict[str, str], started: float) -> dict[str, Any]:
+    def stop(self, server_round: int, refusals: dict[str, str], failures: dict[str, str], started: float,
+             rejected: dict[str, str] | None = None) -> dict[str, Any]:
         """Too few sites accepted the round: nothing trains, the student stays as it is, and the run ends here."""
         record: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION, "round": server_round, "status": "stopped",
@@ -158,8 +198,8 @@ class Coordinator:
                        f"(min_sites={self.config.min_sites}"
                        + (f", SecAgg+ min_cohort={self.config.min_cohort})" if self.config.secure_aggregation
                           else ")")),
-            "participants": [], "rejected": {}, "failures": failures, "refusals": refusals, "privacy": {},
-            "student_digest": digest_arrays(self.state)}
+            "participants": [], "rejected": rejected or {}, "failures": failures, "refusals": refusals,
+            "privacy": {}, "student_digest": digest_arrays(self.state)}
         return self._finish(record, started)
 
     def _finish(self, record: dict[str, Any], started: float) -> dict[str, Any]:
@@ -185,6 +225,21 @@ class Coordinator:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+    def finish(self) -> dict[str, Any]:
+        """The run's last, signed event: which rounds it recorded, the final one, and the student it leaves.
+
+        ``fedistill verify`` requires it: a run without it verifies as incomplete. The digest is that of the last
+        recorded round (a stopped round leaves the student as it was), and of what ``student/`` must hold.
+        """
+        payload = {"run_id": self.run_id, "config_hash": self.config_hash, "final_round": self.completed_round,
+                   "rounds": [r["round"] for r in self.records],
+                   "ended": "stopped" if self.records and self.records[-1]["status"] == "stopped" else "completed",
+                   "student_digest": digest_arrays(self.state)}
+        event = self.ledger.append("run-finished", payload)
+        self.ledger.checkpoint({"run_id": self.run_id, "after": "run-finished"})
+        log.info("run %s finished after round %d", self.run_id, self.completed_round)
+        return event
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)

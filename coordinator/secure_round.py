@@ -6,7 +6,12 @@ is that strategy for exactly one round: it sends the round's instruction to the 
 keeps what comes back, so the coordinator's own round loop (ask, train, validate, record) stays in charge.
 When SecAgg+ halts (fewer live sites than its threshold) it returns without calling ``aggregate_fit`` and
 without an error; here that becomes an explicit ``vectors=None`` that the coordinator records as a failed
-round.
+round, and so does any exception raised inside the protocol.
+
+Each masked vector arrives with the site's clear metadata (site, the round's binding, its public privacy
+report). :class:`_ScreeningGrid` checks both before Flower sums the vector: a reply that fails is turned into an
+error, so Flower treats the site as dropped out (its pairwise masks are removed with its neighbours' shares, its
+own mask never revealed) and the honest sites' vectors are still aggregated. The rejection is named.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.common import FitIns, bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.compat.grid_client_proxy import GridClientProxy
@@ -28,11 +35,15 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from coordinator.replies import check_secure_report, safe_text
 from protocols.config import FederationConfig
+from protocols.errors import UpdateRejected
 from protocols.messages import TrainInstruction
 
 log = logging.getLogger("fedistill.coordinator")
 INSTRUCTION_KEY = "instruction"
+# Flower's error code for a reply the coordinator refused (any code marks the node as dropped in SecAgg+).
+REJECTED_REPLY_CODE = 400
 
 
 @dataclass
@@ -41,6 +52,66 @@ class SecureRoundOutcome:
     participants: list[str] = field(default_factory=list)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    halted: str | None = None
+
+
+class _ScreeningGrid:
+    """The Grid as SecAgg+ sees it, except that masked-vector replies are screened before Flower sums them."""
+
+    def __init__(self, grid: Grid, node_sites: Mapping[int, str], instruction: TrainInstruction,
+                 layout: list[tuple[int, ...]], last_seq: Mapping[str, int]) -> None:
+        self._grid, self._node_sites, self._instruction = grid, node_sites, instruction
+        self._layout, self._last_seq = layout, last_seq
+        self.rejected: dict[str, str] = {}
+        self.privacy: dict[int, dict[str, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return [self._screen(reply) for reply in self._grid.send_and_receive(messages, timeout=timeout)]
+
+    def _screen(self, reply: Message) -> Message:
+        if reply.has_error():
+            return reply
+        try:
+            configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+            if configs is None or SecAggKey.MASKED_PARAMETERS not in configs:
+                return reply
+        except Exception:  # not even readable: Flower's own stage reports it
+            return reply
+        node = reply.metadata.src_node_id
+        site = self._node_sites.get(node, f"node-{node}")
+        try:
+            self._check_layout(configs[SecAggKey.MASKED_PARAMETERS], site)
+            fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            self.privacy[node] = check_secure_report(fitres.metrics, site, self._instruction, self._last_seq) | {
+                "site": site}
+        except Exception as err:  # one hostile reply is that site's rejection; the others are still summed
+            reason = safe_text(err if isinstance(err, UpdateRejected) else
+                               f"round {self._instruction.server_round} masked update from {site}: unreadable "
+                               f"({type(err).__name__}: {err})")
+            self.rejected[site] = reason
+            log.warning("round %d: rejected the reply of %s: %s", self._instruction.server_round, site, reason)
+            return Message(metadata=reply.metadata, error=Error(code=REJECTED_REPLY_CODE, reason=reason))
+        return reply
+
+    def _check_layout(self, masked: Any, site: str) -> None:
+        what = f"round {self._instruction.server_round} masked update from {site}"
+        if not isinstance(masked, list) or len(masked) != len(self._layout):
+            raise UpdateRejected(f"{what}: {len(masked) if isinstance(masked, list) else 'no'} masked tensors, "
+                                 f"expected {len(self._layout)}.")
+        for index, (raw, shape) in enumerate(zip(masked, self._layout)):
+            array = bytes_to_ndarray(raw) if isinstance(raw, bytes) else None
+            if array is None or array.shape != shape or not np.issubdtype(array.dtype, np.integer):
+                got = "not bytes" if array is None else f"shape {array.shape}, dtype {array.dtype}"
+                raise UpdateRejected(f"{what}: masked tensor {index} has {got}; expected shape {shape} of integers.")
+
+
+def masked_layout(global_arrays: Mapping[str, np.ndarray], names: list[str]) -> list[tuple[int, ...]]:
+    """The shapes of a site's masked vector: Flower's weight factor, one per planned tensor, then [w] and [w*loss]."""
+    return [(1,), *(tuple(global_arrays[name].shape) for name in names), (1,), (1,)]
 
 
 class _OneRoundStrategy(Strategy):
@@ -77,10 +148,12 @@ class _OneRoundStrategy(Strategy):
         return None
 
 
-def run_secure_round(grid: Grid, context: Context, node_ids: list[int], instruction: TrainInstruction,
-                     global_arrays: Mapping[str, np.ndarray], config: FederationConfig,
-                     timeout: float) -> SecureRoundOutcome:
-    """Train ``node_ids`` on ``instruction`` and return the mean of their masked vectors (None if halted)."""
+def run_secure_round(grid: Grid, context: Context, node_ids: list[int], node_sites: Mapping[int, str],
+                     instruction: TrainInstruction, global_arrays: Mapping[str, np.ndarray], config: FederationConfig,
+                     planned: list[str], last_seq: Mapping[str, int], timeout: float) -> SecureRoundOutcome:
+    """Train ``node_ids`` (which answered as ``node_sites``) on ``instruction``; the mean of the masked vectors that
+    passed screening, or None if the protocol halted or failed."""
+    screening = _ScreeningGrid(grid, node_sites, instruction, masked_layout(global_arrays, planned), last_seq)
     strategy = _OneRoundStrategy(grid, node_ids, instruction)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=instruction.total_rounds),
                            strategy=strategy)
@@ -91,14 +164,23 @@ def run_secure_round(grid: Grid, context: Context, node_ids: list[int], instruct
     workflow = SecAggPlusWorkflow(num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
                                   max_weight=1.0, clipping_range=settings.clipping_range,
                                   quantization_range=settings.quantization_range, timeout=timeout)
-    workflow(grid, legacy)
+    halted = None
+    try:
+        workflow(screening, legacy)
+    except Exception as err:  # a protocol message of any shape fails this round, never the run
+        halted = safe_text(f"SecAgg+ raised {type(err).__name__}: {err}")
+        log.error("round %d: %s", instruction.server_round, halted)
+        strategy.aggregate, strategy.reports = None, {}
     survivors = set(strategy.reports)
-    failures = {f"node-{node_id}": "dropped out during SecAgg+" for node_id in node_ids if node_id not in survivors}
+    rejected_nodes = {node for node, site in node_sites.items() if site in screening.rejected}
+    failures = {f"node-{node_id}": "dropped out during SecAgg+" for node_id in node_ids
+                if node_id not in survivors and node_id not in rejected_nodes}
     if strategy.errors and failures:
         detail = "; ".join(strategy.errors)
         failures = {node: f"{reason}: {detail}" for node, reason in failures.items()}
     for node, reason in failures.items():
         log.warning("round %d: %s %s", instruction.server_round, node, reason)
-    reports = {str(report.pop("site")): report for report in strategy.reports.values()}
-    return SecureRoundOutcome(strategy.aggregate, sorted(reports), reports, failures)
+    reports = {screening.privacy[node]["site"]: {k: v for k, v in screening.privacy[node].items() if k != "site"}
+               for node in strategy.reports if node in screening.privacy}
+    return SecureRoundOutcome(strategy.aggregate, sorted(reports), reports, failures, screening.rejected, halted)
 

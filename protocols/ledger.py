@@ -57,6 +57,7 @@ class LedgerReport:
     checkpoints: int
     head_seq: int
     head_hash: str
+    last_checkpoint: dict[str, Any] | None = None
 
 
 def _event_hash(event: dict[str, Any]) -> str:
@@ -166,6 +167,7 @@ def _verify(path: Path, actor: str | None, public_key: Ed25519PublicKey | None) 
     path = Path(path)
     head: tuple[int, str] = (-1, GENESIS)
     events = checkpoints = 0
+    last_checkpoint = None
     for number, event in _iter_events(path):
         _check_fields(path, number, event)
         if event["seq"] != head[0] + 1:
@@ -180,9 +182,11 @@ def _verify(path: Path, actor: str | None, public_key: Ed25519PublicKey | None) 
         if event["kind"] == CHECKPOINT:
             _check_checkpoint(path, number, event["payload"], head, public_key)
             checkpoints += 1
+            last_checkpoint = event["payload"]
         head = (event["seq"], event["hash"])
         events += 1
-    return LedgerReport(path=path, events=events, checkpoints=checkpoints, head_seq=head[0], head_hash=head[1])
+    return LedgerReport(path=path, events=events, checkpoints=checkpoints, head_seq=head[0], head_hash=head[1],
+                        last_checkpoint=last_checkpoint)
 
 
 def verify_ledger(path: Path, public_key_pem: str, actor: str | None = None) -> LedgerReport:
@@ -206,9 +210,20 @@ class Ledger:
         self.actor = actor
         self._key = signing_key
         self._head: tuple[int, str] = (-1, GENESIS)
+        self._last_checkpoint: dict[str, Any] | None = None
         if self.path.exists():
             report = _verify(self.path, actor, public_key=None)
             self._head = (report.head_seq, report.head_hash)
+            self._last_checkpoint = report.last_checkpoint
+
+    @property
+    def public_key_pem(self) -> str:
+        return public_key_pem(self._key)
+
+    @property
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        """The payload of the latest signed checkpoint (``signed_seq``, ``signed_hash``, ``signature``, ...)."""
+        return self._last_checkpoint
 
     @property
     def head(self) -> tuple[int, str]:
@@ -231,8 +246,10 @@ class Ledger:
             raise ConfigError(f"a checkpoint payload may not set {reserved}: the ledger fills them in.")
         seq, head_hash = self._head
         signature = base64.b64encode(self._key.sign(head_hash.encode("utf-8"))).decode("ascii")
-        return self._write(CHECKPOINT, {**payload, "signed_seq": seq, "signed_hash": head_hash,
-                                        "signature": signature})
+        event = self._write(CHECKPOINT, {**payload, "signed_seq": seq, "signed_hash": head_hash,
+                                         "signature": signature})
+        self._last_checkpoint = event["payload"]
+        return event
 
     def _write(self, kind: str, payload: dict[str, Any]) -> dict[str, Any]:
         seq, prev_hash = self._head
@@ -292,6 +309,21 @@ def public_key_pem(key: Ed25519PrivateKey) -> str:
     """The public half as SubjectPublicKeyInfo PEM: what a ledger's owner gives to those who verify it."""
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
+
+
+def key_fingerprint(pem: str) -> str:
+    """``SHA256:<hex>`` of the raw Ed25519 public key: what one party pins and reads out to another."""
+    raw = load_public_key(pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return "SHA256:" + sha256_hex(raw)
+
+
+def verify_signature(pem: str, signed_hash: str, signature: str) -> bool:
+    """Whether ``signature`` (base64) is the key's Ed25519 signature of ``signed_hash``, as a checkpoint carries."""
+    try:
+        load_public_key(pem).verify(base64.b64decode(signature, validate=True), signed_hash.encode("utf-8"))
+    except (InvalidSignature, ValueError, TypeError, ConfigError):
+        return False
+    return True
 
 
 def load_public_key(pem: str) -> Ed25519PublicKey:

@@ -8,7 +8,9 @@ tensor, or a wrong shape is refused with an error that names it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,43 @@ from protocols.errors import UpdateRejected
 from protocols.fragments import FragmentSpec
 
 SCHEMA_VERSION = 1
+MAX_EXAMPLES = 10**9
+ACCOUNTANT_NAMES = ("prv", "rdp")
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+# What a site reports in the clear under SecAgg+: its own epsilon, never its sampling rate, noise multiplier or
+# delta, from which its record count could be read (its own state keeps them all); and the head of its ledger.
+PUBLIC_PRIVACY_FIELDS = ("epsilon-run", "epsilon-lifetime", "accountant", "steps", "ledger-seq", "ledger-hash")
+# A plain reply's privacy report: the DP parameters of its round too.
+PLAIN_PRIVACY_FIELDS = ("delta", "noise-multiplier", "sample-rate", "steps", "empty-batches", "accountant",
+                        "max-grad-norm", "epsilon-run", "epsilon-lifetime", "ledger-seq", "ledger-hash")
+
+
+@dataclass(frozen=True)
+class CoordinatorAnchor:
+    """The coordinator's latest signed ledger checkpoint, sent with every instruction so that sites record it.
+
+    ``seq`` and ``hash`` are the head the checkpoint signs; ``signature`` is the checkpoint's Ed25519 signature of
+    ``hash``; ``public_key`` is the coordinator's ledger key (PEM), which a site pins when it accepts the run.
+    """
+
+    seq: int
+    hash: str
+    signature: str
+    public_key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "signature": self.signature, "public_key": self.public_key}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> CoordinatorAnchor:
+        if not isinstance(raw, Mapping) or set(raw) != {"seq", "hash", "signature", "public_key"}:
+            raise UpdateRejected("train instruction: 'coordinator-anchor' must hold exactly seq, hash, signature and "
+                                 "public_key.")
+        seq, head = raw["seq"], raw["hash"]
+        if type(seq) is not int or seq < 0 or not isinstance(head, str) or not _HEX_DIGEST.fullmatch(head) \
+                or not isinstance(raw["signature"], str) or not isinstance(raw["public_key"], str):
+            raise UpdateRejected("train instruction: 'coordinator-anchor' has a malformed seq, hash, signature or key.")
+        return cls(seq, head, raw["signature"], raw["public_key"])
 
 
 @dataclass(frozen=True)
@@ -46,6 +85,10 @@ class TrainInstruction:
     secure_aggregation: bool = False
     clipping_range: float = 4.0
     weight_scale: int = 10_000
+    max_update_norm: float = math.inf
+    # Binds every reply to this run and round: a reply must echo the nonce (see check_binding).
+    nonce: str = ""
+    anchor: CoordinatorAnchor | None = None
 
     @property
     def private(self) -> bool:
@@ -76,13 +119,20 @@ class TrainInstruction:
             "secure-aggregation": self.secure_aggregation,
             "clipping-range": self.clipping_range,
             "weight-scale": self.weight_scale,
+            "max-update-norm": self.max_update_norm,
+            "nonce": self.nonce,
+            "coordinator-anchor": json.dumps(self.anchor.to_dict() if self.anchor else None, sort_keys=True),
         }
+
+    def binding(self) -> dict[str, str | int]:
+        """What every reply to this instruction echoes (in the clear metadata under SecAgg+)."""
+        return {"run-id": self.run_id, "round": self.server_round, "nonce": self.nonce}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
         required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
                     "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "secure-aggregation", "clipping-range",
-                    "weight-scale")
+                    "weight-scale", "max-update-norm", "nonce", "coordinator-anchor")
         missing = [key for key in required if key not in config]
         if missing:
             raise UpdateRejected(f"train instruction is missing {', '.join(missing)}; coordinator and site run "
@@ -112,28 +162,151 @@ class TrainInstruction:
             secure_aggregation=bool(config["secure-aggregation"]),
             clipping_range=float(config["clipping-range"]),
             weight_scale=int(config["weight-scale"]),
+            max_update_norm=float(config["max-update-norm"]),
+            nonce=str(config["nonce"]),
+            anchor=_anchor_from(config["coordinator-anchor"]),
         )
 
 
-def check_tensors(arrays: Mapping[str, np.ndarray], expected_shapes: Mapping[str, tuple[int, ...]],
-                  what: str) -> None:
-    """The arrays must be exactly the expected tensors, with the expected shapes and finite values."""
-    missing = [name for name in expected_shapes if name not in arrays]
-    extra = [name for name in arrays if name not in expected_shapes]
+def _anchor_from(text: Any) -> CoordinatorAnchor | None:
+    try:
+        raw = json.loads(str(text))
+    except ValueError:
+        raise UpdateRejected("train instruction: 'coordinator-anchor' is not JSON.") from None
+    return None if raw is None else CoordinatorAnchor.from_dict(raw)
+
+
+def check_binding(echo: Mapping[str, Any], instruction: TrainInstruction, what: str) -> None:
+    """A reply belongs to this run and round only if it echoes exactly their binding (run id, round, nonce)."""
+    expected = instruction.binding()
+    for key, value in expected.items():
+        if key not in echo:
+            raise UpdateRejected(f"{what}: the reply does not echo '{key}'; it is not bound to round "
+                                 f"{instruction.server_round} of run {instruction.run_id}.")
+        if echo[key] != value or type(echo[key]) is not type(value):
+            kind = "cross-run" if key == "run-id" else "replayed or stale"
+            raise UpdateRejected(f"{what}: {kind} reply: it echoes {key}={echo[key]!r}, this round's is {value!r}.")
+
+
+def check_site_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+        raise UpdateRejected(f"{what}: the site name must be a printable string of 1-200 characters, got "
+                             f"{str(name)[:40]!r}.")
+    return name
+
+
+def _number(value: Any, name: str, what: str, low: float, high: float, integer: bool = False) -> float | int:
+    numeric = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not numeric or not math.isfinite(value) or not low <= value <= high:
+        kind = "an integer" if integer else "a finite number"
+        raise UpdateRejected(f"{what}: '{name}' must be {kind} in [{low:g}, {high:g}], got {str(value)[:40]!r}.")
+    return value
+
+
+def check_train_metrics(num_examples: Any, train_loss: Any, what: str) -> tuple[int, float]:
+    """A plain reply's example count and mean loss: what the weighted average and the record rest on."""
+    return (int(_number(num_examples, "num-examples", what, 1, MAX_EXAMPLES, integer=True)),
+            float(_number(train_loss, "train-loss", what, 0.0, 1e9)))
+
+
+def _epsilon(value: Any, name: str, what: str) -> float | str:
+    return "inf" if value == "inf" else _number(value, name, what, 0.0, math.inf)
+
+
+# What each field of a site's privacy report may hold; every report the coordinator records is checked first,
+# so that the ledger (canonical JSON, no NaN) and the report only ever see well-formed values.
+_PRIVACY_FIELDS: dict[str, Any] = {
+    "delta": lambda v, n, w: _number(v, n, w, 0.0, 1.0),
+    "noise-multiplier": lambda v, n, w: _number(v, n, w, 0.0, 1e6),
+    "sample-rate": lambda v, n, w: _number(v, n, w, 0.0, 1.0),
+    "steps": lambda v, n, w: _number(v, n, w, 0, 10**9, integer=True),
+    "empty-batches": lambda v, n, w: _number(v, n, w, 0, 10**9, integer=True),
+    "max-grad-norm": lambda v, n, w: _number(v, n, w, 0.0, 1e6),
+    "epsilon-run": _epsilon,
+    "epsilon-lifetime": _epsilon,
+    "ledger-seq": lambda v, n, w: _number(v, n, w, 0, 2**62, integer=True),
+}
+
+
+def check_privacy_report(report: Mapping[str, Any], required: Iterable[str], what: str) -> dict[str, Any]:
+    """Exactly the ``required`` fields, each well-formed; returns them as a plain dict."""
+    required = tuple(required)
+    missing = [key for key in required if key not in report]
+    extra = [str(key) for key in report if key not in required]
+    if missing or extra:
+        raise UpdateRejected(f"{what}: the privacy report must hold exactly {', '.join(required)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unexpected {', '.join(extra)}" if extra else "") + ".")
+    clean: dict[str, Any] = {}
+    for key in required:
+        value = report[key]
+        if key == "accountant":
+            if value not in ACCOUNTANT_NAMES:
+                raise UpdateRejected(f"{what}: 'accountant' must be one of {', '.join(ACCOUNTANT_NAMES)}.")
+        elif key == "ledger-hash":
+            if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
+                raise UpdateRejected(f"{what}: 'ledger-hash' must be a SHA-256 hex digest.")
+        else:
+            value = _PRIVACY_FIELDS[key](value, key, what)
+        clean[key] = value
+    return clean
+
+
+def check_tensors(arrays: Mapping[str, Any], reference: Mapping[str, np.ndarray], what: str) -> None:
+    """The arrays must be exactly the reference's tensors: same names, shapes and dtypes (never cast), finite values."""
+    missing = [name for name in reference if name not in arrays]
+    extra = [str(name) for name in arrays if name not in reference]
     if missing:
         raise UpdateRejected(f"{what}: tensor(s) missing: {', '.join(missing)}.")
     if extra:
         raise UpdateRejected(f"{what}: unexpected tensor(s): {', '.join(extra)}; they belong to no planned fragment.")
-    for name, shape in expected_shapes.items():
-        got = tuple(np.shape(arrays[name]))
-        if got != tuple(shape):
-            raise UpdateRejected(f"{what}: tensor '{name}' has shape {got}, expected {tuple(shape)}.")
-        if np.issubdtype(np.asarray(arrays[name]).dtype, np.floating) and not np.all(np.isfinite(arrays[name])):
+    for name, expected in reference.items():
+        value = arrays[name]
+        if not isinstance(value, np.ndarray):
+            raise UpdateRejected(f"{what}: tensor '{name}' is a {type(value).__name__}, not an array.")
+        if value.shape != expected.shape:
+            raise UpdateRejected(f"{what}: tensor '{name}' has shape {value.shape}, expected {expected.shape}.")
+        if value.dtype != expected.dtype:
+            raise UpdateRejected(f"{what}: tensor '{name}' has dtype {value.dtype}, expected exactly {expected.dtype} "
+                                 "(nothing is cast).")
+        if not np.all(np.isfinite(value)):
             raise UpdateRejected(f"{what}: tensor '{name}' contains non-finite values.")
 
 
-def check_fragment_update(arrays: Mapping[str, np.ndarray], spec: FragmentSpec, fragments: tuple[str, ...],
-                          parameter_shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+def check_fragment_update(arrays: Mapping[str, Any], spec: FragmentSpec, fragments: tuple[str, ...],
+                          global_state: Mapping[str, np.ndarray], what: str) -> None:
     """A site's reply must carry exactly the tensors of the planned fragments (unknown fragments refused)."""
-    expected = {name: parameter_shapes[name] for name in spec.parameters_of_all(fragments)}
-    check_tensors(arrays, expected, what)
+    check_tensors(arrays, {name: global_state[name] for name in spec.parameters_of_all(fragments)}, what)
+
+
+def fragment_change_norms(arrays: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray],
+                          spec: FragmentSpec, fragments: tuple[str, ...]) -> dict[str, float]:
+    """The L2 norm of each fragment's change from the global student (float64, whatever the tensors' dtype)."""
+    norms = {}
+    for fragment in fragments:
+        squared = sum(float(np.sum((np.asarray(arrays[name], dtype=np.float64)
+                                    - global_state[name].astype(np.float64)) ** 2))
+                      for name in spec.parameters_of(fragment))
+        norms[fragment] = math.sqrt(squared)
+    return norms
+
+
+def clip_fragment_changes(arrays: Mapping[str, np.ndarray], global_state: Mapping[str, np.ndarray],
+                          spec: FragmentSpec, fragments: tuple[str, ...],
+                          bound: float) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """Scale each fragment's change down to L2 norm ``bound`` (a site's own update, before it leaves).
+
+    Returns the clipped arrays (in their own dtype) and the fragments that were scaled. The scale leaves a margin
+    below the bound so that rounding back to float32 cannot push the norm over it.
+    """
+    clipped_arrays, clipped = dict(arrays), []
+    for fragment, norm in fragment_change_norms(arrays, global_state, spec, fragments).items():
+        if norm <= bound:
+            continue
+        scale = bound / norm * (1.0 - 1e-6)
+        for name in spec.parameters_of(fragment):
+            current = global_state[name].astype(np.float64)
+            change = np.asarray(arrays[name], dtype=np.float64) - current
+            clipped_arrays[name] = (current + scale * change).astype(global_state[name].dtype)
+        clipped.append(fragment)
+    return clipped_arrays, tuple(clipped)

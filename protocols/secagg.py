@@ -87,6 +87,8 @@ def decode_aggregate(vectors: Sequence[np.ndarray], names: Sequence[str], global
     if len(vectors) != len(names) + 2:
         raise UpdateRejected(f"round {server_round}: the secure aggregate has {len(vectors)} tensors, expected "
                              f"{len(names) + 2}.")
+    if any(np.asarray(v).size != 1 for v in vectors[-2:]):
+        raise UpdateRejected(f"round {server_round}: the secure aggregate's weight and loss must be one value each.")
     mean_weight = float(np.asarray(vectors[-2]).reshape(-1)[0])
     if not np.isfinite(mean_weight) or mean_weight <= settings.quantization_step:
         raise UpdateRejected(f"round {server_round}: the secure aggregate's mean weight is {mean_weight}; "
@@ -94,7 +96,11 @@ def decode_aggregate(vectors: Sequence[np.ndarray], names: Sequence[str], global
     state = {}
     largest = 0.0
     for name, vector in zip(names, vectors):
-        change = np.asarray(vector, dtype=np.float64).reshape(global_state[name].shape) / mean_weight
+        vector = np.asarray(vector, dtype=np.float64)
+        if vector.size != global_state[name].size:
+            raise UpdateRejected(f"round {server_round}: the secure aggregate's vector for tensor '{name}' has "
+                                 f"{vector.size} values, expected {global_state[name].size}.")
+        change = vector.reshape(global_state[name].shape) / mean_weight
         largest = max(largest, float(np.max(np.abs(change))) if change.size else 0.0)
         state[name] = (global_state[name].astype(np.float64) + change).astype(global_state[name].dtype)
     loss = LOSS_SCALE * float(np.asarray(vectors[-1]).reshape(-1)[0]) / mean_weight

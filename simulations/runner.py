@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -210,8 +211,11 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
 
 
 def simulate(options: SimulationOptions, reporter: Reporter | None = None, baselines: dict[str, Any] | None = None,
-             run_name: str | None = None) -> dict[str, Any]:
-    """One federated run of a scenario; ``baselines`` from an earlier run on the same splits are reused if given."""
+             run_name: str | None = None, client_mods: list[Callable] | None = None) -> dict[str, Any]:
+    """One federated run of a scenario; ``baselines`` from an earlier run on the same splits are reused if given.
+
+    ``client_mods`` wrap every site's ClientApp (outside SecAgg+): a researcher's probe, or a hostile site.
+    """
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
     reporter.stage(f"loading scenario {options.scenario}")
@@ -253,7 +257,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
     faults = FaultPlan(options.drop_rate, frozenset(options.fail_sites), options.seed)
     coordinator = run_federation(state_dirs, make_coordinator,
-                                 faults=faults if options.drop_rate or options.fail_sites else None)
+                                 faults=faults if options.drop_rate or options.fail_sites else None,
+                                 client_mods=client_mods)
     federated_seconds = time.perf_counter() - started
 
     if baselines is None:

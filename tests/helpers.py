@@ -59,3 +59,17 @@ def text_site(directory: Path, records: int = 24) -> Site:
     TeacherLogitCache(site.state_dir).outputs(
         text, path_digest(site.teacher_path), lambda: TorchTeacher(teacher, ("input_ids", "attention_mask")))
     return site
+
+
+def plain_reply(coordinator, server_round: int, site: str, arrays: dict, num_examples=10, train_loss=0.1,
+                ledger_seq: int = 5, **changes):
+    """A well-formed plain reply to the coordinator's instruction of ``server_round``; ``changes`` replace fields."""
+    from coordinator.replies import SiteReply
+
+    instruction = coordinator.instruction(server_round)
+    privacy = {"delta": 1e-5, "noise-multiplier": 1.1, "sample-rate": 0.1, "steps": 3, "empty-batches": 0,
+               "accountant": "prv", "max-grad-norm": 1.0, "epsilon-run": 0.5, "epsilon-lifetime": 0.5,
+               "ledger-seq": ledger_seq, "ledger-hash": "ab" * 32}
+    fields = {"site": site, "arrays": arrays, "num_examples": num_examples, "train_loss": train_loss,
+              "privacy": privacy, "binding": instruction.binding(), "source": f"node-{site}"}
+    return SiteReply(**(fields | changes))

@@ -113,7 +113,7 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert all(r["quantization_error_bound"] < 1e-3 for r in rounds)
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in ledger if e["kind"] != "checkpoint"] == ["run-started", "round", "run-resumed",
-                                                                          "round"]
+                                                                          "round", "run-finished"]
 
     # Each site spent DP budget within the run's target, as its own report (from its verified ledger) says.
     for name, site_file in site_files.items():

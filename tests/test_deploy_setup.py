@@ -189,7 +189,8 @@ def test_resume_with_a_changed_run_toml_is_refused_before_anything_is_submitted(
     root = coordinator_dir.parent
     (root / "run.toml").write_text(RUN_TOML.format(minutes=5))
     started = RunFile.load(root / "run.toml")
-    assert Coordinator(started.federation, "777", started.out_dir / "777").ledger.head[0] == 0
+    # run-started, then the checkpoint that signs it
+    assert Coordinator(started.federation, "777", started.out_dir / "777").ledger.head[0] == 1
     (root / "run.toml").write_text(RUN_TOML.format(minutes=5).replace("rounds = 2", "rounds = 3"))
     changed = fedistill("run", "run.toml", "--resume", "777", cwd=root)
     assert changed.returncode == 1

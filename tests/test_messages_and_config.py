@@ -9,10 +9,11 @@ from protocols.messages import TrainInstruction, check_fragment_update
 from tests.helpers import MLP, federation
 
 
-def test_instruction_round_trips_through_a_flat_config():
+def test_instruction_round_trips_through_a_flat_config(tmp_path):
     from coordinator.rounds import Coordinator
 
-    instruction = Coordinator(federation(), "run-1", "/nonexistent").instruction(1)
+    instruction = Coordinator(federation(), "run-1", tmp_path).instruction(1)
+    assert instruction.anchor is not None and len(instruction.nonce) == 32
     again = TrainInstruction.from_config(instruction.to_config())
     assert again == instruction
 
@@ -26,18 +27,20 @@ def test_update_with_wrong_shape_or_extra_tensor_is_refused_by_name():
     model = build_student(MLP)
     spec = fragment_spec_for("mlp", parameter_names(model))
     state = state_to_numpy(model)
-    shapes = {k: v.shape for k, v in state.items()}
     good = {k: state[k] for k in spec.parameters_of("layers.4")}
-    check_fragment_update(good, spec, ("layers.4",), shapes, "test")
+    check_fragment_update(good, spec, ("layers.4",), state, "test")
     bad = dict(good, **{"layers.4.bias": np.zeros(7, dtype=np.float32)})
     with pytest.raises(UpdateRejected, match="layers.4.bias"):
-        check_fragment_update(bad, spec, ("layers.4",), shapes, "test")
+        check_fragment_update(bad, spec, ("layers.4",), state, "test")
     with pytest.raises(UpdateRejected, match="layers.0.weight"):
         check_fragment_update(dict(good, **{"layers.0.weight": state["layers.0.weight"]}), spec, ("layers.4",),
-                              shapes, "test")
+                              state, "test")
     with pytest.raises(UpdateRejected, match="non-finite"):
         check_fragment_update(dict(good, **{"layers.4.bias": np.full(2, np.nan, np.float32)}), spec, ("layers.4",),
-                              shapes, "test")
+                              state, "test")
+    with pytest.raises(UpdateRejected, match="dtype float64, expected exactly float32"):
+        check_fragment_update(dict(good, **{"layers.4.bias": good["layers.4.bias"].astype(np.float64)}), spec,
+                              ("layers.4",), state, "test")
 
 
 @pytest.mark.parametrize("field,value", [("rounds", 0), ("alpha", 1.5), ("fragment_plan", "random"),

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 
 from client.train import train_round
-from coordinator.aggregate import SiteReply, aggregate_fragments
+from coordinator.aggregate import aggregate_fragments
+from coordinator.replies import SiteReply
 from coordinator.checkpoint import load_student, save_student
 from coordinator.rounds import Coordinator, load_metrics
 from distill.cache import TeacherLogitCache
 from distill.models import build_student, state_to_numpy
 from protocols.errors import UpdateRejected
-from tests.helpers import TINY_BERT, federation, make_site
+from tests.helpers import TINY_BERT, federation, make_site, plain_reply
 
 
 def test_site_trains_only_the_planned_fragments_and_reuses_teacher_logits(tmp_path):
@@ -53,14 +54,13 @@ def test_fragment_average_is_weighted_and_leaves_untrained_fragments_alone(tmp_p
 def test_malformed_update_never_touches_the_student(tmp_path):
     coordinator = Coordinator(federation(), "run", tmp_path)
     state, spec = coordinator.state, coordinator.spec
-    head = spec.parameters_of("layers.4")
-    nan = SiteReply("bad", {k: np.full_like(state[k], np.nan) for k in head}, 10, 0.1)
-    result = aggregate_fragments(state, spec, ("layers.4",), [nan], 1)
-    assert "bad" in result.rejected and "non-finite" in result.rejected["bad"]
-    assert all(np.array_equal(result.state[k], state[k]) for k in state)
+    nan = plain_reply(coordinator, 1, "bad", {k: np.full_like(state[k], np.nan) for k in spec.parameters_of_all(
+        coordinator.instruction(1).fragments)})
     record = coordinator.complete_round(1, [nan], {}, started=0.0)
     assert record["status"] == "failed" and record["student_digest"]
-    assert load_metrics(tmp_path)[0]["rejected"]["bad"].startswith("round 1 update from bad")
+    assert all(np.array_equal(coordinator.state[k], state[k]) for k in state)
+    rejection = load_metrics(tmp_path)[0]["rejected"]["bad"]
+    assert rejection.startswith("round 1 update from bad") and "non-finite" in rejection
 
 
 def test_a_secure_aggregate_with_a_non_finite_value_is_rejected_and_the_student_is_unchanged(tmp_path):
@@ -81,6 +81,7 @@ def test_an_aggregate_beyond_the_norm_bound_is_rejected(tmp_path):
     coordinator = Coordinator(federation(max_update_norm=1.0), "run", tmp_path)
     state, spec = coordinator.state, coordinator.spec
     far = SiteReply("a", {k: v + 10.0 for k, v in state.items()}, 10, 0.1)
+    # aggregate_fragments averages screened replies; it still checks the aggregate on its own.
     result = aggregate_fragments(state, spec, spec.names, [far], 3, max_update_norm=1.0)
     assert result.accepted == [] and "max_update_norm=1" in result.aggregate_rejected
     assert "round 3, fragment 'layers.0'" in result.aggregate_rejected
