@@ -16,7 +16,7 @@ identical objects once. :func:`wire_bytes` is the sum of those three parts, comp
 serialization (``message_to_proto``, ``get_object_tree``, ``InflatableObject.deflate``): the arrays' raw
 bytes, every ConfigRecord value (keys, ciphertexts, shares, node ids, the instruction) and the protobuf
 field tags and lengths around them. Not counted: the per-request envelope of those calls (node id, run id,
-session id, and the 64-character object id that names each object in its own request, about 80 B per
+session id, and the 64-character object id that names each object in its own request, about 90 B per
 object), HTTP/2 or gRPC framing, compression, TLS records, retries, and the calls that carry no message
 (node registration, heartbeats, ``GetRun``, ``GetFab``, ``ConfirmMessageReceived``).
 

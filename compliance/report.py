@@ -493,7 +493,7 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
         "wire_bytes_counted": "per message, as Flower's Fleet API carries it: the header and object tree, and every "
                               "distinct object's content (arrays, SecAgg+ public keys, encrypted shares, masked "
                               "vectors, unmasking shares, node ids, the instruction, metadata); not counted: the "
-                              "per-request envelope (about 80 B per object), HTTP/2 or gRPC framing, TLS, "
+                              "per-request envelope (about 90 B per object), HTTP/2 or gRPC framing, TLS, "
                               "heartbeats, and messages a site never answered",
         "recipient": "the coordinator" + (" (only the SecAgg+ sum of the masked vectors)" if secure else ""),
         "came_back": "each round every accepting site receives the whole global student and the round's instruction "

@@ -19,10 +19,12 @@ from flwr.supercore.inflatable.inflatable_object import get_object_tree, iterate
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from client.site import Site
+from compliance import render
+from compliance.report import LedgerFile, RunEvidence, SiteFiles, _data_flows
 from client.traffic import RUN_MAP_FILE, TRANSFER, traffic_mod, wire_bytes
 from coordinator.rounds import Coordinator
 from protocols.errors import LedgerTampered
-from protocols.ledger import read_events, verify_ledger
+from protocols.ledger import ledger_in, read_events, verify_ledger
 from simulations.engine import run_federation
 from tests.helpers import federation, make_site
 from tests.test_secure_aggregation import SIZES, three_sites
@@ -115,6 +117,52 @@ def test_every_secagg_stage_is_on_the_site_ledger_with_the_bytes_on_the_wire(tmp
             # Key material: the setup reply carries two public keys, the share-keys reply the encrypted shares.
             assert by_stage["setup"]["bytes_out"] > 64 and by_stage["share-keys"]["bytes_out"] > 200
         assert json.loads((state_dir / RUN_MAP_FILE).read_text())["runs"]
+
+    # Section 4 of the report: per site, round and stage, the ledger's numbers, with totals beside the payload.
+    evidence = run_evidence(tmp_path, state_dirs, rounds=2)
+    flows = _data_flows(evidence)
+    for state_dir in state_dirs:
+        site = Site.load(state_dir)
+        wire = flows["sites"][site.name]["wire"]
+        events = read_events(state_dir / "ledger.jsonl")
+        transfers = [e["payload"] for e in events if e["kind"] == TRANSFER]
+        assert [(c["round"], c["stage"], c["bytes_in"], c["bytes_out"]) for c in wire["per_round_stage"]] == [
+            (t["round"], t["stage"], t["bytes_in"], t["bytes_out"]) for t in transfers]
+        assert wire["total_bytes_in"] == sum(t["bytes_in"] for t in transfers)
+        assert wire["total_bytes_out"] == sum(t["bytes_out"] for t in transfers)
+        assert wire["total_payload_bytes"] == flows["sites"][site.name]["total_bytes"] < wire["total_bytes_out"]
+        assert [row["stage"] for row in wire["per_stage"]] == ["query", *SECAGG_STAGES]
+        assert flows["wire_bytes_per_round"]["out"][site.name] == [
+            sum(t["bytes_out"] for t in transfers if t["round"] == r) for r in (1, 2)]
+    html = render._data_flows(flows, {})
+    assert "Bytes on the wire per round, by site: sent" in html and "collect-masked-vectors out" in html
+    assert f"{wire['total_bytes_out']:,} out" in html
+
+
+def run_evidence(run_dir: Path, state_dirs: list[Path], rounds: int) -> RunEvidence:
+    """Just what section 4 reads: the config's run id and rounds, and each site's ledger."""
+    sites = {}
+    for state_dir in state_dirs:
+        name = Site.load(state_dir).name
+        events = tuple(read_events(state_dir / "ledger.jsonl"))
+        sites[name] = SiteFiles(name, state_dir, LedgerFile(name, state_dir / "ledger.jsonl", None, events, None),
+                                None, None)
+    config = {"run_id": "run-secagg", "federation": {"rounds": rounds, "secure_aggregation": True}}
+    return RunEvidence(run_dir, config, None, [], None, sites, {})
+
+
+def test_a_site_ledger_without_transfer_events_shows_not_recorded(tmp_path):
+    site = make_site(tmp_path)
+    # An older run's ledger: the update is described, its traffic is not.
+    ledger_in(site.state_dir, site.name).append("update-sent", {
+        "run_id": "run-secagg", "round": 1, "payload_kind": "plain fragment update", "bytes": 96, "digest": "0" * 64,
+        "tensors": [{"name": "w", "shape": [24], "dtype": "float32"}]})
+    evidence = run_evidence(tmp_path, [site.state_dir], rounds=1)
+    flows = _data_flows(evidence)
+    assert flows["sites"][site.name]["wire"].startswith("not recorded")
+    assert flows["sites"][site.name]["total_bytes"] == 96 and flows["wire_bytes_per_round"] == {"in": {}, "out": {}}
+    html = render._data_flows(flows, {})
+    assert "Bytes on the wire: not recorded" in html and "on the wire per round" not in html
 
 
 def incoming(message_type: str, content: RecordDict, flower_run: int = 7, group: str = "1") -> Message:
