@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compliance.report import METRICS, NOT_ASSESSED, build_report, is_not_assessed
+from compliance.report_signature import sign_report
 from protocols.canonical import atomic_write_bytes
 from protocols.errors import ConfigError, ExternalToolError
 
@@ -495,13 +496,21 @@ def parse_formats(text: str) -> tuple[str, ...]:
     return formats
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str] = FORMATS) -> dict[str, Path]:
+def write_report(run_dir: Path, out_dir: Path | None = None, formats: Sequence[str] = FORMATS,
+                 signing_key: Path | None = None) -> dict[str, Path]:
     """Build report.json for ``run_dir`` and write the asked formats into ``out_dir`` (default RUN_DIR/report).
 
-    Chromium is looked up before any work, so a missing PDF printer fails fast and leaves nothing half-written.
+    report.json is signed with the coordinator's ledger key (``signing_key``; a simulated run keeps it in
+    RUN_DIR/ledger_key.pem), into a detached report.json.sig. Chromium and the key are looked up before any work,
+    so a missing PDF printer or key fails fast and leaves nothing half-written.
     """
     if "pdf" in formats:
         chromium_path()
+    key = Path(signing_key) if signing_key is not None else Path(run_dir) / "ledger_key.pem"
+    if "json" in formats and not key.is_file():
+        raise ConfigError(f"report.json is signed with the coordinator's ledger key, and {key} does not exist; pass "
+                          "--signing-key with the coordinator's key (in a deployment: coordinator_key.pem in the "
+                          "coordinator directory).")
     report = build_report(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "report"
     written: dict[str, Path] = {}
@@ -510,6 +519,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None, formats: Sequence[s
         # In the outline's order (not sorted): report.json is read by people too.
         atomic_write_bytes(written["json"], (json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False)
                                              + "\n").encode("utf-8"))
+        written["signature"] = sign_report(written["json"], key)
     page = render_html(report)
     if "html" in formats:
         written["html"] = out / "report.html"

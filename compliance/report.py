@@ -37,6 +37,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load_file
 
+from compliance.report_signature import report_id
 from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
 from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, epsilon_of, json_epsilon
@@ -195,7 +196,8 @@ def _ledger_file(directory: Path, actor: str) -> LedgerFile:
 def _audit(run_dir: Path) -> dict[str, Any]:
     """The verifier's verdict; a failure becomes part of the report (an altered run must still be reportable)."""
     try:
-        return verify_run(run_dir).to_dict()
+        # The report being rebuilt is not itself evidence of the run.
+        return verify_run(run_dir, check_report=False).to_dict()
     except (FedistillError, OSError, ValueError, KeyError, TypeError) as err:
         return {"schema_version": 1, "verified": False, "run_dir": str(run_dir), "failure": str(err), "checks": [],
                 "sites": {}}
@@ -1002,9 +1004,13 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
                   config_recomputes: bool) -> dict[str, Any]:
     run = str(ev.run_dir)
     audit = ev.audit
-    checks = ([{"check": text, "result": "ok"} for text in audit["checks"]] if audit["verified"] else
-              [{"check": "fedistill verify (stops at the first failure)", "result": "failed",
-                "detail": audit["failure"]}])
+    if "failure" in audit:
+        checks = [{"check": "fedistill verify (stops at the first failure)", "result": "failed",
+                   "detail": audit["failure"]}]
+    else:
+        checks = [{"check": text, "result": "ok"} for text in audit["checks"]] + [
+            {"check": "the run is complete (a signed run-finished event)", "result": "incomplete", "detail": text}
+            for text in audit.get("incomplete", [])]
     report_checks = [{"check": "config.json's config_hash is the hash of its federation section",
                       "result": "ok" if config_recomputes else "failed"}, weights]
     for name, block in privacy["sites"].items():
@@ -1023,7 +1029,8 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
         "commands": [f"fedistill verify {run}", f"fedistill verify {run} --format json",
                      *(f"fedistill site report {run}/sites/{name} --format json" for name in ev.sites),
                      f"cd {run} && sha256sum <path>   # for each subject of section 0"],
-        "verified": bool(audit["verified"]), "checks": checks, "report_checks": report_checks,
+        "verified": bool(audit["verified"]), "status": audit.get("status", "failed"), "checks": checks,
+        "report_checks": report_checks,
         "not_machine_checked": [
             "section 1: intended purpose, users and regimes asserted",
             "section 2: legal entities, roles, privacy officers, jurisdictions and agreements",
@@ -1079,8 +1086,3 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     envelope["report_id"] = report_id(report)
     return report
 
-
-def report_id(report: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of the report with ``report_id`` empty: anyone can recompute it."""
-    blank = {**report, "envelope": {**report["envelope"], "report_id": None}}
-    return digest_json(blank)

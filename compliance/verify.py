@@ -8,39 +8,65 @@ names the file and what failed:
    run-started event names the same config hash;
 3. every site's ledger (``sites/<site>/``): chain and signatures with the site's own public key;
 4. cross-signatures: every site head a coordinator checkpoint recorded is in that site's ledger;
-5. every site's privacy: the DP parameters its ledger recorded for each update it sent are the spends in its
-   ``privacy.json``; its epsilon is replayed from them with Google's dp-accounting (PLD) and must match the
-   epsilon the site recorded (Opacus PRV) within 2 %, and every update it sent names the run's config hash.
+5. the sites anchor the coordinator: every site pinned the fingerprint of the coordinator's key in its
+   run-accepted event, and it is the key of ``ledger_key.pub.pem``; every coordinator checkpoint a site recorded
+   (``coordinator_anchor``) is in the coordinator's ledger with that hash and a signature by the pinned key; and
+   the coordinator's ledger records every round in which a site recorded an update. A ledger cut back at a line
+   boundary or rewritten and re-signed with another key fails here;
+6. rounds: ``metrics.jsonl`` holds exactly the rounds the ledger records, each as recorded; the signed
+   ``run-finished`` event names the last round, the rounds and the final student's digest; and ``student/``
+   hashes to that digest. A run without ``run-finished`` (still running, or crashed) verifies as *incomplete*;
+7. every site's privacy: the calibration in its ``privacy.json`` is the one its ledger recorded when it accepted
+   the run; the DP parameters its ledger recorded for each update it sent are the spends in ``privacy.json``;
+   its epsilon is replayed from them with Google's dp-accounting (PLD) and must match the epsilon the site
+   recorded (Opacus PRV) within 2 %, and every update it sent names the run's config hash;
+8. a report found in the run (``report/report.json``) is signed by the coordinator's key, its report_id
+   recomputes, and every file it rests on still has the SHA-256 it states.
 
-Missing evidence (a ledger, a key, a site directory) is a failure, never a pass.
+Missing evidence (a ledger, a key, a site directory, the student) is a failure, never a pass.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file
+
+from compliance.report_signature import verify_report
 from protocols.accounting import PrivacyState, Spend, pld_epsilon
-from protocols.canonical import digest_json
+from protocols.canonical import digest_arrays, digest_json, sha256_hex
 from protocols.errors import LedgerTampered
-from protocols.ledger import read_events, verify_ledger
+from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
 EPSILON_TOLERANCE = 0.02
 
 
+VERIFIED, INCOMPLETE = "verified", "incomplete"
+
+
 @dataclass
 class AuditReport:
+    """Every check passed; ``incomplete`` lists what is missing for the run to verify as finished."""
+
     run_dir: str
     config_hash: str
     checks: list[str] = field(default_factory=list)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        return INCOMPLETE if self.incomplete else VERIFIED
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": 1, "verified": True, "run_dir": self.run_dir, "config_hash": self.config_hash,
-                "checks": self.checks, "sites": self.sites}
+        return {"schema_version": 1, "verified": self.status == VERIFIED, "status": self.status,
+                "incomplete": self.incomplete, "run_dir": self.run_dir, "config_hash": self.config_hash,
+                "checks": self.checks, "sites": self.sites, "report": self.report}
 
 
 def _public_key(directory: Path) -> str:
@@ -69,7 +95,19 @@ def _site_spends(events: list[dict[str, Any]], run_id: str) -> list[Spend]:
             for e in events if e["kind"] == "update-sent" and e["payload"]["run_id"] == run_id]
 
 
+def _verify_calibration(site_dir: Path, events: list[dict[str, Any]], run_id: str) -> None:
+    """privacy.json's calibration of this run (its target epsilon, sigma, q, delta) is the one the ledger signed."""
+    accepted = [e for e in events if e["kind"] == "run-accepted" and e["payload"]["run_id"] == run_id]
+    stored = PrivacyState.load(site_dir).calibrations.get(run_id)
+    signed = accepted[0]["payload"].get("calibration") if accepted else None
+    if (asdict(stored) if stored else None) != signed:
+        raise LedgerTampered(f"{site_dir / 'privacy.json'}: the calibration of run {run_id} (target epsilon, noise "
+                             "multiplier, sampling rate, delta) is not the one the site's ledger recorded when it "
+                             "accepted the run.")
+
+
 def _verify_site_privacy(site_dir: Path, events: list[dict[str, Any]], run_id: str, config_hash: str) -> dict[str, Any]:
+    _verify_calibration(site_dir, events, run_id)
     sent = [e for e in events if e["kind"] == "update-sent" and e["payload"]["run_id"] == run_id]
     for event in sent:
         if event["payload"]["config_hash"] != config_hash:
@@ -102,11 +140,122 @@ def _verify_site_privacy(site_dir: Path, events: list[dict[str, Any]], run_id: s
     return summary
 
 
-def verify_run(run_dir: Path) -> AuditReport:
+def _verify_anchors(run_dir: Path, events: list[dict[str, Any]], site_events: dict[str, list[dict[str, Any]]],
+                    run_id: str, coordinator_pem: str) -> int:
+    """The sites' records of the coordinator's ledger must all be in it, signed with the key they pinned."""
+    ledger = run_dir / "ledger.jsonl"
+    fingerprint = key_fingerprint(coordinator_pem)
+    recorded_rounds = {e["payload"]["round"] for e in events if e["kind"] == "round"}
+    anchors = 0
+    for site, site_log in site_events.items():
+        own = [e for e in site_log if e["payload"].get("run_id") == run_id]
+        where = run_dir / "sites" / site / "ledger.jsonl"
+        for event in (e for e in own if e["kind"] == "run-accepted"):
+            pinned = event["payload"].get("coordinator_key_fingerprint")
+            if pinned != fingerprint:
+                raise LedgerTampered(f"{ledger}: signed with key {fingerprint}, but site {site} pinned the coordinator's "
+                                     f"key {pinned} when it accepted the run ({where}, seq {event['seq']}); the "
+                                     "coordinator's ledger was rewritten and re-signed with another key.")
+        for event in own:
+            anchor = event["payload"].get("coordinator_anchor")
+            if anchor is None:
+                continue
+            seq, head = anchor["seq"], anchor["hash"]
+            if not (0 <= seq < len(events) and events[seq]["hash"] == head) or not verify_signature(
+                    coordinator_pem, head, anchor["signature"]):
+                raise LedgerTampered(f"{ledger}: site {site} recorded the coordinator's signed checkpoint of seq {seq} "
+                                     f"(hash {head[:12]}...) in {where}, seq {event['seq']}, and this ledger does not "
+                                     "contain it; the coordinator's ledger was cut back or rewritten.")
+            anchors += 1
+        for event in (e for e in own if e["kind"] == "update-sent"):
+            if event["payload"]["round"] not in recorded_rounds:
+                raise LedgerTampered(f"{ledger}: site {site} recorded an update for round {event['payload']['round']} "
+                                     f"({where}, seq {event['seq']}), a round this ledger does not record; the "
+                                     "coordinator's ledger was cut back.")
+    return anchors
+
+
+ROUND_FIELDS_NOT_IN_LEDGER = ("evaluation",)
+
+
+def _verify_rounds(run_dir: Path, events: list[dict[str, Any]], report: AuditReport) -> str | None:
+    """metrics.jsonl against the ledger's rounds, then run-finished; returns the digest student/ must have."""
+    ledger, metrics_path = run_dir / "ledger.jsonl", run_dir / "metrics.jsonl"
+    final: dict[int, dict[str, Any]] = {}
+    for event in events:
+        if event["kind"] == "round":
+            final[event["payload"]["round"]] = event["payload"]  # a resumed run's redone round supersedes
+    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+    if final and not metrics_path.is_file():
+        raise LedgerTampered(f"{metrics_path} is missing (missing evidence): the ledger records rounds "
+                             f"{sorted(final)}.")
+    metrics = [json.loads(line) for line in lines if line.strip()]
+    if [m.get("round") for m in metrics] != sorted(final):
+        raise LedgerTampered(f"{metrics_path}: holds rounds {[m.get('round') for m in metrics]}, but the signed "
+                             f"ledger records rounds {sorted(final)}; rounds were deleted, added or reordered.")
+    for record in metrics:
+        signed = final[record["round"]]
+        shown = {k: v for k, v in record.items() if k not in ROUND_FIELDS_NOT_IN_LEDGER}
+        shown["evaluation"] = (record.get("evaluation") or {}).get("overall")
+        if shown != signed:
+            changed = sorted(k for k in set(shown) | set(signed) if shown.get(k) != signed.get(k))
+            raise LedgerTampered(f"{metrics_path}: round {record['round']} differs from the ledger's record of it in "
+                                 f"{', '.join(changed)}.")
+    report.checks.append(f"metrics.jsonl: {len(metrics)} round(s), each as the ledger recorded it")
+    # Events after the last checkpoint are chained but not signed: anyone could have appended or edited them.
+    signed_up_to = max((e["payload"]["signed_seq"] for e in events if e["kind"] == "checkpoint"), default=-1)
+    finished = [e for e in events if e["kind"] == "run-finished" and e["seq"] <= signed_up_to]
+    last_digest = final[max(final)]["student_digest"] if final else None
+    if not finished:
+        report.incomplete.append(f"{ledger} has no signed run-finished event: the run is still running or ended "
+                                 "without finishing; nothing vouches that its last recorded round is its last")
+        return last_digest
+    done = finished[-1]["payload"]
+    if done["final_round"] != (max(final) if final else 0) or done["rounds"] != [m["round"] for m in metrics] \
+            or done["student_digest"] != (last_digest or done["student_digest"]):
+        raise LedgerTampered(f"{ledger}, seq {finished[-1]['seq']}: run-finished names round {done['final_round']} "
+                             "and a student that are not the last round the ledger records.")
+    if any(e["kind"] == "round" and e["seq"] > finished[-1]["seq"] for e in events):
+        raise LedgerTampered(f"{ledger}: rounds are recorded after run-finished.")
+    report.checks.append(f"run-finished: round {done['final_round']} is the last, student {done['student_digest'][:12]}...")
+    return done["student_digest"]
+
+
+def _verify_student(run_dir: Path, digest: str | None, report: AuditReport) -> None:
+    path = run_dir / "student" / "model.safetensors"
+    if digest is None:
+        return
+    if not path.is_file():
+        raise LedgerTampered(f"{path} is missing (missing evidence): the ledger records a final student "
+                             f"{digest[:12]}....")
+    actual = digest_arrays(load_file(str(path)))
+    if actual != digest:
+        raise LedgerTampered(f"{path}: the student's weights hash to {actual[:12]}..., not {digest[:12]}..., the "
+                             "digest the signed ledger records for the final round; the student was swapped.")
+    report.checks.append("student/ hashes to the final round's signed digest")
+
+
+def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    path = run_dir / "report" / "report.json"
+    if not path.is_file():
+        return None
+    checked = verify_report(path, fingerprint)
+    for subject in checked["subjects"]:
+        target = run_dir / subject["path"]
+        now = sha256_hex(target.read_bytes()) if target.is_file() else "missing"
+        if now != subject["sha256"]:
+            raise LedgerTampered(f"{path}: rests on {subject['path']} with SHA-256 {subject['sha256'][:12]}..., but "
+                                 f"the file now has {now[:12]}...; the report does not describe this run as it is.")
+    return {"report_id": checked["report_id"], "key_fingerprint": checked["key_fingerprint"]}
+
+
+def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
+    """Every check of the module docstring; ``check_report=False`` when the report itself is being rebuilt."""
     run_dir = Path(run_dir)
     config_hash = _config_hash(run_dir)
     report = AuditReport(str(run_dir), config_hash, ["config.json: config hash recomputes"])
-    coordinator = verify_ledger(run_dir / "ledger.jsonl", _public_key(run_dir), actor="coordinator")
+    coordinator_pem = _public_key(run_dir)
+    coordinator = verify_ledger(run_dir / "ledger.jsonl", coordinator_pem, actor="coordinator")
     events = read_events(run_dir / "ledger.jsonl")
     started = [e for e in events if e["kind"] == "run-started"]
     if not started or started[0]["payload"]["config_hash"] != config_hash:
@@ -135,8 +284,17 @@ def verify_run(run_dir: Path) -> AuditReport:
                                      f"{event['seq']}) recorded head {seq}:{head[:12]}..., which this ledger does "
                                      "not contain; one side rewrote its history.")
     report.checks.append("every site head recorded by a coordinator checkpoint is in that site's ledger")
+    anchors = _verify_anchors(run_dir, events, site_events, run_id, coordinator_pem)
+    report.checks.append(f"the coordinator's ledger holds all {anchors} of its signed checkpoints that sites recorded, "
+                         "signed by the key every site pinned, and every round a site sent an update for")
+    _verify_student(run_dir, _verify_rounds(run_dir, events, report), report)
     for site_dir in site_dirs:
         report.sites[site_dir.name] |= _verify_site_privacy(site_dir, site_events[site_dir.name], run_id, config_hash)
-    report.checks.append("every site's epsilon replays from its recorded DP parameters with dp-accounting (PLD) "
-                         f"within {EPSILON_TOLERANCE:.0%}")
+    report.checks.append("every site's calibration is the one its ledger signed, and its epsilon replays from its "
+                         f"recorded DP parameters with dp-accounting (PLD) within {EPSILON_TOLERANCE:.0%}")
+    if check_report:
+        report.report = _verify_found_report(run_dir, key_fingerprint(coordinator_pem))
+        if report.report is not None:
+            report.checks.append(f"report/report.json: signed by the coordinator, report_id "
+                                 f"{report.report['report_id'][:12]}... recomputes, the files it rests on are unchanged")
     return report

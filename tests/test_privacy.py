@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,16 @@ def private_federation(**overrides):
     return federation(**{"target_epsilon": 4.0, "rounds": 3, "local_steps": 5, **overrides})
 
 
+# One coordinator directory per test session: its ledger key is the one every site of these tests pins.
+COORDINATOR_DIR = Path(tempfile.mkdtemp(prefix="fedistill-test-coordinator-"))
+
+
 def instruction_for(config, server_round, run_id="run-a"):
-    return Coordinator(config, run_id, Path("unused")).instruction(server_round)
+    return Coordinator(config, run_id, COORDINATOR_DIR / run_id).instruction(server_round)
 
 
 def global_state(config):
-    return Coordinator(config, "run-a", Path("unused")).state
+    return Coordinator(config, "run-a", COORDINATOR_DIR / "run-a").state
 
 
 def test_a_private_round_spends_what_was_calibrated_and_persists_it(tmp_path):

@@ -116,3 +116,109 @@ def test_site_report_shows_what_left_the_site_and_its_budget(verified_run, run_c
     rewrite_lines(run_copy / "sites" / "emergency-dept" / "ledger.jsonl", lambda lines: lines[:-2] + lines[-1:])
     tampered = run_cli("site", "report", str(run_copy / "sites" / "emergency-dept"), timeout=120)
     assert tampered.returncode == 1 and "ledger.jsonl" in tampered.stderr
+
+
+def _resign(path: Path, key) -> None:
+    """Rewrite a ledger as its owner could: same events, every checkpoint re-signed with ``key``, chain redone."""
+    import base64
+
+    from protocols.canonical import canonical_json, sha256_hex
+
+    previous = "0" * 64
+    lines = []
+    for event in read_events(path):
+        event["prev_hash"] = previous
+        if event["kind"] == "checkpoint":
+            event["payload"]["signed_hash"] = previous
+            event["payload"]["signature"] = base64.b64encode(key.sign(previous.encode())).decode()
+        event["hash"] = sha256_hex(canonical_json({k: v for k, v in event.items() if k != "hash"}))
+        previous = event["hash"]
+        lines.append(canonical_json(event) + "\n")
+    path.write_text("".join(lines))
+
+
+def test_the_coordinator_ledger_cut_back_at_any_line_boundary_never_verifies(run_copy):
+    from compliance.verify import verify_run
+
+    ledger = run_copy / "ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    kinds = [json.loads(line)["kind"] for line in lines]
+    assert kinds[0] == "run-started" and kinds[-2:] == ["run-finished", "checkpoint"]
+    outcomes = {}
+    for keep in range(1, len(lines)):
+        ledger.write_bytes(b"".join(lines[:keep]))
+        try:
+            outcomes[keep] = verify_run(run_copy).status
+        except LedgerTampered as err:
+            outcomes[keep] = "failed: " + str(err)
+    assert all(outcome != "verified" for outcome in outcomes.values()), outcomes
+    # Cut to run-started alone: the sites' records of later checkpoints and rounds name what is missing.
+    assert "cut back" in outcomes[1]
+    # Only the signed end is missing: the run verifies as incomplete, and the CLI says so with exit status 2.
+    assert outcomes[len(lines) - 1] == "incomplete" and outcomes[len(lines) - 2] == "incomplete"
+    result = verify(run_copy)
+    assert result.returncode == 2 and json.loads(result.stdout)["status"] == "incomplete"
+    ledger.write_bytes(b"".join(lines[:1]))
+    assert_fails(run_copy, "ledger.jsonl", "cut back")
+
+
+def test_the_coordinator_ledger_re_signed_with_a_fresh_key_fails(run_copy, tmp_path):
+    from protocols.ledger import public_key_pem
+
+    key = generate_signing_key(tmp_path / "impostor.pem")
+    _resign(run_copy / "ledger.jsonl", key)
+    (run_copy / "ledger_key.pub.pem").write_text(public_key_pem(key))
+    assert_fails(run_copy, "ledger.jsonl", "pinned", "re-signed with another key")
+
+
+def test_a_swapped_student_fails(run_copy, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from protocols.canonical import digest_arrays
+
+    path = run_copy / "student" / "model.safetensors"
+    weights = {k: v + np.float32(0.01) if v.dtype.kind == "f" else v for k, v in load_file(str(path)).items()}
+    save_file(weights, str(path))
+    assert_fails(run_copy, "model.safetensors", "the student was swapped")
+    # Editing metrics.jsonl to the new digest does not help: the signed ledger holds the old one.
+    metrics = run_copy / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records[-1]["student_digest"] = digest_arrays(weights)
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert_fails(run_copy, "metrics.jsonl", "round 2 differs from the ledger", "student_digest")
+
+
+def test_a_round_deleted_from_metrics_fails(run_copy):
+    rewrite_lines(run_copy / "metrics.jsonl", lambda lines: lines[1:])
+    assert_fails(run_copy, "metrics.jsonl", "rounds [2]", "rounds [1, 2]")
+
+
+def test_a_target_epsilon_the_ledger_contradicts_fails(run_copy):
+    path = run_copy / "sites" / "clinical-lab" / "privacy.json"
+    state = json.loads(path.read_text())
+    [calibration] = state["calibrations"].values()
+    calibration["target_epsilon"] = 1.0
+    path.write_text(json.dumps(state))
+    assert_fails(run_copy, "clinical-lab/privacy.json", "calibration", "not the one the site's ledger recorded")
+
+
+def test_a_report_is_signed_and_an_edited_report_fails(run_copy):
+    written = run_cli("report", str(run_copy), "--format", "json", timeout=300)
+    assert written.returncode == 0, written.stderr[-2000:]
+    report_path = run_copy / "report" / "report.json"
+    assert (run_copy / "report" / "report.json.sig").is_file()
+    result = verify(run_copy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["report"]["report_id"] == json.loads(report_path.read_text())["envelope"]["report_id"]
+    alone = run_cli("verify", "--report", str(report_path), "--format", "json", timeout=120)
+    assert alone.returncode == 0 and json.loads(alone.stdout)["key_fingerprint"].startswith("SHA256:")
+    wrong = run_cli("verify", "--report", str(report_path), "--key-fingerprint", "SHA256:" + "0" * 64, timeout=120)
+    assert wrong.returncode == 1 and "not by the run's coordinator key" in wrong.stderr
+
+    report = json.loads(report_path.read_text())
+    report["privacy"]["sites"]["clinical-lab"]["epsilon_total"] = 0.1
+    report_path.write_text(json.dumps(report, indent=2))
+    assert_fails(run_copy, "report.json", "edited after it was signed")
+    edited = run_cli("verify", "--report", str(report_path), timeout=120)
+    assert edited.returncode == 1 and "edited after it was signed" in edited.stderr and "\x1b" not in edited.stderr
