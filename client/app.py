@@ -40,9 +40,10 @@ def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _refusal(site: Site, refusal: BudgetExhausted, instruction: TrainInstruction) -> RecordDict:
-    return RecordDict({"refusal": ConfigRecord({"reason": str(refusal), **{
-        key.replace("_", "-"): value for key, value in refusal.details.items() if value is not None}}),
-        "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(instruction.binding())})
+    # Only the reason leaves the site: the decision's delta (at most 1/(10 n)) would tell the coordinator its record
+    # count; the full decision stays in the site's own ledger.
+    return RecordDict({"refusal": ConfigRecord({"reason": str(refusal)}),
+                       "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(instruction.binding())})
 
 
 def secure_aggregation_mod(msg: Message, context: Context, call_next: Callable) -> Message:

@@ -40,7 +40,7 @@ from safetensors.numpy import load_file
 from compliance.report_signature import report_id
 from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
-from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, epsilon_of, json_epsilon
+from protocols.accounting import EVIDENCE_FILES, Calibration, PrivacyState, SitePolicy, epsilon_of, json_epsilon
 from protocols.canonical import digest_arrays, digest_json
 from protocols.errors import DataError, FedistillError, LedgerTampered
 from protocols.ledger import CHECKPOINT, load_public_key, read_events
@@ -566,7 +566,11 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
 
 
 def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, Any]:
-    calibration = site.privacy.calibrations.get(ev.run_id)
+    # The calibration (target epsilon, sigma, q, delta) as the site's ledger signed it when it accepted the run;
+    # verify checks privacy.json's copy against it.
+    accepted = site.ledger.of_run(ev.run_id, "run-accepted")
+    signed = accepted[0]["payload"].get("calibration") if accepted else None
+    calibration = Calibration(**signed) if signed else None
     calibrated = asdict(calibration) if calibration else {}
     spends = site.privacy.run_spends(ev.run_id)
     # The site's own choice: its policy, else the accountant it calibrated this run with.

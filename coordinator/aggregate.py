@@ -18,6 +18,7 @@ from coordinator.replies import SiteReply
 from protocols.errors import UpdateRejected
 from protocols.fragments import FragmentSpec
 from protocols.messages import fragment_change_norms
+from protocols.secagg import site_weight
 
 log = logging.getLogger("fedistill.coordinator")
 
@@ -52,13 +53,17 @@ def check_aggregate(aggregate: Mapping[str, np.ndarray], global_state: Mapping[s
 
 
 def aggregate_fragments(global_state: Mapping[str, np.ndarray], spec: FragmentSpec, fragments: tuple[str, ...],
-                        replies: Sequence[SiteReply], server_round: int,
-                        max_update_norm: float = math.inf) -> AggregationResult:
-    """The example-weighted mean of screened replies, checked before it is returned as the new state."""
+                        replies: Sequence[SiteReply], server_round: int, max_update_norm: float = math.inf,
+                        weight_scale: int = 10_000) -> AggregationResult:
+    """The example-weighted mean of screened replies, checked before it is returned as the new state.
+
+    A site's weight is its example count capped at ``weight_scale``, as under SecAgg+ (:func:`site_weight`): a site
+    that claims a billion examples pulls the average no harder than one with ``weight_scale``.
+    """
     new_state = {name: value.copy() for name, value in global_state.items()}
     if not replies:
         return AggregationResult(new_state)
-    weights = np.array([r.num_examples for r in replies], dtype=np.float64)
+    weights = np.array([site_weight(r.num_examples, weight_scale) for r in replies], dtype=np.float64)
     weights /= weights.sum()
     aggregate = {}
     for name in spec.parameters_of_all(fragments):

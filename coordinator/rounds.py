@@ -30,7 +30,7 @@ from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import CoordinatorAnchor, TrainInstruction
-from protocols.secagg import decode_aggregate
+from protocols.secagg import decode_aggregate, site_weight
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("fedistill.coordinator")
@@ -127,9 +127,9 @@ class Coordinator:
         screened = screen_replies(replies, instruction, self.state, self.spec, self.reported_ledger_seqs,
                                   expected_sites)
         result = aggregate_fragments(self.state, self.spec, instruction.fragments, screened.accepted, server_round,
-                                     self.config.max_update_norm)
+                                     self.config.max_update_norm, self.config.weight_scale)
         accepted = [r for r in screened.accepted if r.site in result.accepted]
-        weights = np.array([r.num_examples for r in accepted], dtype=np.float64)
+        weights = np.array([site_weight(r.num_examples, self.config.weight_scale) for r in accepted], dtype=np.float64)
         loss = float(np.dot(weights, [r.train_loss for r in accepted]) / weights.sum()) if accepted else None
         return self._apply(server_round, result.state if accepted else None, sorted(result.accepted), loss,
                            {"aggregation": "plain", "rejected": (rejected or {}) | screened.rejected,
@@ -153,6 +153,13 @@ class Coordinator:
         if vectors is None:
             details["aggregate_rejected"] = (f"round {server_round}: " + (halted or (
                 "SecAgg+ halted (fewer live sites than the reconstruction threshold)")) + "; nothing was aggregated")
+            log.error("%s; the global student is unchanged.", details["aggregate_rejected"])
+            return self._apply(server_round, None, [], None, details, started)
+        if len(participants) < self.config.min_cohort:
+            # Drop-outs and rejections can leave fewer vectors in the sum than the cohort a site's privacy relies on.
+            details["aggregate_rejected"] = (f"round {server_round}: only {len(participants)} site(s)' vectors were "
+                                             f"summed, fewer than min_cohort={self.config.min_cohort}; the sum is "
+                                             "not used")
             log.error("%s; the global student is unchanged.", details["aggregate_rejected"])
             return self._apply(server_round, None, [], None, details, started)
         try:

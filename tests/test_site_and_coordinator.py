@@ -77,6 +77,16 @@ def test_a_secure_aggregate_with_a_non_finite_value_is_rejected_and_the_student_
     assert load_metrics(tmp_path)[0]["aggregate_rejected"] == record["aggregate_rejected"]
 
 
+def test_a_secure_sum_of_fewer_sites_than_min_cohort_is_not_used(tmp_path):
+    coordinator = Coordinator(federation(min_cohort=3), "run", tmp_path)
+    before = coordinator.state
+    names = coordinator.spec.parameters_of_all(coordinator.instruction(1).fragments)
+    vectors = [np.zeros_like(before[name], dtype=np.float64) for name in names] + [np.array([0.5]), np.array([0.1])]
+    record = coordinator.complete_secure_round(1, vectors, ["a", "b"], {}, {}, {}, started=0.0)
+    assert record["status"] == "failed" and "fewer than min_cohort=3" in record["aggregate_rejected"]
+    assert all(np.array_equal(coordinator.state[k], before[k]) for k in before)
+
+
 def test_an_aggregate_beyond_the_norm_bound_is_rejected(tmp_path):
     coordinator = Coordinator(federation(max_update_norm=1.0), "run", tmp_path)
     state, spec = coordinator.state, coordinator.spec
