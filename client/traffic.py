@@ -20,6 +20,10 @@ session id, and the 64-character object id that names each object in its own req
 object), HTTP/2 or gRPC framing, compression, TLS records, retries, and the calls that carry no message
 (node registration, heartbeats, ``GetRun``, ``GetFab``, ``ConfirmMessageReceived``).
 
+The incoming message is measured before the app sees it (``secaggplus_mod`` rewrites its content in place),
+the reply once the app returns it. After a round's last stage (``train``, ``unmask``) a signed checkpoint
+follows the transfer event, so the round's traffic is covered by a signature like its update.
+
 A reply that is an error counts too: when the ClientApp raises, the event records the incoming bytes and
 the size of the error reply Flower's runner sends instead (same code and reason format), with
 ``"error": true``. A message the site never answers (it crashed, or the process was killed) leaves no event.
@@ -39,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,8 @@ ROUND_END_STAGES = frozenset({"train", "unmask"})
 INSTRUCTION_KEY = "instruction"  # the FitIns config key of the SecAgg+ collect stage (coordinator/secure_round.py)
 
 ModFunction = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
+# Set while a traffic mod handles a message: a second one inside it (the mod added twice) passes the message on.
+_RECORDING: ContextVar[bool] = ContextVar("fedistill_traffic_recording", default=False)
 
 
 def wire_bytes(message: Message) -> int:
@@ -162,39 +169,57 @@ def _record(state_dir: Path, event: dict[str, Any]) -> None:
         ledger.checkpoint({"run_id": event["run_id"], "round": event["round"]})
 
 
+def _handle(resolve_state_dir: Callable[[Context], Path], msg: Message, context: Context,
+            call_next: Callable[[Message, Context], Message]) -> Message:
+    """One message through a traffic mod; a traffic mod nested inside another passes the message on."""
+    if _RECORDING.get():
+        return call_next(msg, context)
+    token = _RECORDING.set(True)
+    try:
+        return _recorded(resolve_state_dir, msg, context, call_next)
+    finally:
+        _RECORDING.reset(token)
+
+
+def _recorded(resolve_state_dir: Callable[[Context], Path], msg: Message, context: Context,
+              call_next: Callable[[Message, Context], Message]) -> Message:
+    try:
+        state_dir = Path(resolve_state_dir(context))
+    except Exception:  # without its state directory the site has no ledger to write: the message fails
+        log.exception("transfer ledger: cannot resolve the site's state directory")
+        raise
+    described = _describe(msg, state_dir)
+    try:
+        reply = call_next(msg, context)
+    except Exception as exc:
+        error_bytes = _attempt("size of the error reply", lambda: wire_bytes(_error_reply(msg, exc)))
+        event = {**described, "bytes_out": error_bytes, "error": True}
+        try:
+            _record(state_dir, event)
+        except Exception:  # noqa: BLE001 - the message fails with its own error, logged with this one
+            log.exception("transfer ledger: could not write the transfer event of a failed %s message",
+                          described["stage"])
+        raise
+    event = {**described, "bytes_out": _attempt("size of the reply", lambda: wire_bytes(reply)),
+             "error": reply.has_error()}
+    try:
+        _record(state_dir, event)
+    except Exception:
+        log.exception("transfer ledger: the site's ledger cannot be written; the %s reply is not sent",
+                      described["stage"])
+        raise
+    return reply
+
+
 def traffic_mod(resolve_state_dir: Callable[[Context], Path]) -> ModFunction:
     """A ClientApp mod recording, per message, the bytes in and out in the site's ledger (module docstring).
 
     Put it outermost (first in ``mods``), outside ``secaggplus_mod``: inside it would see the unmasked
-    update instead of what leaves.
+    update instead of what leaves. Added twice, only the outer one records.
     """
 
     def record_traffic(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        try:
-            state_dir = Path(resolve_state_dir(context))
-        except Exception:  # without its state directory the site has no ledger to write: the message fails
-            log.exception("transfer ledger: cannot resolve the site's state directory")
-            raise
-        described = _describe(msg, state_dir)
-        try:
-            reply = call_next(msg, context)
-        except Exception as exc:
-            error_bytes = _attempt("size of the error reply", lambda: wire_bytes(_error_reply(msg, exc)))
-            event = {**described, "bytes_out": error_bytes, "error": True}
-            try:
-                _record(state_dir, event)
-            except Exception:  # noqa: BLE001 - the message fails with its own error, logged with this one
-                log.exception("transfer ledger: could not write the transfer event of a failed %s message",
-                              described["stage"])
-            raise
-        event = {**described, "bytes_out": _attempt("size of the reply", lambda: wire_bytes(reply)),
-                 "error": reply.has_error()}
-        try:
-            _record(state_dir, event)
-        except Exception:
-            log.exception("transfer ledger: the site's ledger cannot be written; the %s reply is not sent",
-                          described["stage"])
-            raise
-        return reply
+        # Module-level work only: Ray pickles this closure by value, the module's functions by reference.
+        return _handle(resolve_state_dir, msg, context, call_next)
 
     return record_traffic
