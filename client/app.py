@@ -20,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
 from client.site import Site
+from client.traffic import traffic_mod
 from protocols.errors import BudgetExhausted
 from protocols.messages import PUBLIC_PRIVACY_FIELDS, TrainInstruction
 
@@ -67,7 +68,8 @@ def _secure_train(site: Site, msg: Message) -> RecordDict:
 
 
 def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | None = None) -> ClientApp:
-    app = ClientApp(mods=[*(mods or []), secure_aggregation_mod])
+    # Outermost: the traffic record sees every message as it arrives and every reply as it leaves, masked.
+    app = ClientApp(mods=[traffic_mod(resolve_state_dir), *(mods or []), secure_aggregation_mod])
 
     # Deployment runs every message in a fresh process: the training stack (torch, Opacus) is imported only by
     # the messages that use it, not by SecAgg+'s key-exchange and unmasking stages.
