@@ -110,7 +110,8 @@ def test_site_report_shows_what_left_the_site_and_its_budget(verified_run, run_c
     assert [sent["round"] for sent in run["updates_sent"]] == [1, 2] and run["refusals"] == []
     assert all(sent["bytes"] > 0 and len(sent["digest"]) == 64 for sent in run["updates_sent"])
     assert 0 < run["epsilon"] <= report["policy"]["epsilon_per_run"] and report["lifetime_budget_left"] is None
-    assert report["ledger"]["verified"] and report["ledger"]["checkpoints"] == 2
+    checkpoints = sum(e["kind"] == "checkpoint" for e in read_events(site_dir / "ledger.jsonl"))
+    assert report["ledger"]["verified"] and report["ledger"]["checkpoints"] == checkpoints >= 2
     table = run_cli("site", "report", str(site_dir), timeout=120)
     assert table.returncode == 0 and "what left this site" in table.stdout
     rewrite_lines(run_copy / "sites" / "emergency-dept" / "ledger.jsonl", lambda lines: lines[:-2] + lines[-1:])
