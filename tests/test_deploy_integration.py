@@ -133,7 +133,8 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     verified = fedistill("verify", str(run_dir), "--format", "json", cwd=root)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert json.loads(verified.stdout)["verified"] is True
-    reported = fedistill("report", str(run_dir), "--format", "json,html", cwd=root)
+    reported = fedistill("report", str(run_dir), "--format", "json,html", "--signing-key",
+                         str(root / "coordinator" / "coordinator_key.pem"), cwd=root)
     assert reported.returncode == 0, reported.stderr
     report = json.loads((run_dir / "report" / "report.json").read_text())
     assert report["run"]["mode"].startswith("deployment") and report["run"]["run_id"] == run_id
