@@ -22,7 +22,6 @@ id of any site is ever copied into the report: only counts, digests and the tens
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
@@ -34,16 +33,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from safetensors.numpy import load_file
 
 from compliance.report_signature import report_id
 from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
 from protocols.accounting import EVIDENCE_FILES, Calibration, PrivacyState, SitePolicy, epsilon_of, json_epsilon
-from protocols.canonical import digest_arrays, digest_json
+from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.errors import DataError, FedistillError, LedgerTampered
-from protocols.ledger import CHECKPOINT, load_public_key, read_events
+from protocols.ledger import CHECKPOINT, read_events
+from protocols.ledger import key_fingerprint as ledger_key_fingerprint
 
 SCHEMA_VERSION = 1
 NOT_ASSESSED = "not assessed"
@@ -236,23 +235,15 @@ def load_evidence(run_dir: Path) -> RunEvidence:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def key_fingerprint(pem: str | None) -> str:
-    """``SHA256:<hex>`` of the raw Ed25519 public key: what a party reads out to another to compare keys."""
+    """The key's fingerprint (:func:`protocols.ledger.key_fingerprint`), or why there is none: a report still shows
+    a run whose key is missing or unusable."""
     if pem is None:
         return "missing"
     try:
-        raw = load_public_key(pem).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return ledger_key_fingerprint(pem)
     except FedistillError as err:
         return f"invalid: {err}"
-    return "SHA256:" + hashlib.sha256(raw).hexdigest()
 
 
 def _version_of(name: str) -> str:

@@ -38,7 +38,7 @@ from safetensors.numpy import load_file
 
 from compliance.report_signature import verify_report
 from protocols.accounting import PrivacyState, Spend, pld_epsilon
-from protocols.canonical import digest_arrays, digest_json, sha256_hex
+from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.errors import LedgerTampered
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
@@ -242,7 +242,7 @@ def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | No
     checked = verify_report(path, fingerprint)
     for subject in checked["subjects"]:
         target = run_dir / subject["path"]
-        now = sha256_hex(target.read_bytes()) if target.is_file() else "missing"
+        now = file_sha256(target) if target.is_file() else "missing"
         if now != subject["sha256"]:
             raise LedgerTampered(f"{path}: rests on {subject['path']} with SHA-256 {subject['sha256'][:12]}..., but "
                                  f"the file now has {now[:12]}...; the report does not describe this run as it is.")

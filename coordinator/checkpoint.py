@@ -8,8 +8,6 @@ safetensors with the student spec beside them.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from distill.models import build_student
-from protocols.canonical import atomic_write_json
+from protocols.canonical import atomic_directory, atomic_write_json
 from protocols.config import FederationConfig, StudentSpec
 from protocols.errors import ConfigError
 
@@ -28,9 +26,7 @@ MANIFEST = "checkpoint.json"
 def save_student(model: nn.Module, spec: StudentSpec, directory: Path, config: FederationConfig,
                  extra: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(str(staging))
         else:
@@ -42,17 +38,6 @@ def save_student(model: nn.Module, spec: StudentSpec, directory: Path, config: F
             "config_hash": config.config_hash(),
             **(extra or {}),
         })
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -13,10 +13,7 @@ never among them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,7 @@ import torch
 from torch import nn
 
 from distill.models import path_digest
+from protocols.canonical import atomic_directory, file_sha256
 from protocols.errors import ConfigError, UpdateRejected
 from protocols.fragments import FragmentSpec, per_block
 
@@ -49,14 +47,6 @@ class CausalLMTeacher:
     source: Path
     kind: str  # "gguf" or "checkpoint"
     digest: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def causal_lm_digest(path: Path) -> str:
@@ -263,23 +253,10 @@ def save_causal_lm_student(model: nn.Module, directory: Path, tokenizer: Any | N
         raise ConfigError("save_causal_lm_student: this student carries LoRA adapters; save the base student "
                           "before add_lora and keep the adapters as trainable_state.")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         model.save_pretrained(str(staging))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            directory.rename(retired)
-            staging.rename(directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
