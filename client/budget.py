@@ -20,10 +20,7 @@ from typing import Any
 
 import numpy as np
 
-# ACCOUNTANTS is imported here only because client/sitefile.py still imports it from client.budget; its
-# owner moves that import to protocols.accounting, then it goes from this line.
-from protocols.accounting import (ACCOUNTANTS, Calibration, PrivacyState, SitePolicy, Spend,  # noqa: F401
-                                  epsilon_of, json_epsilon)
+from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 
 log = logging.getLogger("fedistill.site.budget")
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from client.budget import PrivacyState
 from client.records import load_records
 from client.registration import CoordinatorUnreachable, node_key_registered
 from client.sitefile import SiteFile
 from distill.data import SplitData
 from distill.models import load_teacher
+from protocols.accounting import PrivacyState
 from protocols.errors import FedistillError
 from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
 

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.budget import ACCOUNTANTS, SitePolicy
 from client.records import RecordSchema, load_records
 from client.site import Site, create_site
+from protocols.accounting import ACCOUNTANTS, SitePolicy
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
