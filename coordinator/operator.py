@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.canonical import atomic_write_json
+from protocols.fields import reject_unknown_fields
 from protocols.errors import ConfigError, FedistillError
 from protocols.ledger import generate_signing_key
 from protocols.pki import check_certificate, certificate_fingerprint, create_certificates, node_key_fingerprint
@@ -80,6 +81,7 @@ class CoordinatorDir:
         raw = json.loads(settings.read_text())
         if raw.get("schema_version") != SCHEMA_VERSION:
             raise ConfigError(f"{settings}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        reject_unknown_fields(raw, ("schema_version", "hosts", "port", "listen"), str(settings))
         return cls(path, tuple(raw["hosts"]), int(raw["port"]), str(raw["listen"]))
 
     def transport(self) -> dict[str, Any]:
@@ -101,7 +103,11 @@ class CoordinatorDir:
         }
 
     def registry(self) -> dict[str, dict[str, Any]]:
-        raw = json.loads((self.path / REGISTRY_FILE).read_text())
+        path = self.path / REGISTRY_FILE
+        raw = json.loads(path.read_text())
+        if raw.get("schema_version") != SCHEMA_VERSION:
+            raise ConfigError(f"{path}: schema_version {raw.get('schema_version')!r} is not {SCHEMA_VERSION}.")
+        reject_unknown_fields(raw, ("schema_version", "sites"), str(path))
         return dict(raw["sites"])
 
     def write_connection(self) -> None:
