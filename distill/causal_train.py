@@ -1,0 +1,324 @@
+"""Training and evaluation of causal-LM students against cached top-k teacher targets (issue 12).
+
+Plain functions, no Flower and no privacy engine (DP-SGD is :func:`client.privacy.private_distill_causal`, which
+uses the same criterion). The pieces a site needs, in order:
+
+* :func:`teacher_targets`: the teacher's top-k targets for a site's sequences, computed once (for the cache);
+* :func:`distill_causal`: optimizer steps of token-level KD on the named trainable tensors (blocks or LoRA);
+* :func:`score_tokens`, :func:`top1_agreement`: held-out perplexity of any causal LM and top-1 agreement.
+
+Sequences are fixed-length, right-padded ``input_ids``/``attention_mask`` arrays
+(:func:`distill.causal_lm.tokenize_texts`), so every sequence's positions are ``0..length-1``: the models are
+given those positions explicitly, per sequence and contiguous, as Opacus's per-sample hooks need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.data import SplitData
+from distill.token_kd import (DEFAULT_TEMPERATURES, DIVERGENCES, TopKTargets, build_topk_targets,
+                              chunked_token_kd_loss, concatenate_targets, token_kd_loss)
+from distill.train import TrainOutcome, make_optimizer, shuffled_batches
+from protocols.errors import ConfigError, DataError
+
+# Positions of [*, vocab] rows per chunk: with Gemma's 262,144 outputs, 64 rows are 64 MiB of float32, so the
+# loss's and the evaluation's temporaries stay far below one batch of logits.
+CHUNK = 64
+# How far the chunked path's logits (output layer on the last hidden state) may drift from the model's own before
+# the model is refused: float32 rounding of the same computation is far smaller, a missed logit scale far larger.
+LOGIT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class CausalTrainSettings:
+    """One round of local token-level KD: ``alpha * CE(next token) + (1 - alpha) * T^2 * D(teacher, student)``."""
+
+    steps: int
+    batch_size: int
+    learning_rate: float
+    temperature: float
+    alpha: float
+    seed: int
+    divergence: str = "forward_kl"
+    beta: float = 0.5  # the generalised JSD's mixture weight (distill.token_kd.divergence)
+    optimizer: str = "sgd"
+    chunk_size: int = CHUNK
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
+        if self.steps < 0 or self.batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError(f"steps must be >= 0, batch_size and chunk_size >= 1; got {self.steps}, "
+                              f"{self.batch_size}, {self.chunk_size}.")
+
+
+# --------------------------------------------------------------------------------------------- sequences
+def sequence_tensors(input_ids: np.ndarray | torch.Tensor,
+                     attention_mask: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[n, length]`` tensors, checked: same shape and right padding (each mask row is 1...1 0...0)."""
+    ids, mask = torch.as_tensor(input_ids, dtype=torch.long), torch.as_tensor(attention_mask, dtype=torch.long)
+    if ids.dim() != 2 or ids.shape != mask.shape:
+        raise DataError(f"input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be the same "
+                        "[sequences, length].")
+    if bool((mask[:, 1:] > mask[:, :-1]).any()) or bool(((mask != 0) & (mask != 1)).any()):
+        # Left padding would shift every real token off the positions 0..length-1 that the models are given.
+        raise DataError("attention_mask must be 0/1 and padded on the right (tokenize_texts does this).")
+    return ids, mask
+
+
+def split_sequences(data: SplitData) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text split's ``input_ids`` and ``attention_mask`` as checked tensors."""
+    missing = [name for name in ("input_ids", "attention_mask") if name not in data.inputs]
+    if missing:
+        raise DataError(f"a causal-LM split needs input_ids and attention_mask; {missing} missing.")
+    return sequence_tensors(data.inputs["input_ids"], data.inputs["attention_mask"])
+
+
+def position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """``0..length-1`` for every sequence, materialised with ``repeat``: Opacus breaks on an ``expand`` view (one
+    row shared by the batch) wherever the ids reach a trained position embedding, as in BERT; Gemma's rotary
+    positions have no parameters, but a family with learned positions must get per-sample, contiguous ids."""
+    batch, length = input_ids.shape
+    return torch.arange(length).repeat(batch, 1)
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model's own full-vocabulary logits [batch, length, vocab], with per-sequence positions."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(input_ids)).logits
+
+
+def _batches(count: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    return (slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size))
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------- teacher targets
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
+                    attention_mask: np.ndarray | torch.Tensor, k: int, batch_size: int,
+                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> TopKTargets:
+    """The teacher's top-k targets (with their tail bucket, distill.token_kd) for every sequence, batch by batch.
+
+    Run once per site and cached (``TopKTargets.to_arrays``): only one batch of the teacher's full-vocabulary
+    logits exists at a time. ``temperatures`` is the grid the cache serves exactly; a run whose schedule uses
+    fewer temperatures can build a cheaper cache (the tail costs one pass over the vocabulary per temperature).
+    """
+    ids, mask = sequence_tensors(input_ids, attention_mask)
+    if len(ids) == 0:
+        raise DataError("teacher_targets: no sequences.")
+    parts = []
+    with _eval_mode(teacher):
+        for rows in _batches(len(ids), batch_size):
+            logits = causal_logits(teacher, ids[rows], mask[rows])
+            parts.append(build_topk_targets(logits, mask[rows], k, temperatures))
+    return concatenate_targets(parts)
+
+
+# --------------------------------------------------------------------------------------------- the criterion
+class OutputLayer(nn.Module):
+    """A causal LM's output layer as its forward applies it: the projection, then the final-logit soft-capping
+    that Gemma 2 and 3 configs may set (``final_logit_softcapping``)."""
+
+    def __init__(self, projection: nn.Module, softcap: float | None) -> None:
+        super().__init__()
+        self.projection, self.softcap = projection, softcap
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.projection(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the wrapper itself has no decoder accessor of its own)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SequenceKDLoss:
+    """The per-sequence token-level KD loss of one student on a batch: the criterion of the plain and the DP loop.
+
+    With a frozen output layer (the students of issue 12 share the teacher's frozen embedding) the loss runs on
+    the decoder's last hidden states through :func:`distill.token_kd.chunked_token_kd_loss`, so the batch's
+    ``[batch, length, vocab]`` logits never exist; with a trainable one it needs the model's logits
+    (:func:`distill.token_kd.token_kd_loss`). ``reduction`` is "mean" or "none" (one loss per sequence): Opacus's
+    ghost clipping sets it to "none" to clip each sequence, the unit of privacy, separately. Build it with
+    :func:`kd_criterion`, which checks the chunked path against the model's own logits.
+    """
+
+    def __init__(self, model: nn.Module, settings: CausalTrainSettings, reduction: str = "mean") -> None:
+        self.model, self.settings, self.reduction = model, settings, reduction
+        base = _base_model(model)
+        projection = base.get_output_embeddings()
+        self.trains_output_layer = projection is None or any(p.requires_grad for p in projection.parameters())
+        self.decoder = None if self.trains_output_layer else base.get_decoder()
+        self.head = None if self.trains_output_layer else \
+            OutputLayer(projection, getattr(base.config, "final_logit_softcapping", None))
+
+    def last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states [batch, length, hidden], which the output layer maps to the logits."""
+        return self.decoder(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids(input_ids)).last_hidden_state
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: TopKTargets) -> torch.Tensor:
+        s = self.settings
+        if self.trains_output_layer:
+            logits = causal_logits(self.model, input_ids, attention_mask)
+            per_sequence = token_kd_loss(logits, targets, input_ids, attention_mask, s.temperature, s.alpha,
+                                         s.divergence, s.beta, s.chunk_size)
+        else:
+            per_sequence = chunked_token_kd_loss(self.last_hidden(input_ids, attention_mask), self.head, targets,
+                                                 input_ids, attention_mask, s.temperature, s.alpha, s.divergence,
+                                                 s.beta, s.chunk_size)
+        if self.reduction == "none":
+            return per_sequence
+        if self.reduction == "mean":
+            return per_sequence.mean()
+        raise ConfigError(f"reduction must be 'mean' or 'none', got {self.reduction!r}.")
+
+
+@torch.no_grad()
+def kd_criterion(model: nn.Module, settings: CausalTrainSettings, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> SequenceKDLoss:
+    """The criterion of ``model`` after its trainable tensors are set, checked on the first sequence: the chunked
+    path assumes the logits are the output layer applied to the last hidden state, which some families break
+    (a logit scale after the projection); such a model is refused rather than distilled into the wrong function."""
+    criterion = SequenceKDLoss(model, settings)
+    if not criterion.trains_output_layer:
+        probe_ids, probe_mask = input_ids[:1], attention_mask[:1]
+        with _eval_mode(model):
+            expected = causal_logits(model, probe_ids, probe_mask)
+            got = criterion.head(criterion.last_hidden(probe_ids, probe_mask))
+        if not torch.allclose(got, expected, rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE):
+            raise ConfigError(f"{type(_base_model(model)).__name__}: its logits are not its output layer applied to "
+                              "its last hidden state (a logit scale?); the chunked KD loss would train another model.")
+    return criterion
+
+
+# --------------------------------------------------------------------------------------------- training
+@contextmanager
+def trainable_only(model: nn.Module, trainable: Collection[str]) -> Iterator[list[nn.Parameter]]:
+    """Only the named tensors (``named_parameters`` names) require grad inside; yields them. Afterwards every
+    tensor is as frozen as before: a layer-subset student's embedding and a LoRA student's base stay frozen."""
+    named = dict(model.named_parameters())
+    unknown = sorted(set(trainable) - set(named))
+    if not trainable or unknown:
+        raise ConfigError(f"trainable tensors: {unknown or 'none given'}; expected names of "
+                          f"{type(model).__name__}.named_parameters(), e.g. from trainable_tensor_names.")
+    before = {name: parameter.requires_grad for name, parameter in named.items()}
+    try:
+        for name, parameter in named.items():
+            parameter.requires_grad_(name in trainable)
+        yield [parameter for name, parameter in named.items() if name in trainable]
+    finally:
+        for name, parameter in named.items():
+            parameter.requires_grad_(before[name])
+
+
+def check_targets(targets: TopKTargets, sequences: int) -> None:
+    """The cache must be the split's: ``TopKTargets.select`` then checks each batch's positions."""
+    if targets.sequences != sequences:
+        raise DataError(f"the teacher's targets cover {targets.sequences} sequences but the split has {sequences}; "
+                        "rebuild the cache for this split.")
+
+
+def distill_causal(model: nn.Module, data: SplitData, targets: TopKTargets, settings: CausalTrainSettings,
+                   trainable: Collection[str]) -> TrainOutcome:
+    """``settings.steps`` optimizer steps of token-level KD on ``data`` against its cached ``targets``.
+
+    Only the ``trainable`` tensors change (decoder blocks or LoRA adapters); batches are reshuffled passes of
+    exactly ``batch_size`` sequences (:func:`distill.train.shuffled_batches`), as in :func:`distill.train.distill`.
+    The mean loss is the mean over steps of the batch's mean per-sequence loss.
+    """
+    input_ids, attention_mask = split_sequences(data)
+    check_targets(targets, len(data))
+    generator = torch.Generator().manual_seed(settings.seed)
+    total = 0.0
+    with trainable_only(model, trainable) as parameters:
+        criterion = kd_criterion(model, settings, input_ids, attention_mask)
+        optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate)
+        model.train()
+        for index in shuffled_batches(len(data), settings.batch_size, settings.steps, generator):
+            loss = criterion(input_ids[index], attention_mask[index], targets.select(index))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+    return TrainOutcome(mean_loss=total / max(settings.steps, 1), steps=settings.steps, examples=len(data))
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class TokenScores:
+    """One causal LM on held-out sequences, at every real token that is followed by a real token (the tokens it
+    predicts): the next token's negative log-likelihood and the model's top-1 prediction there."""
+
+    nll: np.ndarray  # float64 [P]
+    top1: np.ndarray  # int64 [P]
+    sequence: np.ndarray  # int64 [P]: which sequence
+    position: np.ndarray  # int64 [P]: the predicting position (it predicts the token at position + 1)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.nll)
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean next-token NLL over all predicted tokens (each token weighs the same, not each text)."""
+        if not self.tokens:
+            raise DataError("perplexity: no sequence has two real tokens.")
+        return math.exp(float(self.nll.mean()))
+
+
+@torch.no_grad()
+def score_tokens(model: nn.Module, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor,
+                 batch_size: int) -> TokenScores:
+    """:class:`TokenScores` of any causal LM (student, teacher, undistilled student), ``batch_size`` sequences at a
+    time: one batch of full-vocabulary logits exists at once, its rows reduced ``CHUNK`` positions at a time."""
+    ids, mask = sequence_tensors(input_ids, attention_mask)
+    nll, top1, sequence, position = [], [], [], []
+    with _eval_mode(model):
+        for rows in _batches(len(ids), batch_size):
+            batch_ids, batch_mask = ids[rows], mask[rows]
+            logits = causal_logits(model, batch_ids, batch_mask)
+            # Right padding: a position predicts a real token exactly when the next position is real.
+            row, column = batch_mask[:, 1:].bool().nonzero(as_tuple=True)
+            for start in range(0, len(row), CHUNK):
+                r, c = row[start:start + CHUNK], column[start:start + CHUNK]
+                scores = logits[r, c].double()
+                nll.append(scores.logsumexp(dim=-1) - scores.gather(-1, batch_ids[r, c + 1].unsqueeze(-1)).squeeze(-1))
+                top1.append(scores.argmax(dim=-1))
+            sequence.append(row + rows.start)
+            position.append(column)
+            del logits
+    empty = torch.zeros(0, dtype=torch.long)
+    return TokenScores(nll=torch.cat(nll or [empty.double()]).numpy(), top1=torch.cat(top1 or [empty]).numpy(),
+                       sequence=torch.cat(sequence or [empty]).numpy(), position=torch.cat(position or [empty]).numpy())
+
+
+def top1_agreement(student: TokenScores, teacher: TokenScores) -> float:
+    """Share of predicted tokens where the student's top-1 token is the teacher's, on the same sequences."""
+    if not (np.array_equal(student.sequence, teacher.sequence) and np.array_equal(student.position, teacher.position)):
+        raise DataError("top1_agreement: the two scores are not over the same sequences and positions.")
+    if not student.tokens:
+        raise DataError("top1_agreement: no sequence has two real tokens.")
+    return float(np.mean(student.top1 == teacher.top1))
