@@ -13,12 +13,16 @@ import numpy as np
 import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
-from client.privacy import private_distill
+from client.privacy import private_distill, private_distill_causal
 from client.site import Site
-from distill.cache import TeacherLogitCache
-from distill.models import (build_student, load_numpy_state, load_teacher, parameter_names, state_to_numpy,
-                            teacher_digest)
-from distill.train import TrainSettings, distill
+from distill.cache import TeacherLogitCache, TopKTargetCache
+from distill.causal_lm import causal_lm_digest, load_causal_lm_teacher
+from distill.causal_train import CausalTrainSettings, distill_causal, split_sequences, teacher_targets
+from distill.data import SplitData
+from distill.models import (build_student, fragment_parameter_names, load_student_state, load_teacher,
+                            student_state, teacher_digest)
+from distill.token_kd import TopKTargets
+from distill.train import TrainOutcome, TrainSettings, distill
 from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
 from protocols.errors import BudgetExhausted, ConfigError, UpdateRejected
@@ -29,6 +33,9 @@ from protocols.secagg import EncodedUpdate, encode_update
 
 log = logging.getLogger("fedistill.site")
 CLIPPING_FILE = "secagg_clipping.json"
+# Sequences per teacher forward pass while a site builds its top-k cache: one batch of full-vocabulary logits
+# (8 x 64 x 262,144 float32 is 0.5 GiB for Gemma) exists at a time.
+TEACHER_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -155,21 +162,15 @@ def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | 
             "epsilon-run": json_epsilon(after), "epsilon-lifetime": json_epsilon(lifetime)}
 
 
-def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray]) -> SiteUpdate:
-    splits = site.splits()
-    if len(splits["train"]) == 0:
-        raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
-    check = check_budget(site, instruction, len(splits["train"]))
-    torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
-    student = build_student(instruction.student)
-    check_tensors(global_state, state_to_numpy(student),
-                  f"round {instruction.server_round} global student received by {site.name}")
-    spec = fragment_spec_for(instruction.student.family, parameter_names(student))
-    trainable = spec.parameters_of_all(instruction.fragments)
-    load_numpy_state(student, global_state)
+def _secret_seed(site: Site, instruction: TrainInstruction) -> int:
+    # 60 bits from the site's secret: the coordinator knows run id and round, never the secret.
+    return int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:{instruction.server_round}")[:15], 16)
+
+
+def _distill_classifier(site: Site, instruction: TrainInstruction, student: torch.nn.Module, data: SplitData,
+                        trainable: tuple[str, ...], check: BudgetCheck) -> tuple[TrainOutcome, Spend]:
     cache = TeacherLogitCache(site.state_dir)
-    outputs = cache.outputs(splits["train"], teacher_digest(site.teacher_path),
-                            lambda: load_teacher(site.teacher_path))
+    outputs = cache.outputs(data, teacher_digest(site.teacher_path), lambda: load_teacher(site.teacher_path))
     projection = None
     if instruction.hidden_alignment_weight > 0 and outputs.hidden is not None:
         projection = _alignment_projection(site, student.config.hidden_size, outputs.hidden.shape[1])
@@ -179,22 +180,84 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
                              alpha=instruction.alpha, hidden_alignment_weight=instruction.hidden_alignment_weight,
                              seed=derived_seed(instruction.seed, instruction.server_round, site.name))
     if check.calibration is not None:
-        # 60 bits from the site's secret: the coordinator knows run id and round, never the secret.
-        secret_seed = int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:{instruction.server_round}")[:15],
-                          16)
-        outcome, spend = private_distill(student, instruction.student.family, splits["train"], outputs.logits,
+        outcome, spend = private_distill(student, instruction.student.family, data, outputs.logits,
                                          settings, trainable, check.calibration, instruction.grad_sample_mode,
-                                         check.state.spends, instruction.run_id, instruction.server_round, secret_seed)
+                                         check.state.spends, instruction.run_id, instruction.server_round,
+                                         _secret_seed(site, instruction))
     else:
-        outcome = distill(student, instruction.student.family, splits["train"], outputs.logits, settings, trainable,
+        outcome = distill(student, instruction.student.family, data, outputs.logits, settings, trainable,
                           teacher_hidden=outputs.hidden, projection=projection)
         spend = check.spend
     if projection is not None:
         buffer = io.BytesIO()
         torch.save(projection.state_dict(), buffer)
         atomic_write_bytes(site.state_dir / "alignment.pt", buffer.getvalue())
+    return outcome, spend
 
-    state = state_to_numpy(student)
+
+def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: SplitData,
+                           vocab_size: int) -> TopKTargets:
+    """The site's causal-LM teacher's top-k targets on its training texts: computed in the first round (the
+    teacher's only forward passes), cached in the state directory, recorded in the site's ledger, never sent."""
+    settings = instruction.student.causal_lm()
+
+    def compute() -> TopKTargets:
+        teacher = load_causal_lm_teacher(site.teacher_path)
+        rows = teacher.model.get_output_embeddings().weight.shape[0]
+        if rows != vocab_size:
+            raise UpdateRejected(f"site {site.name}: the teacher '{site.teacher_path}' predicts {rows} tokens, the "
+                                 f"student {vocab_size}; token-level targets need the teacher's tokenizer in both.")
+        input_ids, attention_mask = split_sequences(data)
+        return teacher_targets(teacher.model, input_ids, attention_mask, settings.top_k, TEACHER_BATCH,
+                               settings.temperatures)
+
+    cached = TopKTargetCache(site.state_dir).targets(data, causal_lm_digest(site.teacher_path), settings.top_k,
+                                                     settings.temperatures, compute)
+    if cached.computed is not None:
+        site_ledger(site).append("teacher-targets-cached", {"run_id": instruction.run_id,
+                                                            "round": instruction.server_round, **cached.computed,
+                                                            "sent": False})
+    if cached.targets.vocab_size != vocab_size:
+        raise UpdateRejected(f"site {site.name}: the cached teacher targets cover {cached.targets.vocab_size} tokens, "
+                             f"the student predicts {vocab_size}.")
+    return cached.targets
+
+
+def _distill_causal_lm(site: Site, instruction: TrainInstruction, student: torch.nn.Module, data: SplitData,
+                       trainable: tuple[str, ...], check: BudgetCheck) -> tuple[TrainOutcome, Spend]:
+    spec = instruction.student.causal_lm()
+    targets = causal_teacher_targets(site, instruction, data, student.get_output_embeddings().weight.shape[0])
+    settings = CausalTrainSettings(steps=instruction.local_steps, batch_size=instruction.batch_size,
+                                   learning_rate=instruction.learning_rate, temperature=instruction.temperature,
+                                   alpha=instruction.alpha,
+                                   seed=derived_seed(instruction.seed, instruction.server_round, site.name),
+                                   divergence=spec.divergence, beta=spec.beta, optimizer=instruction.optimizer)
+    if check.calibration is not None:
+        return private_distill_causal(student, data, targets, settings, trainable, check.calibration,
+                                      check.state.spends, instruction.run_id, instruction.server_round,
+                                      _secret_seed(site, instruction), instruction.grad_sample_mode)
+    return distill_causal(student, data, targets, settings, trainable), check.spend
+
+
+def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
+                student: torch.nn.Module | None = None) -> SiteUpdate:
+    """One round's local training; ``student`` is the freshly built student when the caller built it already."""
+    splits = site.splits()
+    if len(splits["train"]) == 0:
+        raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
+    check = check_budget(site, instruction, len(splits["train"]))
+    family = instruction.student.family
+    torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
+    student = student if student is not None else build_student(instruction.student)
+    check_tensors(global_state, student_state(student, family),
+                  f"round {instruction.server_round} global student received by {site.name}")
+    spec = fragment_spec_for(family, fragment_parameter_names(student, family))
+    trainable = spec.parameters_of_all(instruction.fragments)
+    load_student_state(student, family, global_state)
+    distill_round = _distill_causal_lm if family == "causal_lm" else _distill_classifier
+    outcome, spend = distill_round(site, instruction, student, splits["train"], trainable, check)
+
+    state = student_state(student, family)
     # Post-processing of the DP model: no privacy cost. The coordinator rejects any change beyond the bound.
     update, clipped = clip_fragment_changes({name: state[name] for name in trainable}, global_state, spec,
                                             instruction.fragments, instruction.max_update_norm)
@@ -242,20 +305,22 @@ def plain_train_round(site: Site, instruction: TrainInstruction, global_state: M
     return replace(update, privacy=report)
 
 
-def state_names(instruction: TrainInstruction) -> list[str]:
+def state_names(instruction: TrainInstruction, student: torch.nn.Module | None = None) -> list[str]:
     """The order of the student's tensors: both sides derive it from the student spec, never from the wire."""
-    return list(build_student(instruction.student).state_dict())
+    student = student if student is not None else build_student(instruction.student)
+    return list(student_state(student, instruction.student.family))
 
 
 def secure_train_round(site: Site, instruction: TrainInstruction,
                        global_arrays: list[np.ndarray]) -> tuple[EncodedUpdate, SiteUpdate]:
     """A round whose update leaves only through SecAgg+: train, then encode weight and update together."""
-    names = state_names(instruction)
+    student = build_student(instruction.student)
+    names = state_names(instruction, student)
     if len(global_arrays) != len(names):
         raise UpdateRejected(f"round {instruction.server_round}: {site.name} received {len(global_arrays)} tensors, "
                              f"the student has {len(names)}.")
     global_state = dict(zip(names, global_arrays))
-    update = train_round(site, instruction, global_state)
+    update = train_round(site, instruction, global_state, student)
     planned = [name for name in names if name in update.arrays]
     encoded = encode_update(update.arrays, global_state, planned, update.num_examples, update.train_loss,
                             instruction.clipping_range, instruction.weight_scale)

@@ -1,8 +1,8 @@
 """Atomic checkpoints of the global student: written into a temporary folder, then renamed into place.
 
 A crash mid-write leaves the previous checkpoint intact. Each checkpoint carries the resolved run
-configuration and its hash; transformers students are written with ``save_pretrained``, others as
-safetensors with the student spec beside them.
+configuration and its hash; transformers classifiers are written with ``save_pretrained``; a causal LM's
+trainable tensors, and other students, as safetensors with the student spec beside them.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distill.models import build_student
+from distill.models import build_student, load_student_state, student_state
 from protocols.canonical import atomic_directory, atomic_write_json
 from protocols.config import FederationConfig, StudentSpec
 from protocols.errors import ConfigError
@@ -27,7 +28,12 @@ def save_student(model: nn.Module, spec: StudentSpec, directory: Path, config: F
                  extra: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
     with atomic_directory(directory) as staging:
-        if hasattr(model, "save_pretrained"):
+        if spec.family == "causal_lm":
+            # The trainable tensors only: the frozen base is the spec's digest-pinned folder (hundreds of MB for a
+            # real LLM), and an exported, standalone student is distill.causal_lm.export_causal_lm_student's job.
+            save_file({name: torch.from_numpy(value) for name, value in student_state(model, spec.family).items()},
+                      str(staging / "model.safetensors"))
+        elif hasattr(model, "save_pretrained"):
             model.save_pretrained(str(staging))
         else:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
@@ -53,5 +59,9 @@ def load_student(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
 
         return BertForSequenceClassification.from_pretrained(str(directory), local_files_only=True), manifest
     model = build_student(spec)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    if spec.family == "causal_lm":
+        load_student_state(model, spec.family, {name: tensor.numpy() for name, tensor in
+                                                load_file(str(directory / "model.safetensors")).items()})
+    else:
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
     return model, manifest

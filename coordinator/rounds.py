@@ -23,7 +23,7 @@ from coordinator.aggregate import aggregate_fragments, check_aggregate
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
 from distill.losses import temperature_at
-from distill.models import build_student, load_numpy_state, parameter_names, state_to_numpy
+from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
 from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
@@ -47,9 +47,11 @@ class Coordinator:
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
         torch.manual_seed(config.seed)
+        self.family = config.student.family
         self.model = build_student(config.student)
-        self.state = state_to_numpy(self.model)
-        self.spec = fragment_spec_for(config.student.family, parameter_names(self.model), config.fragment_patterns)
+        self.state = student_state(self.model, self.family)
+        self.spec = fragment_spec_for(self.family, fragment_parameter_names(self.model, self.family),
+                                      config.fragment_patterns)
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
@@ -180,7 +182,7 @@ class Coordinator:
         instruction = self.instruction(server_round)
         if new_state is not None:
             self.state = new_state
-            load_numpy_state(self.model, self.state)
+            load_student_state(self.model, self.family, self.state)
         record: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "round": server_round,
@@ -269,7 +271,7 @@ class Coordinator:
                           if (d / "checkpoint.json").is_file()), None)
         if directory is not None:
             model, manifest = load_student(directory)
-            state = state_to_numpy(model)
+            state = student_state(model, self.family)
             round_ = int(manifest["round"])
             if recorded.get(round_, {}).get("student_digest") != digest_arrays(state):
                 raise LedgerTampered(f"cannot resume run {self.run_id}: the checkpointed student of round {round_} "

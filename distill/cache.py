@@ -18,7 +18,8 @@ import numpy as np
 
 from distill.data import SplitData
 from distill.models import Teacher
-from protocols.canonical import atomic_write_bytes, atomic_write_json
+from distill.token_kd import TopKTargets
+from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 
 SCHEMA_VERSION = 1
 
@@ -69,3 +70,50 @@ class TeacherLogitCache:
             "computed_at": datetime.now(timezone.utc).isoformat(),
         })
         return CachedTeacherOutputs(logits, hidden)
+
+
+@dataclass(frozen=True)
+class CachedTopK:
+    targets: TopKTargets
+    # What the site records in its ledger: set only when this call computed the cache (the teacher ran).
+    computed: dict | None
+
+
+class TopKTargetCache:
+    """A causal-LM teacher's top-k targets on a site's training texts (distill.token_kd), computed once.
+
+    Keyed by the teacher's digest, the data's digest, k and the temperature grid: any change recomputes it.
+    The arrays stay in the site's state directory; only their digest and size go into the site's ledger.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.arrays_path = self.directory / "teacher_topk.npz"
+        self.meta_path = self.directory / "teacher_topk.json"
+
+    def metadata(self) -> dict:
+        if not self.meta_path.is_file():
+            return {"schema_version": SCHEMA_VERSION, "teacher_forward_passes": 0}
+        return json.loads(self.meta_path.read_text())
+
+    def targets(self, data: SplitData, teacher_digest: str, k: int, temperatures: tuple[float, ...],
+                compute: Callable[[], TopKTargets]) -> CachedTopK:
+        meta = self.metadata()
+        key = {"teacher_digest": teacher_digest, "data_digest": data.digest(), "k": k,
+               "temperatures": [float(t) for t in temperatures]}
+        if all(meta.get(name) == value for name, value in key.items()) and self.arrays_path.is_file():
+            payload = self.arrays_path.read_bytes()
+            if sha256_hex(payload) == meta.get("sha256"):
+                with np.load(io.BytesIO(payload)) as archive:
+                    return CachedTopK(TopKTargets.from_arrays(dict(archive)), None)
+        targets = compute()
+        buffer = io.BytesIO()
+        np.savez(buffer, **targets.to_arrays())
+        payload = buffer.getvalue()
+        atomic_write_bytes(self.arrays_path, payload)
+        record = {**key, "sequences": targets.sequences, "positions": int(len(targets.token_ids)),
+                  "bytes": len(payload), "sha256": sha256_hex(payload)}
+        atomic_write_json(self.meta_path, {"schema_version": SCHEMA_VERSION, **record,
+                                           "teacher_forward_passes": int(meta.get("teacher_forward_passes", 0)) + 1,
+                                           "computed_at": datetime.now(timezone.utc).isoformat()})
+        return CachedTopK(targets, record)

@@ -25,6 +25,7 @@ from torch import nn
 
 from distill.models import path_digest
 from protocols.canonical import atomic_directory, file_sha256
+from protocols.config import CausalLMSettings
 from protocols.errors import ConfigError, UpdateRejected
 from protocols.fragments import FragmentSpec, per_block
 
@@ -272,6 +273,37 @@ def load_causal_lm_student(directory: Path) -> nn.Module:
     if getattr(model.config, STUDENT_CONFIG_KEY, {}).get("frozen_embedding"):
         freeze_embedding(model)
     return model.train()
+
+
+def build_causal_lm_student(settings: CausalLMSettings) -> nn.Module:
+    """The run's student: its base folder, checked against the digest the run config pins, then LoRA if asked.
+
+    Every site and the coordinator build the same frozen weights this way; what differs between them is only
+    the trainable tensors, which the round's global state overwrites. (LoRA's ``A`` matrices start random, so a
+    fresh build is not the global student until that state is loaded.)
+    """
+    base = Path(settings.base)
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"causal-LM student: base folder '{base}' has no config.json; every site needs the run's "
+                          "base student folder at this path (written by save_pretrained).")
+    digest = path_digest(base)
+    if digest != settings.base_digest:
+        raise ConfigError(f"causal-LM student: base folder '{base}' hashes to {digest[:12]}..., not "
+                          f"{settings.base_digest[:12]}... that the run config pins; it is another student. Copy the "
+                          "run's base student folder again.")
+    student = load_causal_lm_student(base)
+    if settings.lora is not None:
+        student = add_lora(student, settings.lora.targets, settings.lora.r, settings.lora.alpha)
+    return student
+
+
+def export_causal_lm_student(model: nn.Module, directory: Path, tokenizer: Any | None = None) -> Path:
+    """A standalone student for deployment: LoRA adapters merged into the weights (on a copy), ``save_pretrained``
+    with the tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained`` alone."""
+    merged = copy.deepcopy(model)
+    if hasattr(merged, "merge_and_unload"):
+        merged = merged.merge_and_unload()
+    return save_causal_lm_student(merged, directory, tokenizer)
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ given those positions explicitly, per sequence and contiguous, as Opacus's per-s
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,3 +323,39 @@ def top1_agreement(student: TokenScores, teacher: TokenScores) -> float:
     if not student.tokens:
         raise DataError("top1_agreement: no sequence has two real tokens.")
     return float(np.mean(student.top1 == teacher.top1))
+
+
+CAUSAL_METRICS = ("perplexity", "top1_agreement", "nll")
+
+
+def _metrics(scores: TokenScores, teacher: TokenScores | None) -> dict[str, float | int | None]:
+    nll = float(scores.nll.mean()) if scores.tokens else None
+    return {"perplexity": math.exp(nll) if nll is not None else None, "nll": nll,
+            "top1_agreement": top1_agreement(scores, teacher) if teacher is not None and scores.tokens else None,
+            "tokens": scores.tokens}
+
+
+def split_scores(model: nn.Module, splits: Mapping[str, SplitData], batch_size: int) -> dict[str, TokenScores]:
+    """:func:`score_tokens` of one model on each named split (e.g. every site's test texts)."""
+    return {name: score_tokens(model, data.inputs["input_ids"], data.inputs["attention_mask"], batch_size)
+            for name, data in splits.items()}
+
+
+def evaluate_causal_lm(scores: Mapping[str, TokenScores],
+                       teacher: Mapping[str, TokenScores] | None = None) -> dict[str, Any]:
+    """Per split and pooled over every predicted token: perplexity, mean NLL and top-1 agreement with the teacher.
+
+    Pooling is by token (a site with more text weighs more), as a deployed model meets tokens, not sites.
+    """
+    per_site = {name: _metrics(s, teacher[name] if teacher else None) for name, s in scores.items()}
+    pooled = TokenScores(np.concatenate([s.nll for s in scores.values()]),
+                         np.concatenate([s.top1 for s in scores.values()]),
+                         np.concatenate([s.sequence + 10**9 * i for i, s in enumerate(scores.values())]),
+                         np.concatenate([s.position for s in scores.values()]))
+    pooled_teacher = None
+    if teacher:
+        parts = [teacher[name] for name in scores]
+        pooled_teacher = TokenScores(np.concatenate([t.nll for t in parts]), np.concatenate([t.top1 for t in parts]),
+                                     np.concatenate([t.sequence + 10**9 * i for i, t in enumerate(parts)]),
+                                     np.concatenate([t.position for t in parts]))
+    return {"overall": _metrics(pooled, pooled_teacher), "per_site": per_site}

@@ -53,6 +53,10 @@ class TabularMLP(nn.Module):
 def build_student(spec: StudentSpec) -> nn.Module:
     """Build a freshly initialised (seeded by the caller) student, or load one from a local checkpoint."""
     settings = dict(spec.settings)
+    if spec.family == "causal_lm":
+        from distill.causal_lm import build_causal_lm_student
+
+        return build_causal_lm_student(spec.causal_lm())
     if spec.family == "mlp":
         try:
             return TabularMLP(int(settings["input_dim"]), [int(h) for h in settings["hidden"]],
@@ -106,6 +110,34 @@ def state_to_numpy(model: nn.Module) -> dict[str, np.ndarray]:
 
 def load_numpy_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     model.load_state_dict({name: torch.from_numpy(np.array(value)) for name, value in state.items()})
+
+
+def student_state(model: nn.Module, family: str) -> dict[str, np.ndarray]:
+    """The global student as it travels and is checkpointed: every tensor of a classifier; a causal LM's
+    trainable tensors only (its frozen base is pinned by digest in the student spec and never sent)."""
+    if family == "causal_lm":
+        from distill.causal_lm import trainable_state
+
+        return trainable_state(model)
+    return state_to_numpy(model)
+
+
+def load_student_state(model: nn.Module, family: str, state: Mapping[str, np.ndarray]) -> None:
+    if family == "causal_lm":
+        from distill.causal_lm import load_trainable_state
+
+        load_trainable_state(model, state)
+    else:
+        load_numpy_state(model, state)
+
+
+def fragment_parameter_names(model: nn.Module, family: str) -> list[str]:
+    """The parameters fragments are made of: all of a classifier's, a causal LM's trainable ones."""
+    if family == "causal_lm":
+        from distill.causal_lm import trainable_tensor_names
+
+        return list(trainable_tensor_names(model))
+    return parameter_names(model)
 
 
 def parameter_names(model: nn.Module) -> list[str]:

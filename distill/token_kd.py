@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from protocols.config import CAUSAL_DIVERGENCES
 from protocols.errors import ConfigError
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = CAUSAL_DIVERGENCES
 REDUCTIONS = ("mean", "sum", "none")
 # Uniform in 1/T from 1 to 0.1, i.e. T from 1 to 10 (the project's schedules run 10 -> 1). The tail logit is
 # convex in 1/T, so the error of interpolating between neighbours shrinks with the square of the spacing.

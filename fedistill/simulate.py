@@ -39,8 +39,9 @@ class RichReporter:
 
     def round_finished(self, record: dict[str, Any]) -> None:
         overall = record.get("evaluation", {}).get("overall", {})
-        auc = overall.get("roc_auc")
-        text = f"ROC-AUC {auc:.4f}" if auc is not None else record["status"]
+        auc, perplexity = overall.get("roc_auc"), overall.get("perplexity")
+        text = (f"ROC-AUC {auc:.4f}" if auc is not None else f"perplexity {perplexity:.2f}" if perplexity is not None
+                else record["status"])
         if record.get("refusals"):
             text += f"  refused: {', '.join(sorted(record['refusals']))}"
         self.progress.update(self.task, advance=1, description=text)
@@ -52,7 +53,37 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _render_causal_lm(summary: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{summary['scenario']}: {len(summary['sites'])} sites, {summary['rounds']} rounds "
+                        "(pooled held-out texts; perplexity: lower is better)")
+    table.add_column("model", no_wrap=True)
+    for metric in ("perplexity", "top-1 agreement with the teacher", "tokens"):
+        table.add_column(metric, justify="right")
+    for key, label in summary["model_labels"].items():
+        overall = summary["models"][key]["overall"]
+        table.add_row(label, _fmt(overall["perplexity"]), _fmt(overall["top1_agreement"]), str(overall["tokens"]))
+    console.print(table)
+    comparison, size = summary["comparison"], summary["size"]
+    for key, text in (("federated_over_undistilled", "undistilled"),
+                      ("federated_over_centralized", "centralized distilled")):
+        if key in comparison:
+            console.print(f"federated perplexity / {text} perplexity: {comparison[key]:.3f}")
+    latency = size["latency_ms_per_token"]
+    console.print(f"student/teacher non-embedding parameters: {size['student']['non_embedding']:,} / "
+                  f"{size['teacher']['non_embedding']:,} = {size['non_embedding_ratio']:.3f}; CPU ms per generated "
+                  f"token: {latency['student']:.1f} / {latency['teacher']:.1f} ({latency['speedup']:.2f}x faster)")
+    causal = summary["causal_lm"]
+    console.print(f"fragments: {causal['fragments']}; top-{causal['top_k']} targets at T in "
+                  f"{causal['temperatures']}, {causal['divergence']}; sent per site and round: " + ", ".join(
+                      f"{site} {sent['bytes']:,} B" for site, sent in causal["sent_per_round"].items()))
+    console.print(f"deployable student (save_pretrained): {causal['exported_student']}")
+
+
 def render_summary(summary: dict[str, Any], console: Console) -> None:
+    if summary.get("task") == "causal-lm":
+        _render_causal_lm(summary, console)
+        _render_privacy(summary, console)
+        return
     models = summary["models"]
     table = Table(title=f"{summary['scenario']}: {len(summary['sites'])} sites, {summary['rounds']} rounds "
                         f"(pooled test splits; threshold chosen on validation)")
@@ -75,6 +106,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     comparison = summary["comparison"]
     if "federated_minus_centralized" in comparison:
         console.print(f"federated - centralized distilled ROC-AUC: {comparison['federated_minus_centralized']:+.4f}")
+    _render_privacy(summary, console)
+
+
+def _render_privacy(summary: dict[str, Any], console: Console) -> None:
     privacy = summary["privacy"]
     console.print(f"privacy: {privacy['mechanism']}; unit: {privacy['unit']}")
     for name, site in privacy["sites"].items():
@@ -142,7 +177,9 @@ def parse_caps(entries: list[str]) -> dict[str, float]:
 
 
 def simulate_command(
-    scenario: str = typer.Option("hospitals", help="Scenario: hospitals or drug-reviews."),
+    scenario: str = typer.Option("hospitals", help="Scenario: hospitals, drug-reviews or health-tweets (causal LM)."),
+    preset: str | None = typer.Option(None, help="A scenario's size, where it has several (health-tweets: smoke, "
+                                                 "tiny (default), full)."),
     sites: int | None = typer.Option(None, help="Number of sites (default: the scenario's)."),
     rounds: int | None = typer.Option(None, help="Federated rounds (default: the scenario's)."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and training."),
@@ -183,7 +220,7 @@ def simulate_command(
                                     accountant=accountant, site_caps=parse_caps(site_cap),
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
-                                    secure_aggregation=secure_aggregation)
+                                    secure_aggregation=secure_aggregation, preset=preset)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

@@ -22,7 +22,11 @@ from protocols.secagg import SecureAggregationSettings
 SCHEMA_VERSION = 1
 FRAGMENT_PLANS = ("all", "cyclic", "progressive")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
-STUDENT_FAMILIES = ("mlp", "bert")
+STUDENT_FAMILIES = ("mlp", "bert", "causal_lm")
+# Token-level KD divergences over the teacher's top-k plus its tail bucket (distill.token_kd.divergence).
+CAUSAL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+CAUSAL_FRAGMENTS = ("lora", "blocks")
+_HEX_DIGEST_LENGTH = 64
 OPTIMIZERS = ("sgd", "adam")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 
@@ -69,8 +73,75 @@ def _choice(raw: Mapping[str, Any], name: str, where: str, choices: tuple[str, .
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA adapters on the named modules of every decoder block."""
+
+    r: int
+    alpha: int
+    targets: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "targets": list(self.targets)}
+
+
+@dataclass(frozen=True)
+class CausalLMSettings:
+    """A causal-LM student and how it is distilled, parsed from a ``causal_lm`` student spec's settings.
+
+    The student's frozen part is the folder ``base`` (written by ``save_pretrained``: a layer subset of the
+    teacher, its embedding frozen), pinned by ``base_digest`` so that every site and the coordinator start from
+    the same weights; only the trainable tensors (LoRA adapters, or the decoder blocks) ever travel.
+    ``temperatures`` is the grid each site's top-k cache is built on (docs/causal_lm.md).
+    """
+
+    base: str
+    base_digest: str
+    lora: LoraSettings | None
+    top_k: int
+    divergence: str
+    beta: float
+    temperatures: tuple[float, ...]
+    max_length: int
+
+    @property
+    def fragments(self) -> str:
+        return "lora" if self.lora is not None else "blocks"
+
+    @classmethod
+    def from_settings(cls, raw: Mapping[str, Any]) -> CausalLMSettings:
+        where = "student spec (causal_lm) settings"
+        reject_unknown_fields(raw, ("base", "base_digest", "lora", "top_k", "divergence", "beta", "temperatures",
+                                    "max_length"), where)
+        base, digest = raw.get("base"), raw.get("base_digest")
+        _require(isinstance(base, str) and bool(base), where, "base", "the path of the base student folder", base)
+        _require(isinstance(digest, str) and len(digest) == _HEX_DIGEST_LENGTH, where, "base_digest",
+                 "the SHA-256 digest of the base student folder (64 hex digits)", digest)
+        lora_raw = raw.get("lora")
+        lora = None
+        if lora_raw is not None:
+            _require(isinstance(lora_raw, Mapping), where, "lora", "a mapping with r, alpha and targets, or null",
+                     lora_raw)
+            reject_unknown_fields(lora_raw, ("r", "alpha", "targets"), f"{where} lora")
+            targets = lora_raw.get("targets")
+            _require(isinstance(targets, (list, tuple)) and bool(targets) and all(isinstance(t, str) for t in targets),
+                     f"{where} lora", "targets", "a non-empty list of module names", targets)
+            lora = LoraSettings(_int(lora_raw, "r", f"{where} lora", 1), _int(lora_raw, "alpha", f"{where} lora", 1),
+                                tuple(targets))
+        temperatures = raw.get("temperatures")
+        _require(isinstance(temperatures, (list, tuple)) and bool(temperatures)
+                 and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 100
+                         for t in temperatures), where, "temperatures", "a non-empty list of numbers in (0, 100]",
+                 temperatures)
+        return cls(base=base, base_digest=digest, lora=lora, top_k=_int(raw, "top_k", where, 1),
+                   divergence=_choice(raw, "divergence", where, CAUSAL_DIVERGENCES, "forward_kl"),
+                   beta=_float(raw, "beta", where, 0.0, 1.0, 0.5, low_open=True),
+                   temperatures=tuple(sorted({float(t) for t in temperatures}, reverse=True)),
+                   max_length=_int(raw, "max_length", where, 2))
+
+
+@dataclass(frozen=True)
 class StudentSpec:
-    """What a student is: a family (``mlp`` or ``bert``) and the settings that build it."""
+    """What a student is: a family (``mlp``, ``bert`` or ``causal_lm``) and the settings that build it."""
 
     family: str
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -79,6 +150,14 @@ class StudentSpec:
         _require(self.family in STUDENT_FAMILIES, "student spec", "family", "one of " + ", ".join(STUDENT_FAMILIES),
                  self.family)
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+        if self.family == "causal_lm":
+            self.causal_lm()  # validated once, at the boundary
+
+    def causal_lm(self) -> CausalLMSettings:
+        """The settings of a ``causal_lm`` student, validated (a ConfigError names the field)."""
+        if self.family != "causal_lm":
+            raise ConfigError(f"student spec: family {self.family!r} has no causal-LM settings.")
+        return CausalLMSettings.from_settings(self.settings)
 
     def to_dict(self) -> dict[str, Any]:
         return {"family": self.family, "settings": dict(self.settings)}
@@ -132,9 +211,22 @@ class FederationConfig:
     def __post_init__(self) -> None:
         if self.quantization_range > 2**31 - 1:
             raise ConfigError("run config: field 'quantization_range' must stay below 2**31: Flower quantizes to int32.")
+        if self.student.family == "causal_lm":
+            self._check_causal_lm()
         if self.target_epsilon is not None and self.hidden_alignment_weight > 0:
             raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 when 'target_epsilon' is set: the "
                               "site-local alignment projection is not trained under DP-SGD. Turn one of them off.")
+
+    def _check_causal_lm(self) -> None:
+        grid = self.student.causal_lm().temperatures
+        low, high = min(self.temperature_start, self.temperature_end), max(self.temperature_start, self.temperature_end)
+        if low < min(grid) - 1e-9 or high > max(grid) + 1e-9:
+            raise ConfigError(f"run config: the temperature schedule {self.temperature_start:g} -> "
+                              f"{self.temperature_end:g} leaves the causal-LM cache's temperatures {list(grid)}; add "
+                              "its ends to the student's 'temperatures'.")
+        if self.hidden_alignment_weight > 0:
+            raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 for a causal-LM student: "
+                              "hidden-state alignment is not available for causal LMs yet.")
 
     @property
     def private(self) -> bool:

@@ -91,7 +91,7 @@ def fragment_spec_for(family: str, parameter_names: Sequence[str],
                       patterns: Sequence[tuple[str, Sequence[str]]] = ()) -> FragmentSpec:
     if patterns:
         return from_patterns(parameter_names, patterns)
-    return per_block(parameter_names) if family == "bert" else per_layer(parameter_names)
+    return per_block(parameter_names) if family in ("bert", "causal_lm") else per_layer(parameter_names)
 
 
 def planned_fragments(plan: str, spec: FragmentSpec, server_round: int, total_rounds: int) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
+from simulations.causal_runner import UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines, causal_summary, site_targets
 from simulations.engine import FaultPlan, run_federation
 from simulations.scenario import ScenarioOptions
 from simulations.scenarios import load_scenario
@@ -69,6 +70,7 @@ class SimulationOptions:
     drop_rate: float = 0.0
     fail_sites: tuple[tuple[str, int], ...] = ()
     secure_aggregation: bool | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -219,7 +221,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     reporter = reporter or SilentReporter()
     started = time.perf_counter()
     reporter.stage(f"loading scenario {options.scenario}")
-    scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample))
+    scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample,
+                                                               options.preset, Path(options.out) / ".cache"))
     config = _federation_config(options, scenario)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "
@@ -244,10 +247,16 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
                             accountant=options.accountant)
         secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
-        state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret).state_dir)
+        state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
+                                      teacher_declaration=scenario.teacher_declaration).state_dir)
 
-    def evaluate(model) -> dict[str, Any]:
-        return evaluate_across_sites(lambda split: predict_proba(model, scenario.family, split), scenario.sites)
+    causal = scenario.family == "causal_lm"
+    if causal:
+        reporter.stage("scoring the teacher on every site's held-out texts")
+        evaluate: Callable[[Any], dict[str, Any]] = CausalEvaluation(scenario)
+    else:
+        def evaluate(model) -> dict[str, Any]:
+            return evaluate_across_sites(lambda split: predict_proba(model, scenario.family, split), scenario.sites)
 
     def make_coordinator() -> Coordinator:
         reporter.rounds_started(config.rounds)
@@ -260,6 +269,18 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
                                  faults=faults if options.drop_rate or options.fail_sites else None,
                                  client_mods=client_mods)
     federated_seconds = time.perf_counter() - started
+    if causal:
+        if baselines is None:
+            reporter.stage("baselines (non-private): teacher, undistilled, centralized distilled")
+            baselines = causal_baselines(scenario, config, evaluate,
+                                         site_targets(scenario, run_dir, teacher_path, config))
+        reporter.stage("exporting the student, timing teacher and student")
+        task = causal_summary(scenario, config, coordinator, run_dir, teacher_path, baselines, evaluate, run_id)
+        return _write_summary(run_dir, {
+            **_run_summary(scenario, config, coordinator, options, run_id, state_dirs, UNIT_OF_PRIVACY), **task,
+            "seconds": {"federated": round(federated_seconds, 1), "total": round(time.perf_counter() - started, 1)},
+            "paths": {"run_dir": str(run_dir), "student": str(coordinator.student_dir),
+                      "metrics": str(coordinator.metrics_path)}})
 
     if baselines is None:
         # The baselines reuse each site's cached teacher logits: the cache hits, the teacher is not run again.
@@ -286,33 +307,14 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     size["student_parameters"] = student_params
     local = _local_only_summary(baselines["local_only"])
     summary = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "scenario": scenario.name,
-        "description": scenario.description,
-        "config_hash": config.config_hash(),
-        "seed": options.seed,
-        "rounds": config.rounds,
-        "failed_rounds": [r["round"] for r in coordinator.records if r["status"] == "failed"],
-        "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
-        "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
-        "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
-        "privacy": {
-            "unit": "one record of a site's training split (example-level DP-SGD)",
-            "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"
-                          if config.private else "none: non-private run"),
-            "target_epsilon": config.target_epsilon, "max_grad_norm": config.max_grad_norm if config.private else None,
-            "sites": {name: _site_privacy(d, run_id, splits["train"].max_records_per_person(),
-                                          options.max_records_per_person is not None)
-                      for (name, splits), d in zip(scenario.sites.items(), state_dirs)},
-        },
+        **_run_summary(scenario, config, coordinator, options, run_id, state_dirs,
+                       "one record of a site's training split (example-level DP-SGD)"),
         "class_names": list(scenario.class_names),
         "sites": {name: {split: {"records": len(data),
                                  "class_counts": {label: int((data.labels == i).sum())
                                                   for i, label in enumerate(scenario.class_names)},
                                  "persons": int(len(np.unique(data.groups)))}
                          for split, data in splits.items()} for name, splits in scenario.sites.items()},
-        "provenance": scenario.provenance,
         "headline_metric": HEADLINE_METRIC,
         "models": {
             "teacher": baselines["teacher"],
@@ -338,6 +340,39 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     c = summary["comparison"]
     if None not in (c["federated"], c["centralized_distilled"]):
         c["federated_minus_centralized"] = c["federated"] - c["centralized_distilled"]
+    return _write_summary(run_dir, summary)
+
+
+def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, options: SimulationOptions,
+                 run_id: str, state_dirs: list[Path], unit_of_privacy: str) -> dict[str, Any]:
+    """The part of ``summary.json`` every task shares: the run, its rounds, refusals, failures and privacy."""
+    final = coordinator.records[-1]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "config_hash": config.config_hash(),
+        "seed": options.seed,
+        "rounds": config.rounds,
+        "failed_rounds": [r["round"] for r in coordinator.records if r["status"] == "failed"],
+        "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
+        "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
+        "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
+        "privacy": {
+            "unit": unit_of_privacy,
+            "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"
+                          if config.private else "none: non-private run"),
+            "target_epsilon": config.target_epsilon, "max_grad_norm": config.max_grad_norm if config.private else None,
+            "sites": {name: _site_privacy(d, run_id, splits["train"].max_records_per_person(),
+                                          options.max_records_per_person is not None)
+                      for (name, splits), d in zip(scenario.sites.items(), state_dirs)},
+        },
+        "provenance": scenario.provenance,
+    }
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
 

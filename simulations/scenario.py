@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client.teacher import TeacherDeclaration
 from distill.data import SplitData
+from distill.causal_lm import CausalLMTeacher
 from distill.models import Teacher
 from protocols.config import StudentSpec
 from protocols.errors import ConfigError
@@ -18,6 +20,11 @@ class ScenarioOptions:
     sites: int | None = None
     seed: int = 0
     subsample: float = 1.0
+    # A named size of a scenario that has several (health-tweets: smoke, tiny, full); None is its default.
+    preset: str | None = None
+    # Where a scenario keeps what is costly to rebuild and the same for every run (assembled teachers, base
+    # students): the simulation's output folder's .cache unless given.
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -27,10 +34,13 @@ class Scenario:
     family: str
     class_names: tuple[str, ...]
     sites: dict[str, dict[str, SplitData]]
-    teacher: Teacher
+    teacher: Teacher | CausalLMTeacher
     save_teacher: Callable[[Path], Path]
     student: StudentSpec
     federation_defaults: dict[str, Any]
+    # What the teacher was trained on, declared for every virtual site (client/teacher.py): no default, since
+    # a DP run refuses a teacher fitted on private records without DP.
+    teacher_declaration: TeacherDeclaration
     provenance: dict[str, Any] = field(default_factory=dict)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from protocols.errors import ConfigError
 from simulations.scenario import Scenario, ScenarioOptions
 
-SCENARIOS = ("hospitals", "drug-reviews")
+SCENARIOS = ("hospitals", "drug-reviews", "health-tweets")
 
 
 def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
+    if options.preset is not None and name != "health-tweets":
+        raise ConfigError(f"--preset: the {name} scenario has no presets; only health-tweets has (smoke, tiny, full).")
     if name == "hospitals":
         from simulations.hospitals import load_hospitals
 
@@ -21,4 +23,8 @@ def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
         from simulations.drug_reviews import load_drug_reviews
 
         return load_drug_reviews(options)
+    if name == "health-tweets":
+        from simulations.health_tweets import load_health_tweets_scenario
+
+        return load_health_tweets_scenario(options)
     raise ConfigError(f"--scenario: unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}.")

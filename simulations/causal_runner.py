@@ -1,0 +1,206 @@
+"""What ``fedistill simulate`` does differently for a causal-LM scenario: evaluation, baselines, summary.
+
+The federation itself is the one every scenario runs (simulations.runner, Flower's simulation engine). Here:
+
+* :class:`CausalEvaluation`: each round, the global student's perplexity on every site's held-out texts and its
+  top-1 agreement with the teacher (the teacher scored once);
+* :func:`causal_baselines`: the teacher, the undistilled student (the same initialisation, no KD) and a centrally
+  distilled student (non-private, all sites' texts pooled, the same optimizer steps and settings per round);
+* :func:`causal_summary`: ``summary.json`` for a causal-LM run (docs/report.md), with the sizes, CPU latency per
+  generated token, each site's top-k cache and what left each site per round.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distill.cache import TopKTargetCache
+from distill.causal_lm import causal_lm_digest, export_causal_lm_student, parameter_counts
+from distill.causal_train import (CAUSAL_METRICS, CausalTrainSettings, distill_causal, evaluate_causal_lm,
+                                  split_scores, split_sequences, teacher_targets)
+from distill.data import SplitData
+from distill.losses import temperature_at
+from distill.models import build_student, fragment_parameter_names
+from distill.token_kd import TopKTargets, concatenate_targets
+from protocols.config import FederationConfig
+from protocols.fragments import fragment_spec_for, planned_fragments
+from protocols.ledger import read_events
+from simulations.scenario import Scenario
+
+EVAL_BATCH = 8
+TEACHER_BATCH = 8
+# CPU latency per generated token: greedy decoding with the KV cache, a few held-out prompts, after one warm-up.
+LATENCY_PROMPTS, LATENCY_PROMPT_TOKENS, LATENCY_NEW_TOKENS = 4, 8, 16
+MODEL_LABELS = {"teacher": "teacher", "federated": "federated student",
+                "undistilled": "undistilled student (same initialisation, no KD)",
+                "centralized_distilled": "centralized distilled student (non-private)"}
+UNIT_OF_PRIVACY = "one document (one tweet) of a site's training split"
+
+
+class CausalEvaluation:
+    """The coordinator's evaluator in a simulation: the teacher's token scores are computed once, up front."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.tests = {name: splits["test"] for name, splits in scenario.sites.items()}
+        self.teacher_scores = split_scores(scenario.teacher.model, self.tests, EVAL_BATCH)
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        return evaluate_causal_lm(split_scores(model, self.tests, EVAL_BATCH), self.teacher_scores)
+
+
+def site_targets(scenario: Scenario, run_dir: Path, teacher_path: Path, config: FederationConfig
+                 ) -> dict[str, TopKTargets]:
+    """Each site's cached top-k targets (the cache hits: the teacher does not run again), or computed if a site
+    never trained."""
+    settings = config.student.causal_lm()
+    digest = causal_lm_digest(teacher_path)
+    out = {}
+    for name, splits in scenario.sites.items():
+        ids, mask = split_sequences(splits["train"])
+        out[name] = TopKTargetCache(run_dir / "sites" / name).targets(
+            splits["train"], digest, settings.top_k, settings.temperatures,
+            lambda: teacher_targets(scenario.teacher.model, ids, mask, settings.top_k, TEACHER_BATCH,
+                                    settings.temperatures)).targets
+    return out
+
+
+def _fresh_student(config: FederationConfig) -> nn.Module:
+    torch.manual_seed(config.seed)  # as the coordinator builds the round-0 student
+    return build_student(config.student)
+
+
+def centrally_distilled(scenario: Scenario, config: FederationConfig, targets: dict[str, TopKTargets]) -> nn.Module:
+    """The non-private reference: every site's texts pooled, the federated run's settings and optimizer steps, round
+    by round (so a temperature schedule and an optimizer restart per round are the same as in the federation)."""
+    model = _fresh_student(config)
+    family = config.student.family
+    spec = fragment_spec_for(family, fragment_parameter_names(model, family), config.fragment_patterns)
+    pooled = SplitData.concatenate([splits["train"] for splits in scenario.sites.values()])
+    pooled_targets = concatenate_targets([targets[name] for name in scenario.sites])
+    causal = config.student.causal_lm()
+    for server_round in range(1, config.rounds + 1):
+        settings = CausalTrainSettings(
+            steps=config.local_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            temperature=temperature_at(server_round, config.rounds, config.temperature_schedule,
+                                       config.temperature_start, config.temperature_end),
+            alpha=config.alpha, seed=config.seed * 1000 + server_round, divergence=causal.divergence,
+            beta=causal.beta, optimizer=config.optimizer)
+        fragments = planned_fragments(config.fragment_plan, spec, server_round, config.rounds)
+        distill_causal(model, pooled, pooled_targets, settings, spec.parameters_of_all(fragments))
+    return model
+
+
+def causal_baselines(scenario: Scenario, config: FederationConfig, evaluation: CausalEvaluation,
+                     targets: dict[str, TopKTargets]) -> dict[str, Any]:
+    teacher = evaluate_causal_lm(evaluation.teacher_scores, evaluation.teacher_scores)
+    return {"teacher": teacher, "undistilled": evaluation(_fresh_student(config)),
+            "centralized_distilled": evaluation(centrally_distilled(scenario, config, targets))}
+
+
+@torch.no_grad()
+def latency_ms_per_token(model: nn.Module, tests: dict[str, SplitData], pad_token_id: int) -> float:
+    """Milliseconds per generated token, greedy with the KV cache, on the first held-out texts' openings."""
+    prompts = np.concatenate([data.inputs["input_ids"][:LATENCY_PROMPTS, :LATENCY_PROMPT_TOKENS]
+                              for data in tests.values()])[:LATENCY_PROMPTS]
+    was_training = model.training
+    model.eval()
+    try:
+        def generate() -> float:
+            started = time.perf_counter()
+            for prompt in prompts:
+                model.generate(torch.from_numpy(prompt).unsqueeze(0), max_new_tokens=LATENCY_NEW_TOKENS,
+                               min_new_tokens=LATENCY_NEW_TOKENS, do_sample=False, pad_token_id=pad_token_id)
+            return time.perf_counter() - started
+
+        generate()  # warm-up: first calls allocate and pick kernels
+        return 1000.0 * generate() / (len(prompts) * LATENCY_NEW_TOKENS)
+    finally:
+        model.train(was_training)
+
+
+def _folder_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _sent_per_round(state_dir: Path, run_id: str) -> dict[str, int]:
+    sent = [e["payload"] for e in read_events(state_dir / "ledger.jsonl")
+            if e["kind"] == "update-sent" and e["payload"].get("run_id") == run_id]
+    if not sent:
+        return {"bytes": 0, "tensors": 0, "rounds": 0}
+    return {"bytes": int(statistics.median(p["bytes"] for p in sent)),
+            "tensors": int(statistics.median(len(p["tensors"]) for p in sent)), "rounds": len(sent)}
+
+
+def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: Any, run_dir: Path,
+                   teacher_path: Path, baselines: dict[str, Any], evaluation: CausalEvaluation, run_id: str
+                   ) -> dict[str, Any]:
+    """The causal-LM part of ``summary.json``; the harness adds run identity, privacy and timings."""
+    final = coordinator.records[-1]
+    federated = final["evaluation"] if "evaluation" in final else evaluation(coordinator.model)
+    models = {"federated": federated, **baselines}
+    causal = config.student.causal_lm()
+    exported = export_causal_lm_student(coordinator.model, run_dir / "student_model", scenario.teacher.tokenizer)
+    teacher_counts = parameter_counts(scenario.teacher.model)
+    student_counts = parameter_counts(coordinator.model)
+    base_counts = parameter_counts(_fresh_student(config).get_base_model()) if causal.lora else student_counts
+    pad = scenario.teacher.tokenizer.pad_token_id
+    teacher_latency = latency_ms_per_token(scenario.teacher.model, evaluation.tests, pad)
+    student_latency = latency_ms_per_token(coordinator.model, evaluation.tests, pad)
+    comparison = {key: models[key]["overall"]["perplexity"] for key in MODEL_LABELS}
+    if comparison["federated"] and comparison["centralized_distilled"]:
+        comparison["federated_over_centralized"] = comparison["federated"] / comparison["centralized_distilled"]
+    if comparison["federated"] and comparison["undistilled"]:
+        comparison["federated_over_undistilled"] = comparison["federated"] / comparison["undistilled"]
+    caches = {}
+    for name in scenario.sites:
+        cache = TopKTargetCache(run_dir / "sites" / name)
+        meta = cache.metadata()
+        caches[name] = {"positions": meta.get("positions"), "bytes": meta.get("bytes"),
+                        "teacher_forward_passes": meta.get("teacher_forward_passes", 0), "digest": meta.get("sha256")}
+    return {
+        "task": "causal-lm",
+        "headline_metric": "perplexity",
+        "metrics": list(CAUSAL_METRICS),
+        "lower_is_better": ["perplexity", "nll"],
+        "model_labels": MODEL_LABELS,
+        "models": models,
+        "comparison": comparison,
+        "class_names": [],
+        "sites": {name: {split: {"records": len(data), "tokens": int(data.inputs["attention_mask"].sum()),
+                                 "persons": int(len(np.unique(data.groups)))}
+                         for split, data in splits.items()} for name, splits in scenario.sites.items()},
+        "size": {
+            "measure": "parameters",
+            "teacher": teacher_counts.to_dict(),
+            "student": {**base_counts.to_dict(), "trainable": student_counts.trainable},
+            "non_embedding_ratio": base_counts.non_embedding / teacher_counts.non_embedding,
+            "student_parameters": base_counts.total,
+            "student_file_bytes": _folder_bytes(exported / "model.safetensors"),
+            "teacher_file_bytes": _folder_bytes(teacher_path),
+            "file_note": "the student is float32 safetensors; a GGUF teacher file is quantized (Q4_K_M), so file "
+                         "sizes compare formats as much as models",
+            "latency_ms_per_token": {"teacher": teacher_latency, "student": student_latency,
+                                     "speedup": teacher_latency / student_latency,
+                                     "how": f"greedy generation of {LATENCY_NEW_TOKENS} tokens with the KV cache "
+                                            f"from {LATENCY_PROMPTS} held-out {LATENCY_PROMPT_TOKENS}-token "
+                                            "openings, batch 1, after a warm-up, float32 on this machine's CPU"},
+        },
+        "causal_lm": {
+            "teacher": {"kind": scenario.teacher.kind, "source": teacher_path.name, "digest": scenario.teacher.digest,
+                        "description": scenario.provenance.get("teacher")},
+            "fragments": causal.fragments, "lora": causal.lora.to_dict() if causal.lora else None,
+            "top_k": causal.top_k, "temperatures": list(causal.temperatures), "divergence": causal.divergence,
+            "tail": "one extra outcome holding the teacher's probability mass outside its top k (docs/causal_lm.md)",
+            "max_length": causal.max_length,
+            "cache": caches,
+            "sent_per_round": {name: _sent_per_round(run_dir / "sites" / name, run_id) for name in scenario.sites},
+            "exported_student": str(exported),
+        },
+    }
