@@ -15,6 +15,7 @@ import torch
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
 from client.privacy import private_distill, private_distill_causal
 from client.site import Site
+from client.teacher import check_teacher_for_run
 from distill.cache import TeacherLogitCache, TopKTargetCache
 from distill.causal_lm import causal_lm_digest, load_causal_lm_teacher
 from distill.causal_train import CausalTrainSettings, distill_causal, split_sequences, teacher_targets
@@ -23,6 +24,7 @@ from distill.models import (build_student, fragment_parameter_names, load_studen
                             student_state, teacher_digest)
 from distill.token_kd import TopKTargets
 from distill.train import TrainOutcome, TrainSettings, distill
+from distill.vocabulary import VocabularySubset, vocabulary_of
 from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
 from protocols.errors import BudgetExhausted, ConfigError, UpdateRejected
@@ -125,6 +127,12 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int) -> Bud
     delta = policy.delta_for(records, instruction.target_delta)
     accepted, last_anchor = _run_history(site, instruction.run_id)
     anchor = check_anchor(site, instruction, accepted and accepted["coordinator_key_fingerprint"], last_anchor)
+    teacher = None
+    if accepted is None:
+        # Before anything is calibrated or recorded: a DP run on a private, non-DP teacher is refused outright.
+        digest = (causal_lm_digest(site.teacher_path) if instruction.student.family == "causal_lm"
+                  else teacher_digest(site.teacher_path))
+        teacher = check_teacher_for_run(site.teacher_declaration, instruction.private, site.name, digest)
     calibration = state.calibrations.get(instruction.run_id) if instruction.private else None
     if instruction.private and calibration is None:
         calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
@@ -136,7 +144,8 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int) -> Bud
         site_ledger(site).append("run-accepted", {
             "run_id": instruction.run_id, "config_hash": instruction.config_hash, "policy": policy.to_dict(),
             "calibration": asdict(calibration) if calibration else None,
-            "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor})
+            "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor,
+            "teacher": teacher})
     if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
@@ -195,21 +204,24 @@ def _distill_classifier(site: Site, instruction: TrainInstruction, student: torc
     return outcome, spend
 
 
-def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: SplitData,
-                           vocab_size: int) -> TopKTargets:
+def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: SplitData, vocab_size: int,
+                           vocabulary: VocabularySubset | None = None) -> TopKTargets:
     """The site's causal-LM teacher's top-k targets on its training texts: computed in the first round (the
-    teacher's only forward passes), cached in the state directory, recorded in the site's ledger, never sent."""
+    teacher's only forward passes), cached in the state directory, recorded in the site's ledger, never sent.
+    ``vocab_size`` is the student's; with a ``vocabulary`` subset the targets are over the student's ids."""
     settings = instruction.student.causal_lm()
+    teacher_vocab = vocabulary.teacher_vocab_size if vocabulary is not None else vocab_size
 
     def compute() -> TopKTargets:
         teacher = load_causal_lm_teacher(site.teacher_path)
         rows = teacher.model.get_output_embeddings().weight.shape[0]
-        if rows != vocab_size:
+        if rows != teacher_vocab:
             raise UpdateRejected(f"site {site.name}: the teacher '{site.teacher_path}' predicts {rows} tokens, the "
-                                 f"student {vocab_size}; token-level targets need the teacher's tokenizer in both.")
+                                 f"student's tokenizer has {teacher_vocab}; token-level targets need the teacher's "
+                                 "tokenizer in both.")
         input_ids, attention_mask = split_sequences(data)
         return teacher_targets(teacher.model, input_ids, attention_mask, settings.top_k, TEACHER_BATCH,
-                               settings.temperatures)
+                               settings.temperatures, vocabulary)
 
     cached = TopKTargetCache(site.state_dir).targets(data, causal_lm_digest(site.teacher_path), settings.top_k,
                                                      settings.temperatures, compute)
@@ -226,7 +238,11 @@ def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: Spli
 def _distill_causal_lm(site: Site, instruction: TrainInstruction, student: torch.nn.Module, data: SplitData,
                        trainable: tuple[str, ...], check: BudgetCheck) -> tuple[TrainOutcome, Spend]:
     spec = instruction.student.causal_lm()
-    targets = causal_teacher_targets(site, instruction, data, student.get_output_embeddings().weight.shape[0])
+    vocabulary = vocabulary_of(student)
+    targets = causal_teacher_targets(site, instruction, data, student.get_output_embeddings().weight.shape[0],
+                                     vocabulary)
+    if vocabulary is not None:
+        data = vocabulary.remap_split(data)  # the teacher read the texts in its own ids; the student reads its own
     settings = CausalTrainSettings(steps=instruction.local_steps, batch_size=instruction.batch_size,
                                    learning_rate=instruction.learning_rate, temperature=instruction.temperature,
                                    alpha=instruction.alpha,

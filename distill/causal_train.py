@@ -28,6 +28,7 @@ from distill.data import SplitData
 from distill.token_kd import (DEFAULT_TEMPERATURES, DIVERGENCES, TopKTargets, build_topk_targets,
                               chunked_token_kd_loss, concatenate_targets, token_kd_loss)
 from distill.train import TrainOutcome, make_optimizer, shuffled_batches
+from distill.vocabulary import VocabularySubset, vocabulary_of
 from protocols.errors import ConfigError, DataError
 
 # Positions of [*, vocab] rows per chunk: with Gemma's 262,144 outputs, 64 rows are 64 MiB of float32, so the
@@ -116,12 +117,15 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
                     attention_mask: np.ndarray | torch.Tensor, k: int, batch_size: int,
-                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES) -> TopKTargets:
+                    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
+                    vocabulary: VocabularySubset | None = None) -> TopKTargets:
     """The teacher's top-k targets (with their tail bucket, distill.token_kd) for every sequence, batch by batch.
 
     Run once per site and cached (``TopKTargets.to_arrays``): only one batch of the teacher's full-vocabulary
     logits exists at a time. ``temperatures`` is the grid the cache serves exactly; a run whose schedule uses
     fewer temperatures can build a cheaper cache (the tail costs one pass over the vocabulary per temperature).
+    With a student ``vocabulary`` subset, the teacher's distribution is first mapped onto the student's outcomes
+    (distill.vocabulary), so the targets' ids are student ids.
     """
     ids, mask = sequence_tensors(input_ids, attention_mask)
     if len(ids) == 0:
@@ -130,6 +134,8 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
     with _eval_mode(teacher):
         for rows in _batches(len(ids), batch_size):
             logits = causal_logits(teacher, ids[rows], mask[rows])
+            if vocabulary is not None:
+                logits = vocabulary.teacher_logits_on_subset(logits)
             parts.append(build_topk_targets(logits, mask[rows], k, temperatures))
     return concatenate_targets(parts)
 
@@ -294,20 +300,35 @@ class TokenScores:
 def score_tokens(model: nn.Module, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor,
                  batch_size: int) -> TokenScores:
     """:class:`TokenScores` of any causal LM (student, teacher, undistilled student), ``batch_size`` sequences at a
-    time: one batch of full-vocabulary logits exists at once, its rows reduced ``CHUNK`` positions at a time."""
+    time: one batch of full-vocabulary logits exists at once, its rows reduced ``CHUNK`` positions at a time.
+
+    ``input_ids`` are the teacher's ids. A student with a vocabulary subset (distill.vocabulary) reads them as its
+    own ids, and a held-out token outside its subset costs ``-log p(<oov>) + log(dropped tokens)``: the NLL stays
+    over the teacher's full vocabulary. Its top-1 is reported in teacher ids (``<oov>`` as -1, which no teacher
+    prediction equals).
+    """
     ids, mask = sequence_tensors(input_ids, attention_mask)
+    vocabulary = vocabulary_of(model)
+    model_ids = vocabulary.student_ids(ids) if vocabulary is not None else ids
+    to_teacher = torch.from_numpy(np.append(vocabulary.teacher_ids, -1)) if vocabulary is not None else None
     nll, top1, sequence, position = [], [], [], []
     with _eval_mode(model):
         for rows in _batches(len(ids), batch_size):
-            batch_ids, batch_mask = ids[rows], mask[rows]
+            batch_ids, batch_mask = model_ids[rows], mask[rows]
             logits = causal_logits(model, batch_ids, batch_mask)
             # Right padding: a position predicts a real token exactly when the next position is real.
             row, column = batch_mask[:, 1:].bool().nonzero(as_tuple=True)
             for start in range(0, len(row), CHUNK):
                 r, c = row[start:start + CHUNK], column[start:start + CHUNK]
                 scores = logits[r, c].double()
-                nll.append(scores.logsumexp(dim=-1) - scores.gather(-1, batch_ids[r, c + 1].unsqueeze(-1)).squeeze(-1))
-                top1.append(scores.argmax(dim=-1))
+                target = batch_ids[r, c + 1]
+                token_nll = scores.logsumexp(dim=-1) - scores.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                best = scores.argmax(dim=-1)
+                if vocabulary is not None:
+                    token_nll = token_nll + (target == vocabulary.oov_id).double() * vocabulary.oov_log_spread
+                    best = to_teacher[best]
+                nll.append(token_nll)
+                top1.append(best)
             sequence.append(row + rows.start)
             position.append(column)
             del logits

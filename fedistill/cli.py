@@ -15,6 +15,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # transformers' own loading/saving progress bars would interleave with ours.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# ... and so would the GGUF loader's plain tqdm bar (tqdm reads TQDM_* defaults from the environment).
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(help="Federated knowledge distillation with site-enforced privacy budgets.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)

@@ -29,6 +29,7 @@ from distill.data import SplitData
 from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names
 from distill.token_kd import TopKTargets, concatenate_targets
+from distill.vocabulary import vocabulary_of
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.ledger import read_events
@@ -61,13 +62,14 @@ def site_targets(scenario: Scenario, run_dir: Path, teacher_path: Path, config: 
     never trained."""
     settings = config.student.causal_lm()
     digest = causal_lm_digest(teacher_path)
+    vocabulary = vocabulary_of(_fresh_student(config))
     out = {}
     for name, splits in scenario.sites.items():
         ids, mask = split_sequences(splits["train"])
         out[name] = TopKTargetCache(run_dir / "sites" / name).targets(
             splits["train"], digest, settings.top_k, settings.temperatures,
             lambda: teacher_targets(scenario.teacher.model, ids, mask, settings.top_k, TEACHER_BATCH,
-                                    settings.temperatures)).targets
+                                    settings.temperatures, vocabulary)).targets
     return out
 
 
@@ -83,6 +85,9 @@ def centrally_distilled(scenario: Scenario, config: FederationConfig, targets: d
     family = config.student.family
     spec = fragment_spec_for(family, fragment_parameter_names(model, family), config.fragment_patterns)
     pooled = SplitData.concatenate([splits["train"] for splits in scenario.sites.values()])
+    vocabulary = vocabulary_of(model)
+    if vocabulary is not None:
+        pooled = vocabulary.remap_split(pooled)
     pooled_targets = concatenate_targets([targets[name] for name in scenario.sites])
     causal = config.student.causal_lm()
     for server_round in range(1, config.rounds + 1):
@@ -109,6 +114,10 @@ def latency_ms_per_token(model: nn.Module, tests: dict[str, SplitData], pad_toke
     """Milliseconds per generated token, greedy with the KV cache, on the first held-out texts' openings."""
     prompts = np.concatenate([data.inputs["input_ids"][:LATENCY_PROMPTS, :LATENCY_PROMPT_TOKENS]
                               for data in tests.values()])[:LATENCY_PROMPTS]
+    vocabulary = vocabulary_of(model)
+    if vocabulary is not None:  # a subset student generates in its own ids
+        prompts = vocabulary.student_ids(prompts)
+        pad_token_id = int(vocabulary.student_ids(np.asarray([pad_token_id]))[0])
     was_training = model.training
     model.eval()
     try:
@@ -136,6 +145,21 @@ def _sent_per_round(state_dir: Path, run_id: str) -> dict[str, int]:
         return {"bytes": 0, "tensors": 0, "rounds": 0}
     return {"bytes": int(statistics.median(p["bytes"] for p in sent)),
             "tensors": int(statistics.median(len(p["tensors"]) for p in sent)), "rounds": len(sent)}
+
+
+def _vocabulary_summary(model: nn.Module, tests: dict[str, SplitData]) -> dict[str, Any]:
+    """The student's vocabulary against the teacher's, and how much of the held-out text it covers."""
+    vocabulary = vocabulary_of(model)
+    if vocabulary is None:
+        return {"subset": False, "student_tokens": int(model.get_output_embeddings().weight.shape[0])}
+    predicted = np.concatenate([data.inputs["input_ids"][:, 1:][data.inputs["attention_mask"][:, 1:] == 1]
+                                for data in tests.values()])
+    return {"subset": True, "student_tokens": vocabulary.size, "teacher_tokens": vocabulary.teacher_vocab_size,
+            "kept_teacher_tokens": len(vocabulary.teacher_ids), "dropped_teacher_tokens": vocabulary.dropped,
+            "chosen_from": "the most frequent teacher tokens of the public corpus, plus the special tokens",
+            "held_out_token_coverage": float(np.mean(vocabulary.student_ids(predicted) != vocabulary.oov_id)),
+            "oov_rule": "a held-out token outside the subset costs -log p(<oov>) + log(dropped tokens): perplexity "
+                        "stays over the teacher's full vocabulary"}
 
 
 def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: Any, run_dir: Path,
@@ -199,6 +223,7 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
             "top_k": causal.top_k, "temperatures": list(causal.temperatures), "divergence": causal.divergence,
             "tail": "one extra outcome holding the teacher's probability mass outside its top k (docs/causal_lm.md)",
             "max_length": causal.max_length,
+            "vocabulary": _vocabulary_summary(coordinator.model, evaluation.tests),
             "cache": caches,
             "sent_per_round": {name: _sent_per_round(run_dir / "sites" / name, run_id) for name in scenario.sites},
             "exported_student": str(exported),

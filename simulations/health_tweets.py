@@ -125,22 +125,25 @@ class Preset:
     top_k: int
     student_layers: tuple[int, ...]
     lora_r: int | None  # None: the student's decoder blocks are the fragments
+    # The student's vocabulary: this many of the public corpus's most frequent teacher tokens plus <oov>
+    # (distill.vocabulary); None keeps the teacher's whole vocabulary.
+    vocabulary: int | None
     federation: dict
 
 
 PRESETS = {
     # Seconds on 2 cores: a word-level teacher trained on the public agencies' tweets, for tests and a first look.
     "smoke": Preset("smoke", "public-word-lm", sites=3, max_per_site=80, max_length=20, top_k=8,
-                    student_layers=(0, 3), lora_r=None,
+                    student_layers=(0, 3), lora_r=None, vocabulary=None,
                     federation={"rounds": 3, "local_steps": 8, "batch_size": 8, "optimizer": "adam",
                                 "learning_rate": 3e-3}),
     # Minutes on 2 cores: the real Gemma 3 270M teacher, short tweets, small k, few rounds.
     "tiny": Preset("tiny", "gemma", sites=3, max_per_site=120, max_length=32, top_k=16,
-                   student_layers=(0, 6, 12, 17), lora_r=8,
+                   student_layers=(0, 8, 17), lora_r=8, vocabulary=16384,
                    federation={"rounds": 3, "local_steps": 6, "batch_size": 8, "optimizer": "adam",
                                "learning_rate": 2e-3}),
     "full": Preset("full", "gemma", sites=4, max_per_site=600, max_length=48, top_k=32,
-                   student_layers=(0, 6, 12, 17), lora_r=8,
+                   student_layers=(0, 8, 17), lora_r=8, vocabulary=16384,
                    federation={"rounds": 8, "local_steps": 12, "batch_size": 16, "optimizer": "adam",
                                "learning_rate": 2e-3}),
 }
@@ -247,6 +250,7 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                                    save_causal_lm_student, tokenize_texts)
     from distill.data import SplitData
     from distill.models import path_digest
+    from distill.vocabulary import public_vocabulary, restrict_vocabulary
     from protocols.config import StudentSpec
 
     preset = preset_named(options.preset)
@@ -274,9 +278,22 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
         declaration = TeacherDeclaration("public", description="trained here on the public agencies' tweets only")
     teacher = load_causal_lm_teacher(teacher_path)
     layers = preset.student_layers
-    base = _cached(cache_dir, f"student-base-{teacher.digest[:12]}-{'-'.join(map(str, layers))}",
-                   lambda path: save_causal_lm_student(layer_subset_student(teacher.model, layers), path,
-                                                       teacher.tokenizer))
+
+    def build_base(path: Path) -> None:
+        student = layer_subset_student(teacher.model, layers)
+        if preset.vocabulary is not None:
+            public_tokens = tokenize_texts(teacher.tokenizer, public, preset.max_length)
+            special = [i for i in (teacher.tokenizer.pad_token_id, teacher.tokenizer.bos_token_id,
+                                   teacher.tokenizer.eos_token_id, teacher.tokenizer.unk_token_id) if i is not None]
+            student = restrict_vocabulary(student, public_vocabulary(
+                public_tokens["input_ids"], public_tokens["attention_mask"],
+                teacher.model.get_input_embeddings().num_embeddings,
+                preset.vocabulary, special))
+        save_causal_lm_student(student, path, teacher.tokenizer)
+
+    key = digest_json({"teacher": teacher.digest, "layers": layers, "vocabulary": preset.vocabulary,
+                       "max_length": preset.max_length, "public": n_sites})
+    base = _cached(cache_dir, f"student-base-{key[:12]}", build_base)
 
     def split_data(values: tuple[str, ...]) -> SplitData:
         encoded = tokenize_texts(teacher.tokenizer, values, preset.max_length)
