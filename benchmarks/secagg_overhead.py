@@ -57,6 +57,7 @@ from flwr.app import Context, Message, MessageType
 from sklearn.linear_model import LogisticRegression
 
 from client.site import create_site
+from client.teacher import TeacherDeclaration
 from coordinator.rounds import Coordinator
 from distill.data import SplitData
 from distill.models import build_student, save_sklearn_teacher
@@ -88,7 +89,7 @@ def make_sites(directory: Path, count: int) -> list[Path]:
     save_sklearn_teacher(LogisticRegression().fit(teacher_data.inputs["x"], teacher_data.labels), teacher_path)
     return [create_site(directory / f"site-{index:02d}", f"site-{index:02d}",
                         {split: random_split(records, rng) for split, records in SPLIT_SIZES.items()},
-                        teacher_path).state_dir
+                        teacher_path, teacher_declaration=TeacherDeclaration("public")).state_dir
             for index in range(count)]
 
 

@@ -20,10 +20,11 @@ import numpy as np
 from client.records import load_records
 from client.registration import CoordinatorUnreachable, node_key_registered
 from client.sitefile import SiteFile
+from client.teacher import check_teacher_for_run
 from distill.data import SplitData
 from distill.models import load_teacher
 from protocols.accounting import PrivacyState
-from protocols.errors import FedistillError
+from protocols.errors import FedistillError, UpdateRejected
 from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
 
 TEACHER_SAMPLE = 64
@@ -59,7 +60,30 @@ def _teacher(site: SiteFile, records: SplitData) -> str:
     if not np.isfinite(logits).all():
         raise FedistillError(f"teacher '{site.teacher_path}' gave non-finite logits.")
     agreement = float((logits.argmax(1) == sample.labels).mean())
-    return f"{teacher.kind} loads; logits {logits.shape[1]} classes; agrees with the labels on {agreement:.0%} of a sample"
+    detail = (f"{teacher.kind} loads; logits {logits.shape[1]} classes; agrees with the labels on {agreement:.0%} of "
+              "a sample")
+    declared, usable = _declaration(site)
+    if not usable:
+        raise FedistillError(f"{detail}\n{declared}")
+    return f"{detail}\n{declared}"
+
+
+def _declaration(site: SiteFile) -> tuple[str, bool]:
+    """The line on what the teacher was trained on, and whether a DP run would accept it (client/teacher.py)."""
+    declaration = site.teacher_declaration
+    described = f" ({declaration.description})" if declaration.description else ""
+    line = f"declared training data: {declaration.training_data}{described}"
+    try:
+        check_teacher_for_run(declaration, private_run=True, site_name=site.name, teacher_digest="")
+    except UpdateRejected:
+        return (f"{line}: trained on private records without DP and not acknowledged, so this site will refuse "
+                "every differentially private run. Train the teacher with DP (training_data = \"private-dp\"), use "
+                "a public teacher (training_data = \"public\"), or set [teacher] acknowledge_non_dp = true, knowing "
+                "the report will mark this site's record-level guarantee as void."), False
+    if declaration.training_data == "private":
+        return (f"{line}: trained on private records without DP, acknowledged ([teacher] acknowledge_non_dp); "
+                "the report marks this site's record-level guarantee as void"), True
+    return line, True
 
 
 def _budget(site: SiteFile) -> str:
@@ -153,7 +177,10 @@ def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, 
         return None, items
     records = attempt("data", lambda: _records(site))
     if records is None:
-        items.append(CheckItem("teacher", None, "skipped: the data check failed"))
+        # The teacher cannot be loaded on records that failed, but a declaration DP runs refuse still fails.
+        declared, usable = _declaration(site)
+        items.append(CheckItem("teacher", None, "skipped: the data check failed") if usable else
+                     CheckItem("teacher", False, f"not loaded: the data check failed\n{declared}"))
     else:
         attempt("teacher", lambda: _teacher(site, records))
     attempt("privacy budget", lambda: _budget(site))

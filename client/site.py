@@ -2,7 +2,7 @@
 
 Deployment runs every message in a fresh process, so nothing lives in module globals::
 
-    <state-dir>/site.json            name, data file, teacher, schema_version
+    <state-dir>/site.json            name, teacher path, teacher declaration (client.teacher), schema_version
     <state-dir>/data.npz             the site's private splits (train / val / test)
     <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
     <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.teacher import TeacherDeclaration
 from distill.data import SplitData, load_splits, save_splits
 from protocols.accounting import SitePolicy
 from protocols.canonical import atomic_write_json
@@ -34,6 +35,7 @@ class Site:
     name: str
     state_dir: Path
     teacher_path: Path
+    teacher_declaration: TeacherDeclaration
 
     @property
     def data_path(self) -> Path:
@@ -64,9 +66,18 @@ class Site:
         for key in ("name", "teacher"):
             if key not in raw:
                 raise ConfigError(f"{path}: field '{key}' is missing.")
+        if "teacher_declaration" not in raw:
+            # Written by a version that did not record what the teacher was trained on. No default is assumed:
+            # whether DP protects this site's records depends on it (client/teacher.py).
+            raise ConfigError(f"{path}: field 'teacher_declaration' is missing (site.json was written by an older "
+                              "fedistill that did not record what the teacher was trained on). Set [teacher] "
+                              "training_data in site.toml and run `fedistill site start SITE_TOML`, which rewrites "
+                              "site.json; for a simulated site, run the simulation again.")
         teacher = Path(raw["teacher"])
         return cls(name=str(raw["name"]), state_dir=state_dir,
-                   teacher_path=teacher if teacher.is_absolute() else state_dir / teacher)
+                   teacher_path=teacher if teacher.is_absolute() else state_dir / teacher,
+                   teacher_declaration=TeacherDeclaration.from_dict(raw["teacher_declaration"],
+                                                                    f"{path} teacher_declaration"))
 
 
 def write_noise_secret(state_dir: Path, secret: bytes) -> None:
@@ -78,16 +89,23 @@ def write_noise_secret(state_dir: Path, secret: bytes) -> None:
 
 
 def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path,
-                policy: SitePolicy | None = None, noise_secret: bytes | None = None) -> Site:
+                policy: SitePolicy | None = None, noise_secret: bytes | None = None, *,
+                teacher_declaration: TeacherDeclaration) -> Site:
     """Write a site's state directory (the simulation harness does this for every virtual site).
 
-    ``noise_secret`` lets a simulation be reproducible; a real site leaves it out and gets ``os.urandom``.
+    ``teacher_declaration`` says what the teacher was trained on; it has no default, since a DP run refuses a
+    teacher that saw private records without DP (client/teacher.py). ``noise_secret`` lets a simulation be
+    reproducible; a real site leaves it out and gets ``os.urandom``.
     """
+    if not isinstance(teacher_declaration, TeacherDeclaration):
+        raise ConfigError(f"site '{name}': teacher_declaration must be a TeacherDeclaration, "
+                          f"got {teacher_declaration!r}.")
     state_dir = Path(state_dir)
     save_splits(state_dir / DATA_FILE, splits)
     (policy or SitePolicy()).save(state_dir)
     if noise_secret is not None:
         write_noise_secret(state_dir, noise_secret)
     atomic_write_json(state_dir / SITE_FILE, {"schema_version": SCHEMA_VERSION, "name": name,
-                                              "teacher": str(Path(teacher_path).resolve())})
+                                              "teacher": str(Path(teacher_path).resolve()),
+                                              "teacher_declaration": teacher_declaration.to_dict()})
     return Site.load(state_dir)

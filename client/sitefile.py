@@ -12,6 +12,7 @@ from typing import Any
 
 from client.records import RecordSchema, load_records
 from client.site import Site, create_site
+from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
 from protocols.accounting import ACCOUNTANTS, SitePolicy
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
@@ -46,6 +47,15 @@ max_records_per_person = 0       # keep at most this many records per person (0:
 
 [teacher]
 path = "FILL IN: teacher.pkl"    # a scikit-learn pickle, a TorchScript .pt, a transformers directory or logits .npz
+# What the teacher was trained on. DP protects a record only if it cannot change the teacher's targets for the
+# other records, so this decides whether the site's epsilon means anything:
+#   "public"      the teacher never saw this site's private records (a public pretrained model, public data)
+#   "private-dp"  the teacher was trained on private records with differential privacy
+#   "private"     the teacher was trained on private records without DP: this site refuses every DP run
+#                 unless acknowledge_non_dp = true, and the report then marks its record-level guarantee void
+training_data = "FILL IN: public, private-dp or private"
+acknowledge_non_dp = false       # only with training_data = "private": take part in DP runs anyway, guarantee void
+description = ""                 # optional: which model, trained on what (recorded in the ledger with every run)
 
 [privacy]
 epsilon_per_run = 8.0            # this site refuses any round that would take one run past this epsilon
@@ -64,7 +74,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "site": ("name", "state_dir", "node_key"),
     "coordinator": ("address", "ca_certificate"),
     "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person"),
-    "teacher": ("path",),
+    "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
     "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant"),
     "node": ("runtime_port",),
 }
@@ -111,6 +121,23 @@ def _strings(table: dict[str, Any], section: str, key: str, where: str, minimum:
     return tuple(value)
 
 
+def _teacher_declaration(teacher: dict[str, Any], where: str) -> TeacherDeclaration:
+    """``[teacher] training_data`` (required), ``acknowledge_non_dp`` and ``description`` (optional)."""
+    choices = ", ".join(TEACHER_TRAINING_DATA)
+    training_data = teacher.get("training_data")
+    if not isinstance(training_data, str) or not training_data or training_data.startswith("FILL IN"):
+        raise ConfigError(f"{where}: [teacher] training_data must be set to one of {choices} (what the teacher was "
+                          f"trained on; see the comment in `fedistill site init`'s template), got {training_data!r}.")
+    acknowledge = teacher.get("acknowledge_non_dp", False)
+    if not isinstance(acknowledge, bool):
+        raise ConfigError(f"{where}: [teacher] acknowledge_non_dp must be true or false, got {acknowledge!r}.")
+    try:
+        return TeacherDeclaration(training_data, acknowledge, _text(teacher, "teacher", "description", where,
+                                                                    required=False))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 @dataclass(frozen=True)
 class SiteFile:
     path: Path
@@ -123,6 +150,7 @@ class SiteFile:
     schema: RecordSchema
     max_records_per_person: int
     teacher_path: Path
+    teacher_declaration: TeacherDeclaration
     policy: SitePolicy
     runtime_port: int
 
@@ -156,6 +184,7 @@ class SiteFile:
         runtime_port = node.get("runtime_port", 9094)
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
+        teacher_declaration = _teacher_declaration(teacher, where)
         label = _text(data, "data", "label", where)
         features = _strings(data, "data", "features", where, 1)
         if label in features:
@@ -167,6 +196,7 @@ class SiteFile:
             data_path=base / _text(data, "data", "path", where),
             schema=RecordSchema(label, _strings(data, "data", "classes", where, 2), features, person_id),
             max_records_per_person=max_per_person, teacher_path=base / _text(teacher, "teacher", "path", where),
+            teacher_declaration=teacher_declaration,
             policy=SitePolicy(epsilon_per_run=_number(privacy, "privacy", "epsilon_per_run", where, 0, 1e6),
                               epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
@@ -177,12 +207,13 @@ class SiteFile:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
 
         Budget history (privacy.json), the ledger and the noise secret are kept: only the records, the teacher
-        path and the policy are refreshed, so restarting a site never resets what it has spent.
+        path and declaration and the policy are refreshed, so restarting a site never resets what it has spent.
         """
         records = load_records(self.data_path, self.schema)
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
-        return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy)
+        return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy,
+                           teacher_declaration=self.teacher_declaration)
 
 
 def write_template(directory: Path, name: str) -> Path:

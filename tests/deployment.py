@@ -61,6 +61,8 @@ def make_site(root: Path, name: str, coordinator: Path, address: str, seed: int,
                      ('label = "FILL IN"', 'label = "outcome"'),
                      ('features = ["FILL IN"]', f"features = {FEATURES!r}".replace("'", '"')),
                      ('person_id = ""', 'person_id = "patient"'), ('"FILL IN: teacher.pkl"', '"teacher.pkl"'),
+                     # The teacher is fitted on records_table(600, 99), never on the site's own records.
+                     ('"FILL IN: public, private-dp or private"', '"public"'),
                      ("runtime_port = 9094", f"runtime_port = {runtime_port}")]:
         assert old in text, old
         text = text.replace(old, new)

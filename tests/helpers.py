@@ -8,11 +8,14 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from client.site import Site, create_site
+from client.teacher import TeacherDeclaration
 from distill.data import SplitData
 from distill.models import save_sklearn_teacher
 from protocols.config import FederationConfig, StudentSpec
 
 MLP = StudentSpec("mlp", {"input_dim": 5, "hidden": [8, 8], "num_classes": 2})
+# The tests' teachers are fitted on data of their own (another seed) or not fitted at all, never on a site's records.
+PUBLIC_TEACHER = TeacherDeclaration("public", description="test teacher fitted on separate synthetic data")
 TINY_BERT = StudentSpec("bert", {"vocab_size": 100, "hidden_size": 16, "num_hidden_layers": 2,
                                  "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16,
                                  "num_labels": 2})
@@ -29,7 +32,7 @@ def make_site(directory: Path, name: str = "site-a", seed: int = 0) -> Site:
     teacher = LogisticRegression().fit(*(lambda s: (s.inputs["x"], s.labels))(tabular_split(200, 99)))
     save_sklearn_teacher(teacher, directory / "teacher.pkl")
     splits = {"train": tabular_split(64, seed), "val": tabular_split(32, seed + 1), "test": tabular_split(32, seed + 2)}
-    return create_site(directory / name, name, splits, directory / "teacher.pkl")
+    return create_site(directory / name, name, splits, directory / "teacher.pkl", teacher_declaration=PUBLIC_TEACHER)
 
 
 def federation(**overrides) -> FederationConfig:
@@ -55,7 +58,7 @@ def text_site(directory: Path, records: int = 24) -> Site:
     teacher = PooledEncoderClassifier(encoder, nn.Linear(24, 2))
     torch.save(teacher, directory / "unused.pt")
     site = create_site(directory / "text-site", "text-site", {"train": text, "val": text, "test": text},
-                       directory / "unused.pt")
+                       directory / "unused.pt", teacher_declaration=PUBLIC_TEACHER)
     TeacherLogitCache(site.state_dir).outputs(
         text, path_digest(site.teacher_path), lambda: TorchTeacher(teacher, ("input_ids", "attention_mask")))
     return site

@@ -127,7 +127,8 @@ def test_the_lifetime_cap_holds_across_runs():
 def test_empty_poisson_batches_take_an_accounted_noise_only_step(tmp_path):
     teacher_site = make_site(tmp_path)
     splits = {"train": tabular_split(4, 5), "val": tabular_split(8, 6), "test": tabular_split(8, 7)}
-    site = create_site(tmp_path / "tiny", "tiny", splits, teacher_site.teacher_path)
+    site = create_site(tmp_path / "tiny", "tiny", splits, teacher_site.teacher_path,
+                       teacher_declaration=teacher_site.teacher_declaration)
     config = private_federation(batch_size=1, local_steps=40, rounds=1, target_epsilon=50.0)
     update = train_round(site, instruction_for(config, 1), global_state(config))
     spend = PrivacyState.load(site.state_dir).spends[0]

@@ -13,7 +13,7 @@ from distill.models import save_sklearn_teacher
 from protocols.errors import ConfigError
 from protocols.secagg import SecureAggregationSettings, decode_aggregate, encode_update, error_bound, site_weight
 from simulations.engine import FaultPlan, run_federation
-from tests.helpers import federation, tabular_split
+from tests.helpers import PUBLIC_TEACHER, federation, tabular_split
 
 SIZES = {"north": 40, "south": 64, "east": 100}
 
@@ -25,7 +25,8 @@ def three_sites(directory):
     save_sklearn_teacher(LogisticRegression().fit(teacher_data.inputs["x"], teacher_data.labels),
                          directory / "teacher.pkl")
     return [create_site(directory / name, name, {"train": tabular_split(n, i), "val": tabular_split(16, 10 + i),
-                                                 "test": tabular_split(16, 20 + i)}, directory / "teacher.pkl").state_dir
+                                                 "test": tabular_split(16, 20 + i)}, directory / "teacher.pkl",
+                         teacher_declaration=PUBLIC_TEACHER).state_dir
             for i, (name, n) in enumerate(SIZES.items())]
 
 
