@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from compliance.report import METRICS, NOT_ASSESSED, build_report, is_not_assessed
+from compliance.report import CAUSAL_LM, NOT_ASSESSED, build_report, is_not_assessed
 from compliance.report_signature import sign_report
 from protocols.canonical import atomic_write_bytes
 from protocols.errors import ConfigError, ExternalToolError
@@ -30,7 +30,6 @@ CHROMIUM_TIMEOUT_S = 180
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in greyscale print by marker.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 REFERENCE_COLOURS = ("#444444", "#B3261E", "#7B3294", "#1B7837")
-MODEL_COLUMNS = ("model", *METRICS)
 STATUS_CLASS = {"met": "ok", "ok": "ok", "partial": "partial", "not met": "bad", "failed": "bad",
                 NOT_ASSESSED: "na"}
 CSS = """
@@ -251,8 +250,10 @@ def _data_inventory(section: dict[str, Any], report: dict[str, Any]) -> str:
         if is_not_assessed(entry["splits"]):  # a deployed site keeps its records and their counts
             out.append(f"<h3>{_e(site)}</h3>" + kv_table(entry, [k for k in entry if k != "schema"]))
             continue
+        # A causal-LM split counts its tokens and has no classes.
         splits = [{"split": name, "records": split["records"], "persons": split["persons"],
-                   **{f"class {label}": count for label, count in split["class_counts"].items()}}
+                   **({"tokens": split["tokens"]} if "tokens" in split else {}),
+                   **{f"class {label}": count for label, count in split.get("class_counts", {}).items()}}
                   for name, split in entry["splits"].items()]
         out.append(f"<h3>{_e(site)}</h3>" + table(splits)
                    + kv_table(entry, [k for k in entry if k not in ("splits", "schema")]))
@@ -311,7 +312,25 @@ def _data_flows(section: dict[str, Any], report: dict[str, Any]) -> str:
         if flows["refusals"]:
             out.append(table(flows["refusals"]))
         out.append(_wire_bytes(flows.get("wire")))
+    if "teacher_cache" in section:
+        out.append("<h3>The teacher's top-k cache: it stays at each site</h3>"
+                   + _teacher_cache(section["teacher_cache"]))
     return "".join(out)
+
+
+def _teacher_cache(cache: dict[str, Any] | str) -> str:
+    """A causal-LM run's per-site cache (size, digest, its ledger event) beside what left the site per round."""
+    if isinstance(cache, str):
+        return f"<p>{fmt(cache)}</p>"
+    rows = [{"site": site, "positions": c["positions"], "cache bytes": c["bytes"],
+             "teacher forward passes": c["teacher_forward_passes"], "cache digest": c["digest"],
+             "ledger event": (c["ledger_event"] if is_not_assessed(c["ledger_event"]) else
+                              f"seq {c['ledger_event']['seq']}, sent: {fmt(c['ledger_event']['sent'])}"),
+             "bytes sent per round (median)": c["sent_per_round_bytes"],
+             "tensors sent per round": c["sent_per_round_tensors"],
+             "update bytes per round in the ledger (median)": c["update_bytes_median_in_ledger"]}
+            for site, c in cache["sites"].items()]
+    return f"<p>{_e(cache['stays_at_site'])} (from {_e(cache['source'])}).</p>" + table(rows)
 
 
 def _privacy(section: dict[str, Any], report: dict[str, Any]) -> str:
@@ -319,19 +338,26 @@ def _privacy(section: dict[str, Any], report: dict[str, Any]) -> str:
     caps = {f"cap {b['budget']['cap_per_run']:g}": b["budget"]["cap_per_run"] for b in sites.values()
             if b["budget"]["cap_per_run"] is not None}
     federation = section["federation"]
-    out = [line_chart("Epsilon spent per site, per round (cumulative, at each site's delta)",
+    void = federation["guarantee_void_at"]
+    out = [f'<p class="banner bad">Record-level DP guarantee VOID at {_e(", ".join(void))}: a teacher trained on the '
+           "site's own records without DP (below).</p>" if void else "",
+           line_chart("Epsilon spent per site, per round (cumulative, at each site's delta)",
                       {site: [(p["round"], p["epsilon"]) for p in b["epsilon_per_round"]
                               if isinstance(p["epsilon"], (int, float))] for site, b in sites.items()},
                       "round", "epsilon", caps),
            "<h3>Federation summary</h3>", f'<p class="statement">{_e(federation["statement"])}</p>',
-           kv_table(federation, ["sites_that_sent_updates", "max_epsilon", "median_epsilon", "warning"]),
+           kv_table(federation, ["sites_that_sent_updates", "max_epsilon", "median_epsilon", "warning",
+                                 "guarantee_void_at"]),
            "<h3>Unprotected quantities (not covered by any epsilon)</h3><ul>"
            + "".join(f"<li>{_e(item)}</li>" for item in section["unprotected_quantities"]) + "</ul>"]
     for site, block in sites.items():
         out.append(f"<h3>Site {_e(site)}</h3>")
+        if block["teacher"]["guarantee_void"]:
+            out.append(f'<p class="banner bad">Record-level DP guarantee VOID at site {_e(site)}: its teacher was '
+                       "trained on its private records without DP (teacher, below).</p>")
         out.append(f'<p class="statement">{_e(block["statement"])}</p>')
         out.append(kv_table(block, ["unit_of_privacy", "neighbouring_relation", "setting", "contribution_bound",
-                                    "mechanism", "accountant", "delta", "delta_rationale", "epsilon_total",
+                                    "teacher", "mechanism", "accountant", "delta", "delta_rationale", "epsilon_total",
                                     "epsilon_recorded", "epsilon_replayed_pld", "epsilon_lifetime",
                                     "privacy_profile", "mu_gdp", "budget", "released_outputs"]))
     recorded = {site: {p["round"]: p["epsilon"] for p in b["epsilon_per_round"]} for site, b in sites.items()}
@@ -374,17 +400,41 @@ def _evaluation(section: dict[str, Any], report: dict[str, Any]) -> str:
                 + kv_table(section, ["headline_metric", "confidence_intervals", "empirical_privacy_audit"])
                 + "<h3>Per round: the training loss the sites reported</h3>"
                 + table(section["per_round"], ["round", "status", "train_loss"]))
-    metric = section["headline_metric"]
+    metric, metrics = section["headline_metric"], section["metrics"]
+    columns = ["model", *metrics]
+    # A causal-LM test split is counted in tokens, per site and model.
+    site_columns = [*columns, "tokens"] if report["run"]["task"] == CAUSAL_LM else columns
     per_round = [(r["round"], r[metric]) for r in section["per_round"] if r.get(metric) is not None]
     references = {_label(k): v for k, v in section["baselines_reference"].items() if v is not None}
-    out = [kv_table(section, ["headline_metric", "data"]),
+    axis = _label(metric) + (" (lower is better)" if metric in section["lower_is_better"] else "")
+    out = [kv_table(section, ["headline_metric", "data", *(["lower_is_better"] if section["lower_is_better"] else [])]),
            line_chart(f"Federated student {_label(metric)} per round (pooled test splits)",
-                      {"federated student": per_round}, "round", _label(metric), references, from_zero=False),
-           "<h3>All sites (pooled test splits)</h3>", table(section["overall"], MODEL_COLUMNS),
+                      {"federated student": per_round}, "round", axis, references, from_zero=False) if per_round else
+           f"<p>No round of metrics.jsonl records the federated student's {_e(_label(metric))}.</p>",
+           "<h3>All sites (pooled test splits)</h3>", table(section["overall"], columns),
            kv_table(section, ["comparison", "confidence_intervals", "empirical_privacy_audit"])]
     for site, rows in section["per_site"].items():
-        out.append(f"<h3>Site {_e(site)} (its own test split)</h3>" + table(rows, MODEL_COLUMNS))
-    out.append("<h3>Per round</h3>" + table(section["per_round"], ["round", "status", *METRICS, "train_loss"]))
+        out.append(f"<h3>Site {_e(site)} (its own test split)</h3>" + table(rows, site_columns))
+    out.append("<h3>Per round</h3>" + table(section["per_round"], ["round", "status", *metrics, "train_loss"]))
+    return "".join(out)
+
+
+def _model_card(section: dict[str, Any], report: dict[str, Any]) -> str:
+    """The card as key and value; a causal-LM run's settings beside a table of its per-site caches and sends."""
+    out = [kv_table(section, [key for key in section if key != "causal_lm"])]
+    causal = section.get("causal_lm")
+    if causal is not None:
+        sent = causal["sent_per_round"]
+        rows = [{"site": site, "cache positions": cache["positions"], "cache bytes": cache["bytes"],
+                 "teacher forward passes": cache["teacher_forward_passes"], "cache digest": cache["digest"],
+                 "bytes sent per round": sent.get(site, {}).get("bytes"),
+                 "tensors sent per round": sent.get(site, {}).get("tensors"),
+                 "rounds that sent": sent.get(site, {}).get("rounds")}
+                for site, cache in causal["cache"].items()]
+        settings = [key for key in causal if key not in ("cache", "sent_per_round")]
+        out += ["<h3>Causal-LM distillation</h3>", kv_table(causal, settings),
+                "<h3>Per site: the top-k cache (kept at the site) and what left it per round (median)</h3>",
+                table(rows)]
     return "".join(out)
 
 
@@ -420,8 +470,8 @@ def _verification(section: dict[str, Any], report: dict[str, Any]) -> str:
 
 RENDERERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
     "envelope": _envelope, "data_inventory": _data_inventory, "data_flows": _data_flows, "privacy": _privacy,
-    "secure_aggregation": _secure_aggregation, "audit_trail": _audit_trail, "evaluation": _evaluation,
-    "crosswalk": _crosswalk, "verification": _verification,
+    "secure_aggregation": _secure_aggregation, "audit_trail": _audit_trail, "model_card": _model_card,
+    "evaluation": _evaluation, "crosswalk": _crosswalk, "verification": _verification,
 }
 
 

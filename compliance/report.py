@@ -72,7 +72,12 @@ DEPLOYMENT_NOTE = ("deployment: the coordinator and every site run their own Flo
                    "SuperNodes) and talk over the network; the run directory holds their ledgers and the sites' "
                    "evidence, not the connections, the coordinator's node-key registry or any user account, so "
                    "those are not evidenced here")
-UNIT_OF_PRIVACY = "one record of the site's training split"
+# The two tasks a summary can describe; a classification summary predates the "task" key.
+CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
+# What one unit of privacy is, per task: DP-SGD on a causal LM samples whole documents (one sequence each).
+PRIVACY_UNITS = {CLASSIFICATION: "record", CAUSAL_LM: "document"}
+# What a causal-LM summary must hold beyond a classification one (docs/report.md, "Causal-LM runs").
+CAUSAL_LM_SUMMARY_KEYS = ("metrics", "model_labels", "models", "comparison", "size", "causal_lm")
 SITE_FILE_LABELS = {"ledger.jsonl": "ledger", "ledger_key.pub.pem": "ledger public key",
                     "privacy.json": "privacy history", "policy.json": "privacy policy",
                     "secagg_clipping.json": "SecAgg+ clipping counts", "site.json": "site description"}
@@ -159,6 +164,14 @@ class RunEvidence:
     def scope_note(self) -> str:
         return SIMULATION_NOTE if self.deployment is None else DEPLOYMENT_NOTE
 
+    @property
+    def task(self) -> str:
+        """``classification`` or ``causal-lm``: the summary says (a classification summary has no ``task`` key); a
+        deployed run has no summary, so its student's family says."""
+        if self.summary is not None:
+            return str(self.summary.get("task", CLASSIFICATION))
+        return CAUSAL_LM if self.federation.get("student", {}).get("family") == "causal_lm" else CLASSIFICATION
+
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
@@ -224,6 +237,11 @@ def load_evidence(run_dir: Path) -> RunEvidence:
                         "fedistill simulate or fedistill run, or was altered after the run.")
     summary = None if deployed else _read_json(run_dir / "summary.json",
                                                "the run's summary (written when the simulation finished)")
+    if summary is not None and summary.get("task") == CAUSAL_LM:
+        absent = [key for key in CAUSAL_LM_SUMMARY_KEYS if key not in summary]
+        if absent:
+            raise DataError(f"{run_dir / 'summary.json'}: a causal-LM summary needs field(s) {', '.join(absent)}; it "
+                            "was written by an older fedistill or altered after the run.")
     metrics = _read_metrics(run_dir / "metrics.jsonl")
     sites = {}
     for name in _deployed_sites(run_dir, metrics) if deployed else config["sites"]:
@@ -265,6 +283,34 @@ def _git_commit() -> str:
 
 def _finite(value: float | str | None) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+VOCABULARY_KEYS = ("subset", "student_tokens", "teacher_tokens", "kept_teacher_tokens", "dropped_teacher_tokens",
+                   "chosen_from", "held_out_token_coverage", "oov_rule")
+
+
+def _pick(mapping: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    return {key: (mapping or {}).get(key) for key in keys}
+
+
+def causal_lm_facts(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's ``causal_lm`` block, field by field: settings, counts, sizes and digests. A key the report
+    does not name is left out, so nothing a later summary adds (a sample text, say) can reach the report."""
+    block = summary["causal_lm"]
+    lora, vocabulary = block.get("lora"), block.get("vocabulary")
+    return {
+        "teacher": _pick(block.get("teacher"), ("kind", "source", "digest", "description")),
+        "fragments": block.get("fragments"),
+        "lora": None if lora is None else _pick(lora, ("r", "alpha", "targets")),
+        "top_k": block.get("top_k"), "temperatures": block.get("temperatures"), "divergence": block.get("divergence"),
+        "tail": block.get("tail"), "max_length": block.get("max_length"),
+        # A student on a subset of the teacher's vocabulary: how perplexity still counts every teacher token.
+        "vocabulary": None if vocabulary is None else _pick(vocabulary, VOCABULARY_KEYS),
+        "cache": {site: _pick(cache, ("positions", "bytes", "teacher_forward_passes", "digest"))
+                  for site, cache in (block.get("cache") or {}).items()},
+        "sent_per_round": {site: _pick(sent, ("bytes", "tensors", "rounds"))
+                           for site, sent in (block.get("sent_per_round") or {}).items()},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ section 0
@@ -318,7 +364,7 @@ def _run(ev: RunEvidence) -> dict[str, Any]:
     started = [e for e in ev.coordinator.events if e["kind"] == "run-started"]
     config, deployment = ev.config, ev.deployment
     return {
-        "run_id": ev.run_id, "scenario": config.get("scenario"),
+        "run_id": ev.run_id, "scenario": config.get("scenario"), "task": ev.task,
         "description": ev.summary.get("description") if ev.summary is not None else None,
         "mode": ("simulation: Flower's simulation engine, one virtual node per site" if deployment is None else
                  "deployment: Flower's deployment engine, a SuperLink at the coordinator and a SuperNode at every "
@@ -480,8 +526,10 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
         }
         bytes_per_round[name] = [sent.get(r, 0) for r in rounds]
     secure = bool(ev.federation.get("secure_aggregation"))
+    causal = ev.task == CAUSAL_LM
     return {
         "sites": sites, "rounds": rounds, "bytes_per_round": bytes_per_round,
+        **({"teacher_cache": _teacher_cache(ev, sites)} if causal else {}),
         "wire_bytes_per_round": wire_per_round,
         "wire_bytes_counted": "per message, as Flower's Fleet API carries it: the header and object tree, and every "
                               "distinct object's content (arrays, SecAgg+ public keys, encrypted shares, masked "
@@ -494,11 +542,45 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
         "never_leaves": ["records, labels and person ids", "the teacher and its outputs",
                          "per-example gradients and the unmasked update" if secure else "per-example gradients",
                          "the site's DP noise secret (noise.key) and its ledger signing key"]
-                        + (["the site's record count (it travels masked, as a weight)"] if secure else []),
+                        + (["the site's record count (it travels masked, as a weight)"] if secure else [])
+                        + (["the teacher's top-k cache of the site's training texts (teacher_topk.npz)"] if causal
+                           else []),
         "clear_metadata": ["whether the site took part in a round or refused it", "the site's own epsilon report",
                            "the site's ledger head (seq and hash), recorded in the coordinator's checkpoint"],
         "necessity_rationale": NOT_ASSESSED,
     }
+
+
+TOPK_CACHE_STAYS = ("each site's teacher ran once on its own training texts, and its top-k targets (per real token "
+                    "position: the k most likely token ids, their logit offsets and the tail bucket's logits) are "
+                    "cached in the site's state directory and never sent; only their size and digest are reported")
+CACHE_EVENT = "teacher-targets-cached"
+
+
+def _teacher_cache(ev: RunEvidence, flows: dict[str, Any]) -> dict[str, Any] | str:
+    """A causal-LM run's top-k caches, which stay at the sites: sizes and digests as the summary states them, the
+    site's own ledger event that recorded the same digest, and what left the site per round beside them."""
+    if ev.summary is None:
+        return not_assessed(f"a deployed run has no summary.json; each site's ledger records its own cache's size and "
+                            f"digest ({CACHE_EVENT})")
+    facts = causal_lm_facts(ev.summary)
+    sites = {}
+    for name, site in ev.sites.items():
+        cache, sent = facts["cache"].get(name, {}), facts["sent_per_round"].get(name, {})
+        # The cache may have been computed in an earlier run (then reused): any event with its digest evidences it.
+        recorded = [e for e in site.ledger.events if e["kind"] == CACHE_EVENT
+                    and e["payload"].get("sha256") == cache.get("digest")]
+        updates = [u["bytes"] for u in flows[name]["updates"]]
+        sites[name] = {
+            **cache,
+            "ledger_event": ({"seq": recorded[-1]["seq"], "run_id": recorded[-1]["payload"].get("run_id"),
+                              "sent": recorded[-1]["payload"].get("sent")} if recorded else
+                             not_assessed(f"no {CACHE_EVENT} event in the site's ledger records this digest")),
+            "sent_per_round_bytes": sent.get("bytes"), "sent_per_round_tensors": sent.get("tensors"),
+            # The summary's figure is a median over rounds: the ledger's update-sent events give the same median.
+            "update_bytes_median_in_ledger": statistics.median(updates) if updates else None,
+        }
+    return {"stays_at_site": TOPK_CACHE_STAYS, "source": "summary.json, and each site's ledger", "sites": sites}
 
 
 # ------------------------------------------------------------------------------------------------ section 5
@@ -521,6 +603,89 @@ def unprotected_quantities(secure_aggregation: bool, deployed: bool) -> list[str
     ]
 
 
+TEACHER_TRAINING_DATA = ("public", "private-dp", "private")
+NO_DECLARATION = not_assessed("absent: the site's run-accepted event holds no teacher declaration (runs recorded "
+                              "before sites declared their teacher have none)")
+# Why a teacher fine-tuned on a site's records without DP voids that site's record-level guarantee.
+VOIDED_BY_TEACHER = ("DP-SGD on distillation targets protects a record only if that record cannot change the "
+                     "targets of the other records, and a teacher fine-tuned on those records without DP lets every "
+                     "record it saw change every target")
+
+
+def teacher_declaration(accepted: dict[str, Any] | None, private: bool) -> dict[str, Any]:
+    """What a site declared about its teacher in its signed ``run-accepted`` payload (``accepted``; None when the
+    site never accepted the run), and what that does to its DP guarantee in a run that asks for DP (``private``).
+
+    ``guarantee_void`` is True only when the site's record-level guarantee does not hold; None when the run
+    states no DP guarantee or the declaration cannot tell.
+    """
+    declared = (accepted or {}).get("teacher")
+    if not isinstance(declared, dict):
+        return {"declared_in": NO_DECLARATION, "digest": NOT_ASSESSED, "training_data": NOT_ASSESSED,
+                "acknowledged_non_dp": NOT_ASSESSED, "description": NOT_ASSESSED, "guarantee_void": None,
+                "effect": not_assessed("without a declaration, the guarantee holds only for a teacher that does not "
+                                       "depend on the site's training records") if private else
+                "none: this run states no DP guarantee"}
+    training_data = declared.get("training_data")
+    acknowledged = declared.get("acknowledged_non_dp") is True
+    void: bool | None = None
+    if not private:
+        effect = "none: this run states no DP guarantee"
+    elif training_data == "public":
+        void, effect = False, ("keeps the guarantee: a teacher trained on public data only does not depend on the "
+                               "site's records")
+    elif training_data == "private-dp":
+        void, effect = False, ("keeps the student's guarantee; the teacher's own DP guarantee composes with it, and "
+                               "the combined guarantee is the site's to state")
+    elif training_data == "private":
+        # Void whether or not the site acknowledged it (a DP run refuses an unacknowledged one): the cause is the
+        # teacher, not the acknowledgement.
+        void, effect = True, (f"VOIDS the site's record-level guarantee: {VOIDED_BY_TEACHER}"
+                              + ("; the site acknowledged this when it accepted the run" if acknowledged else
+                                 "; the site did not acknowledge this"))
+    else:
+        effect = not_assessed(f"unknown training_data {training_data!r} (one of {', '.join(TEACHER_TRAINING_DATA)} "
+                              "was expected)")
+    return {"declared_in": "the site's signed run-accepted event", "digest": declared.get("digest"),
+            "training_data": training_data, "acknowledged_non_dp": acknowledged,
+            "description": declared.get("description"), "guarantee_void": void, "effect": effect}
+
+
+def _person_sentence(block: dict[str, Any], unit: str) -> str:
+    person = block["contribution_bound"]
+    k, level = person["max_records_per_person"], person["person_level"]
+    if is_not_assessed(k):
+        return (f" How many {unit}s one person has there is kept at the site, so the guarantee is stated for one "
+                f"{unit}, not for a person.")
+    if k == 1:
+        return f" Each person has one {unit} there, so the guarantee is also person-level."
+    if level is None:
+        return ""
+    group = f"({level['epsilon']:.4g}, {level['delta']:.2g})"
+    if person["bounded"]:
+        return f" Each person has at most {k} {unit}s there, so by group privacy a person is protected at {group}."
+    return (f" A person can have up to {k} {unit}s there, for whom group privacy gives only {group}: the guarantee is "
+            f"{unit}-level, not person-level.")
+
+
+def _teacher_sentence(teacher: dict[str, Any], unit: str) -> str:
+    training_data = teacher["training_data"]
+    if is_not_assessed(training_data):
+        return (" Its run-accepted event declares nothing about its teacher, so whether the teacher depends on these "
+                f"{unit}s is not evidenced.")
+    if teacher["guarantee_void"]:
+        acknowledged = "and acknowledged that" if teacher["acknowledged_non_dp"] else "without acknowledging that"
+        return (f" Its teacher was trained on the site's private data without differential privacy (declared in its "
+                f"signed run-accepted event, {acknowledged} this voids the guarantee): {VOIDED_BY_TEACHER}, so the "
+                f"guarantee above does not hold for its {unit}s.")
+    if training_data == "public":
+        return " Its teacher was trained on public data only (declared), so the teacher does not weaken the guarantee."
+    if training_data == "private-dp":
+        return (" Its teacher was trained on private data under differential privacy (declared): the teacher's own "
+                "guarantee composes with this one, and the combined guarantee is the site's to state.")
+    return f" Its teacher declaration names training data {training_data!r}, which the report cannot interpret."
+
+
 def dp_statement(site: str, block: dict[str, Any]) -> str:
     """The plain-language sentence of a site's DP block, generated from the block's own numbers only.
 
@@ -533,27 +698,18 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
     if block["epsilon_total"] == "inf":
         return (f"Site {site} trained without differential privacy (noise multiplier 0): the updates it sent carry "
                 "no formal privacy guarantee.")
-    sentence = (f"The updates site {site} sent satisfy ({block['epsilon_total']:.4g}, {block['delta']:.2g})-"
-                f"differential privacy for {UNIT_OF_PRIVACY} ({mechanism['records']:,} records), adding or "
-                f"removing one record: {mechanism['total_steps']} steps of Poisson-sampled DP-SGD (sampling rate "
+    # The neighbouring relation names the unit: a record, or a document for a causal LM.
+    unit = block["neighbouring_relation"].rsplit(" ", 1)[-1]
+    opening = (f"Site {site}'s {unit}-level differential-privacy guarantee is VOID because of its teacher (below); "
+               f"the DP-SGD accounting alone would say that the updates it sent satisfy" if
+               block["teacher"]["guarantee_void"] else f"The updates site {site} sent satisfy")
+    sentence = (f"{opening} ({block['epsilon_total']:.4g}, {block['delta']:.2g})-differential privacy for "
+                f"{block['unit_of_privacy']} ({mechanism['records']:,} {unit}s), adding or removing one {unit}: "
+                f"{mechanism['total_steps']} steps of Poisson-sampled DP-SGD (sampling rate "
                 f"{mechanism['sample_rate']:.3g}, noise multiplier {mechanism['noise_multiplier']:.3g}, clipping norm "
                 f"{mechanism['clipping_norm']:g}) over {len(block['rounds_joined'])} round(s), accounted with "
                 f"{block['accountant']['name'].upper()} ({block['accountant']['library']}).")
-    person = block["contribution_bound"]
-    k, level = person["max_records_per_person"], person["person_level"]
-    if is_not_assessed(k):
-        return sentence + (" How many records one person has there is kept at the site, so the guarantee is stated "
-                           "for one record, not for a person.")
-    if k == 1:
-        return sentence + " Each person has one record there, so the guarantee is also person-level."
-    if level is None:
-        return sentence
-    group = f"({level['epsilon']:.4g}, {level['delta']:.2g})"
-    if person["bounded"]:
-        return sentence + f" Each person has at most {k} records there, so by group privacy a person is protected " \
-                          f"at {group}."
-    return sentence + (f" A person can have up to {k} records there, for whom group privacy gives only {group}: the "
-                       "guarantee is record-level, not person-level.")
+    return sentence + _person_sentence(block, unit) + _teacher_sentence(block["teacher"], unit)
 
 
 def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, Any]:
@@ -572,10 +728,14 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
     recorded = sent[-1]["payload"]["epsilon_run"] if sent else None
     audit = ev.audit.get("sites", {}).get(site.name, {})
     opacus = ev.config.get("versions", {}).get("opacus")
+    unit = PRIVACY_UNITS.get(ev.task, PRIVACY_UNITS[CLASSIFICATION])
     block: dict[str, Any] = {
         "setting": "site-local DP-SGD: the site curates its own records and only clipped, noised updates leave it",
-        "unit_of_privacy": UNIT_OF_PRIVACY, "neighbouring_relation": "add or remove one record",
+        "unit_of_privacy": f"one {unit} of the site's training split",
+        "neighbouring_relation": f"add or remove one {unit}",
         "contribution_bound": _person_bound(ev, site.name),
+        "teacher": teacher_declaration(accepted[0]["payload"] if accepted else None,
+                                       ev.federation.get("target_epsilon") is not None),
         "mechanism": {
             "name": "Poisson-sampled DP-SGD (Opacus make_private, poisson_sampling=True)",
             "clipping": "flat per-sample L2 clipping", "clipping_norm": calibrated.get("max_grad_norm"),
@@ -630,6 +790,7 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
         "median_epsilon": statistics.median(finite) if finite and not unbounded else ("inf" if unbounded else None),
         "warning": "epsilon adds up for a person present at several sites: each site accounts only for its own "
                    "records, so a patient seen at two sites is protected at most at the sum of their epsilons",
+        "guarantee_void_at": [name for name, b in sites.items() if b["teacher"]["guarantee_void"]],
     }
     if unbounded:
         federation["statement"] = ("At least one site trained without differential privacy in this run; for its "
@@ -641,6 +802,10 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
                                    "composes across them.")
     else:
         federation["statement"] = "No site sent an update in this run."
+    if federation["guarantee_void_at"]:
+        federation["statement"] += (" The record-level guarantee is void at "
+                                    f"{', '.join(federation['guarantee_void_at'])}: a teacher trained on the site's "
+                                    "own records without differential privacy.")
     return {"target_epsilon": ev.federation.get("target_epsilon"), "sites": sites, "federation": federation,
             "unprotected_quantities": unprotected_quantities(secure, ev.deployment is not None)}
 
@@ -766,9 +931,44 @@ def _checkpoint_parameters(ev: RunEvidence) -> int | str:
     return sum(int(array.size) for array in load_file(str(path)).values() if array.dtype.kind == "f")
 
 
-def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, Any]:
+CAUSAL_LM_LOSS = ("alpha * CE(next token) + (1 - alpha) * T^2 * D(teacher_T || student_T) over the teacher's top-k "
+                  "tokens plus one tail bucket")
+CAUSAL_LM_TRANSFER_SET = ("each site's own private training texts; the teacher's top-k targets computed once at the "
+                          "site, cached in its state directory (digest in its ledger) and never sent")
+
+
+def _perplexity_gaps(comparison: dict[str, Any]) -> list[str]:
+    """The causal-LM caveats: federated perplexity as a multiple of the baselines' (lower is better)."""
+    gaps = []
+    centralized, undistilled = (_finite(comparison.get(key)) for key in ("federated_over_centralized",
+                                                                         "federated_over_undistilled"))
+    if centralized is not None:
+        gaps.append(f"federated perplexity is {centralized:.4g} times the centrally distilled student's (the cost of "
+                    "federation and DP here)")
+    if undistilled is not None:
+        gaps.append(f"federated perplexity is {undistilled:.4g} times the undistilled student's (same initialisation, "
+                    "no KD: below 1, the distillation helped)")
+    return gaps
+
+
+def _causal_lm_teacher(size: dict[str, Any], facts: dict[str, Any], subjects: list[dict[str, Any]]) -> dict[str, Any]:
+    latency = size.get("latency_ms_per_token")
+    return {**facts["teacher"], "files": [s for s in subjects if s["path"].startswith("teacher/")],
+            "size": {"measure": size.get("measure"), "teacher": size.get("teacher"), "student": size.get("student"),
+                     "non_embedding_ratio": size.get("non_embedding_ratio"),
+                     "teacher_file_bytes": size.get("teacher_file_bytes"),
+                     "student_file_bytes": size.get("student_file_bytes"), "file_note": size.get("file_note"),
+                     "latency_ms_per_token": latency if latency is not None else
+                     not_assessed("the run did not measure latency")}}
+
+
+def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[str, Any]) -> dict[str, Any]:
     f = ev.federation
+    # A deployed causal-LM run has no summary: its card is a deployed run's, like any other.
+    facts = causal_lm_facts(ev.summary) if ev.task == CAUSAL_LM and ev.summary is not None else None
     caveats = ["the teacher's own training data is outside the DP guarantee (section 5)"]
+    caveats += [f"site {name} declared a teacher trained on its private records without DP: its record-level DP "
+                "guarantee is void (section 5)" for name in privacy["federation"]["guarantee_void_at"]]
     if ev.summary is None:
         caveats.append("the coordinator of a deployed run does not evaluate the student: its utility is not "
                        "assessed here (section 10)")
@@ -780,29 +980,39 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, An
         size, summary = ev.summary.get("size", {}), ev.summary
         undefined = sorted(site for site, m in summary["models"]["federated"]["per_site"].items()
                            if m.get("undefined"))
-        gap = summary.get("comparison", {}).get("federated_minus_centralized")
         if undefined:
             caveats.append(f"metrics are undefined at {', '.join(undefined)} (a test split with a single class)")
-        if gap is not None:
-            caveats.append(f"the federated student is {gap:+.4f} {summary.get('headline_metric')} against the "
-                           "centralized distilled student (the cost of federation and DP here)")
-        parameters = size.get("student_parameters")
-        teacher = {"description": summary.get("provenance", {}).get("teacher"),
-                   "files": [s for s in subjects if s["path"].startswith("teacher/")],
-                   "size": {"measure": size.get("measure"), "teacher": size.get("teacher"),
-                            "student": size.get("student"), "ratio": size.get("ratio")}}
+        if facts is not None:
+            caveats += _perplexity_gaps(summary["comparison"])
+            parameters = size.get("student", {}).get("total")
+            teacher = _causal_lm_teacher(size, facts, subjects)
+        else:
+            gap = summary.get("comparison", {}).get("federated_minus_centralized")
+            if gap is not None:
+                caveats.append(f"the federated student is {gap:+.4f} {summary.get('headline_metric')} against the "
+                               "centralized distilled student (the cost of federation and DP here)")
+            parameters = size.get("student_parameters")
+            teacher = {"description": summary.get("provenance", {}).get("teacher"),
+                       "files": [s for s in subjects if s["path"].startswith("teacher/")],
+                       "size": {"measure": size.get("measure"), "teacher": size.get("teacher"),
+                                "student": size.get("student"), "ratio": size.get("ratio")}}
         seconds = summary.get("seconds")
+    schedule = {key: f.get(key) for key in ("alpha", "temperature_schedule", "temperature_start", "temperature_end")}
+    if facts is not None:
+        distillation = {"loss": CAUSAL_LM_LOSS, **schedule,
+                        **{key: facts[key] for key in ("divergence", "top_k", "temperatures", "tail", "max_length")},
+                        "transfer_set": CAUSAL_LM_TRANSFER_SET}
+    else:
+        distillation = {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)", **schedule,
+                        "transfer_set": "each site's own private training split; teacher outputs computed at the "
+                                        "site and never sent"}
     return {
         "model": {"name": f"{ev.run_id} student", "family": f["student"]["family"],
                   "settings": f["student"]["settings"], "parameters": parameters,
                   "weights": [s for s in subjects if s["path"].startswith("student/")],
                   "student_digest": ev.metrics[-1]["student_digest"] if ev.metrics else None},
         "teacher": teacher,
-        "distillation": {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)",
-                         "alpha": f.get("alpha"), "temperature_schedule": f.get("temperature_schedule"),
-                         "temperature_start": f.get("temperature_start"), "temperature_end": f.get("temperature_end"),
-                         "transfer_set": "each site's own private training split; teacher outputs computed at the "
-                                         "site and never sent"},
+        "distillation": distillation,
         "strategy": {"aggregation": ("SecAgg+ weighted mean of fragment updates" if f.get("secure_aggregation")
                                      else "weighted mean of fragment updates (FedAvg)"),
                      **{key: f.get(key) for key in ("fragment_plan", "rounds", "local_steps", "batch_size",
@@ -810,6 +1020,7 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]]) -> dict[str, An
         "training_data": ev.summary.get("provenance", {}) if ev.summary is not None else KEPT_AT_SITE,
         "compute_seconds": seconds,
         "caveats": caveats,
+        **({"causal_lm": facts} if facts is not None else {}),
         "intended_use": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED, "model_owner": NOT_ASSESSED,
         "risk_tier": NOT_ASSESSED, "independent_validator": NOT_ASSESSED, "inventory_id": NOT_ASSESSED,
     }
@@ -830,28 +1041,39 @@ def _evaluation(ev: RunEvidence) -> dict[str, Any]:
                 "per_site": NO_EVALUATION, "per_round": per_round, "baselines_reference": NO_EVALUATION,
                 "comparison": NO_EVALUATION, "confidence_intervals": NOT_ASSESSED,
                 "empirical_privacy_audit": NOT_ASSESSED}
-    models = ev.summary["models"]
-    local = models["local_only"]
-    overall = [{"model": label, **{m: models[key]["overall"].get(m) for m in METRICS}} for key, label in MODELS]
-    overall.append({"model": "local-only students (non-private), mean", **{
-        m: local[m]["mean"] if local.get(m) else None for m in METRICS}})
+    summary, models = ev.summary, ev.summary["models"]
+    causal = ev.task == CAUSAL_LM
+    # A causal-LM summary names its metrics (in display order) and its models; no site trains a local-only student.
+    metrics = list(summary["metrics"]) if causal else list(METRICS)
+    labelled = list(summary["model_labels"].items()) if causal else list(MODELS)
+    overall = [{"model": label, **{m: models[key]["overall"].get(m) for m in metrics}} for key, label in labelled]
+    if not causal:
+        local = models["local_only"]
+        overall.append({"model": "local-only students (non-private), mean", **{
+            m: local[m]["mean"] if local.get(m) else None for m in metrics}})
     per_site = {}
     for site in ev.sites:
-        rows = [{"model": label, **{m: models[key]["per_site"].get(site, {}).get(m) for m in METRICS}}
-                for key, label in MODELS]
-        own = local["per_site"].get(site, {}).get("per_site", {}).get(site, {})
-        rows.append({"model": "this site's local-only student", **{m: own.get(m) for m in METRICS}})
+        rows = [{"model": label, **{m: models[key]["per_site"].get(site, {}).get(m) for m in metrics},
+                 **({"tokens": models[key]["per_site"].get(site, {}).get("tokens")} if causal else {})}
+                for key, label in labelled]
+        if not causal:
+            own = local["per_site"].get(site, {}).get("per_site", {}).get(site, {})
+            rows.append({"model": "this site's local-only student", **{m: own.get(m) for m in metrics}})
         per_site[site] = rows
+    # A round recorded without a metric (an evaluator that did not compute it) shows None, never a guess.
     per_round = [{"round": r["round"], "status": r["status"], "train_loss": r.get("train_loss"),
-                  **{m: (r.get("evaluation") or {}).get("overall", {}).get(m) for m in METRICS}} for r in ev.metrics]
+                  **{m: (r.get("evaluation") or {}).get("overall", {}).get(m) for m in metrics}} for r in ev.metrics]
+    headline = summary.get("headline_metric", "roc_auc")
     return {
-        "headline_metric": ev.summary.get("headline_metric"),
-        "data": "the sites' held-out test splits, pooled for the overall figures; the decision threshold is chosen "
-                "once per model on the pooled validation splits",
+        "headline_metric": summary.get("headline_metric"),
+        "metrics": metrics, "lower_is_better": list(summary.get("lower_is_better", [])),
+        "data": ("the sites' held-out test texts (newest by time); perplexity over every predicted real token, pooled "
+                 "by token" if causal else
+                 "the sites' held-out test splits, pooled for the overall figures; the decision threshold is chosen "
+                 "once per model on the pooled validation splits"),
         "overall": overall, "per_site": per_site, "per_round": per_round,
-        "baselines_reference": {key: models[key]["overall"].get(ev.summary.get("headline_metric", "roc_auc"))
-                                for key, _ in MODELS if key != "federated"},
-        "comparison": ev.summary.get("comparison", {}),
+        "baselines_reference": {key: models[key]["overall"].get(headline) for key, _ in labelled if key != "federated"},
+        "comparison": summary.get("comparison", {}),
         "confidence_intervals": NOT_ASSESSED, "empirical_privacy_audit": NOT_ASSESSED,
     }
 
@@ -1053,7 +1275,11 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
 # ------------------------------------------------------------------------------------------------ the report
 def build_report(run_dir: Path) -> dict[str, Any]:
     """``report.json`` of a run directory: every section of the outline, from the run's evidence only."""
-    ev = load_evidence(run_dir)
+    return report_of(load_evidence(run_dir))
+
+
+def report_of(ev: RunEvidence) -> dict[str, Any]:
+    """``report.json`` of evidence already read (:func:`load_evidence`)."""
     envelope = _envelope(ev, datetime.now(timezone.utc))
     subjects = envelope["subjects"]
     weights = _weights_check(ev)
@@ -1071,7 +1297,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "secure_aggregation": _secure_aggregation(ev),
         "access_control": _access_control(ev),
         "audit_trail": _audit_trail(ev),
-        "model_card": _model_card(ev, subjects),
+        "model_card": _model_card(ev, subjects, privacy),
         "evaluation": _evaluation(ev),
         "risk": _risk(),
         "lineage": _lineage(ev, weights),
