@@ -2,6 +2,11 @@
 
 Each check runs on its own, so one failure does not hide the next; checks that need an earlier result
 (the teacher needs the records) are skipped, and say so, when it failed.
+
+A text (causal-LM) site is checked the same way with its own items: the data check tokenizes the documents
+with the teacher's tokenizer (so the teacher is loaded first), the teacher check reports its kind, vocabulary
+and digest and runs it on a few documents, and a "student base" check finds the run's base student folder
+and prints its digest, for the site to compare with the run's ``base_digest``. Texts are never shown.
 """
 
 from __future__ import annotations
@@ -17,17 +22,21 @@ from typing import Any
 
 import numpy as np
 
-from client.records import load_records
+from client.records import MIN_TOKENS, TextData, load_documents, load_records, tokenize_documents
 from client.registration import CoordinatorUnreachable, node_key_registered
-from client.sitefile import SiteFile
+from client.sitefile import SiteFile, check_student_base
 from client.teacher import check_teacher_for_run
 from distill.data import SplitData
-from distill.models import load_teacher
+from distill.models import load_teacher, path_digest
 from protocols.accounting import PrivacyState
 from protocols.errors import FedistillError, UpdateRejected
 from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
 
 TEACHER_SAMPLE = 64
+# Documents a causal-LM teacher is run on: its logits are [documents, max_length, vocabulary] floats (262,144 wide
+# for Gemma), so a few are enough to show it runs and reads the tokenizer's ids.
+TEXT_TEACHER_SAMPLE = 4
+STUDENT_BASE = "student base"
 CONNECT_TIMEOUT_S = 5.0
 REGISTRATION = "node key registered"
 
@@ -66,6 +75,67 @@ def _teacher(site: SiteFile, records: SplitData) -> str:
     if not usable:
         raise FedistillError(f"{detail}\n{declared}")
     return f"{detail}\n{declared}"
+
+
+def _documents(site: SiteFile, teacher: Any | None) -> tuple[str, TextData | None]:
+    """A text site's table; with the teacher's tokenizer, its splits' documents and tokens (counts, never text)."""
+    schema = site.schema
+    documents = load_documents(site.data_path, schema)
+    read = f"{len(documents.texts)} documents in text column '{schema.text}'"
+    if teacher is None:
+        return f"{read}; tokens not counted: the teacher did not load (its tokenizer splits the documents)", None
+    text = tokenize_documents(site.data_path, documents, schema, teacher.tokenizer, site.max_records_per_person)
+    empty = f", {documents.missing} of them empty" if documents.missing else ""
+    names = {"train": "train", "val": "validation", "test": "test"}
+    splits = ", ".join(f"{names[name]} {len(split)} documents / {text.tokens(name)} tokens"
+                       for name, split in text.splits.items())
+    order = f"split in order of '{schema.order_by}', oldest first" if schema.order_by else "split in file order"
+    if text.persons is None:
+        persons = "no [data] person_id: each document is its own unit of privacy"
+    else:
+        persons = (f"{text.persons} person(s), at most {text.splits['train'].max_records_per_person()} training "
+                   "document(s) per person")
+        if text.limited:
+            persons += f" ({text.limited} left out by [data] max_records_per_person)"
+    return (f"{read}; {text.dropped} dropped (fewer than {MIN_TOKENS} tokens{empty}); {order}: {splits}; "
+            f"{text.at_max_length()} reach max_length {schema.max_length} (longer ones are cut); {persons}"), text
+
+
+def _causal_teacher(site: SiteFile, teacher: Any, text: TextData | None) -> str:
+    """A causal-LM teacher: its kind, vocabulary and digest, and a forward pass on a few training documents."""
+    import torch
+
+    from distill.causal_train import causal_logits
+
+    tokens, rows = len(teacher.tokenizer), teacher.model.get_input_embeddings().num_embeddings
+    detail = (f"{teacher.kind} loads (digest {teacher.digest}); its tokenizer's {tokens} tokens fit the embedding's "
+              f"{rows} rows")
+    if text is None:
+        detail += "; not run: the data check failed"
+    else:
+        train = text.splits["train"]
+        sample = train.subset(np.arange(min(TEXT_TEACHER_SAMPLE, len(train))))
+        ids, mask = (torch.from_numpy(sample.inputs[key]) for key in ("input_ids", "attention_mask"))
+        with torch.no_grad():
+            logits = causal_logits(teacher.model, ids, mask)
+        if logits.shape[:2] != ids.shape or not torch.isfinite(logits).all():
+            raise FedistillError(f"teacher '{site.teacher_path}' gave logits of shape {tuple(logits.shape)} (finite: "
+                                 f"{bool(torch.isfinite(logits).all())}) on {len(sample)} documents of "
+                                 f"{ids.shape[1]} tokens; expected finite [documents, tokens, vocabulary] logits.")
+        real = mask[:, 1:] == 1
+        agreement = float((logits[:, :-1].argmax(-1) == ids[:, 1:])[real].float().mean()) if real.any() else 0.0
+        detail += (f"; logits over {logits.shape[-1]} tokens; predicts the next token at {agreement:.0%} of the "
+                   f"positions of {len(sample)} training documents")
+    declared, usable = _declaration(site)
+    if not usable:
+        raise FedistillError(f"{detail}\n{declared}")
+    return f"{detail}\n{declared}"
+
+
+def _student_base(site: SiteFile) -> str:
+    model_type = check_student_base(site.student_base)
+    return (f"{site.student_base}: {model_type}, digest {path_digest(site.student_base)}; compare it with the "
+            "base_digest of the run's student (from the operator): a run pinning another digest cannot train here")
 
 
 def _declaration(site: SiteFile) -> tuple[str, bool]:
@@ -157,6 +227,36 @@ def _registration(site: SiteFile) -> CheckItem:
     return CheckItem(REGISTRATION, True, f"the coordinator knows this site's node key ({node_key_fingerprint(public)})")
 
 
+def _classification_checks(site: SiteFile, items: list[CheckItem], attempt: Callable[[str, Callable[[], Any]], Any]
+                           ) -> None:
+    records = attempt("data", lambda: _records(site))
+    if records is None:
+        # The teacher cannot be loaded on records that failed, but a declaration DP runs refuse still fails.
+        declared, usable = _declaration(site)
+        items.append(CheckItem("teacher", None, "skipped: the data check failed") if usable else
+                     CheckItem("teacher", False, f"not loaded: the data check failed\n{declared}"))
+    else:
+        attempt("teacher", lambda: _teacher(site, records))
+
+
+def _text_checks(site: SiteFile, items: list[CheckItem], attempt: Callable[[str, Callable[[], Any]], Any]) -> None:
+    """Data, teacher and student base of a text site: the teacher loads first, since its tokenizer splits the data."""
+    from distill.causal_lm import load_causal_lm_teacher
+
+    teacher, failure = None, None
+    try:
+        teacher = load_causal_lm_teacher(site.teacher_path)
+    except FedistillError as err:
+        failure = err
+    text = attempt("data", lambda: _documents(site, teacher))
+    if failure is not None:
+        declared, _ = _declaration(site)
+        items.append(CheckItem("teacher", False, f"{failure}\n{declared}"))
+    else:
+        attempt("teacher", lambda: _causal_teacher(site, teacher, text))
+    attempt(STUDENT_BASE, lambda: _student_base(site))
+
+
 def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, list[CheckItem]]:
     items: list[CheckItem] = []
     failures: dict[str, FedistillError] = {}
@@ -175,14 +275,10 @@ def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, 
     site = attempt("configuration", lambda: (f"{site_file} parses; site '{(s := SiteFile.load(site_file)).name}'", s))
     if site is None:
         return None, items
-    records = attempt("data", lambda: _records(site))
-    if records is None:
-        # The teacher cannot be loaded on records that failed, but a declaration DP runs refuse still fails.
-        declared, usable = _declaration(site)
-        items.append(CheckItem("teacher", None, "skipped: the data check failed") if usable else
-                     CheckItem("teacher", False, f"not loaded: the data check failed\n{declared}"))
+    if site.text_site:
+        _text_checks(site, items, attempt)
     else:
-        attempt("teacher", lambda: _teacher(site, records))
+        _classification_checks(site, items, attempt)
     attempt("privacy budget", lambda: _budget(site))
     node_key = attempt("node key", lambda: _node_key(site))
     certificate = attempt("CA certificate", lambda: _certificate(site))

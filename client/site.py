@@ -2,7 +2,8 @@
 
 Deployment runs every message in a fresh process, so nothing lives in module globals::
 
-    <state-dir>/site.json            name, teacher path, teacher declaration (client.teacher), schema_version
+    <state-dir>/site.json            name, teacher path, teacher declaration (client.teacher), schema_version;
+                                     a text (causal-LM) site also student_base, the run's base student folder
     <state-dir>/data.npz             the site's private splits (train / val / test)
     <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
     <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
@@ -36,6 +37,10 @@ class Site:
     state_dir: Path
     teacher_path: Path
     teacher_declaration: TeacherDeclaration
+    # A text (causal-LM) site's copy of the run's base student (site.toml [student] base, a save_pretrained folder):
+    # the run config's base path is the coordinator's, so the site builds its student from this folder, after
+    # checking it against the spec's base_digest. None for a classification site.
+    student_base: Path | None = None
 
     @property
     def data_path(self) -> Path:
@@ -74,10 +79,17 @@ class Site:
                               "training_data in site.toml and run `fedistill site start SITE_TOML`, which rewrites "
                               "site.json; for a simulated site, run the simulation again.")
         teacher = Path(raw["teacher"])
+        base = raw.get("student_base")
+        if base is not None and (not isinstance(base, str) or not base):
+            raise ConfigError(f"{path}: field 'student_base' must be the path of the base student folder, "
+                              f"got {base!r}.")
+        student_base = None if base is None else Path(base)
         return cls(name=str(raw["name"]), state_dir=state_dir,
                    teacher_path=teacher if teacher.is_absolute() else state_dir / teacher,
                    teacher_declaration=TeacherDeclaration.from_dict(raw["teacher_declaration"],
-                                                                    f"{path} teacher_declaration"))
+                                                                    f"{path} teacher_declaration"),
+                   student_base=(student_base if student_base is None or student_base.is_absolute()
+                                 else state_dir / student_base))
 
 
 def write_noise_secret(state_dir: Path, secret: bytes) -> None:
@@ -90,12 +102,13 @@ def write_noise_secret(state_dir: Path, secret: bytes) -> None:
 
 def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path,
                 policy: SitePolicy | None = None, noise_secret: bytes | None = None, *,
-                teacher_declaration: TeacherDeclaration) -> Site:
+                teacher_declaration: TeacherDeclaration, student_base: Path | None = None) -> Site:
     """Write a site's state directory (the simulation harness does this for every virtual site).
 
     ``teacher_declaration`` says what the teacher was trained on; it has no default, since a DP run refuses a
     teacher that saw private records without DP (client/teacher.py). ``noise_secret`` lets a simulation be
-    reproducible; a real site leaves it out and gets ``os.urandom``.
+    reproducible; a real site leaves it out and gets ``os.urandom``. ``student_base`` (a text site's copy of the
+    run's base student folder) is recorded as an absolute path; a classification site's site.json has no such field.
     """
     if not isinstance(teacher_declaration, TeacherDeclaration):
         raise ConfigError(f"site '{name}': teacher_declaration must be a TeacherDeclaration, "
@@ -105,7 +118,9 @@ def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teache
     (policy or SitePolicy()).save(state_dir)
     if noise_secret is not None:
         write_noise_secret(state_dir, noise_secret)
-    atomic_write_json(state_dir / SITE_FILE, {"schema_version": SCHEMA_VERSION, "name": name,
-                                              "teacher": str(Path(teacher_path).resolve()),
-                                              "teacher_declaration": teacher_declaration.to_dict()})
+    record = {"schema_version": SCHEMA_VERSION, "name": name, "teacher": str(Path(teacher_path).resolve()),
+              "teacher_declaration": teacher_declaration.to_dict()}
+    if student_base is not None:
+        record["student_base"] = str(Path(student_base).resolve())
+    atomic_write_json(state_dir / SITE_FILE, record)
     return Site.load(state_dir)

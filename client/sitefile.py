@@ -2,15 +2,20 @@
 
 Relative paths are relative to the file itself, so a site directory can be moved as a whole. Every error
 names the table and field (``[data] label``) and says what to put there.
+
+A site is either a classification site (``[data] label``, ``classes``, ``features``; a teacher that gives logits) or
+a text (causal-LM) site (``[data] text`` and ``max_length``; a causal-LM teacher, a GGUF file or checkpoint folder;
+``[student] base``, its copy of the run's base student). The state directory it prepares is the same either way.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.records import RecordSchema, load_records
+from client.records import RecordSchema, TextData, TextSchema, load_documents, load_records, tokenize_documents
 from client.site import Site, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
 from protocols.accounting import ACCOUNTANTS, SitePolicy
@@ -44,9 +49,15 @@ classes = ["negative", "positive"]  # the label values, in the order of the teac
 features = ["FILL IN"]           # numeric feature columns, in the order the teacher expects them
 person_id = ""                   # optional: the column naming the person (patient, customer) of each record
 max_records_per_person = 0       # keep at most this many records per person (0: keep all); needs person_id
+# A text (causal-LM) site replaces label, classes and features with (docs/deploy.md, "A causal-LM site"):
+#   text = "note_text"             # the column holding each document's text
+#   max_length = 48                # tokens per document (the run's student max_length); longer ones are cut
+#   order_by = "written_at"        # optional: split oldest first (train 70%, validation 10%, test 20%)
+# and adds a [student] table:  base = "base-student"  (the run's base student folder, from the consortium)
 
 [teacher]
 path = "FILL IN: teacher.pkl"    # a scikit-learn pickle, a TorchScript .pt, a transformers directory or logits .npz
+                                 # (a text site: a causal-LM checkpoint folder with its tokenizer, or a .gguf file)
 # What the teacher was trained on. DP protects a record only if it cannot change the teacher's targets for the
 # other records, so this decides whether the site's epsilon means anything:
 #   "public"      the teacher never saw this site's private records (a public pretrained model, public data)
@@ -73,12 +84,19 @@ runtime_port = 9094              # local port of the SuperNode's runtime API (12
 FIELDS: dict[str, tuple[str, ...]] = {
     "site": ("name", "state_dir", "node_key"),
     "coordinator": ("address", "ca_certificate"),
-    "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person"),
+    "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "text", "max_length",
+             "order_by"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
     "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant"),
     "node": ("runtime_port",),
+    "student": ("base",),
 }
-OPTIONAL_TABLES = ("node",)
+OPTIONAL_TABLES = ("node", "student")
+# A classification site's [data] fields, and a text (causal-LM) site's: a site is one or the other.
+CLASSIFICATION_FIELDS = ("label", "classes", "features")
+TEXT_ONLY_FIELDS = ("max_length", "order_by")
+MAX_TOKENS_PER_DOCUMENT = 1_000_000
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def _tables(raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
@@ -138,6 +156,73 @@ def _teacher_declaration(teacher: dict[str, Any], where: str) -> TeacherDeclarat
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _schema(raw: dict[str, Any], data: dict[str, Any], student: dict[str, Any], base: Path, where: str,
+            person_id: str | None) -> tuple[RecordSchema | TextSchema, Path | None]:
+    """``[data]`` of a classification site (label, classes, features) or of a text site (text, max_length, order_by,
+    and then ``[student] base``); mixing the two is refused by naming both fields."""
+    if "text" in data:
+        for key in CLASSIFICATION_FIELDS:
+            if key in data:
+                raise ConfigError(f"{where}: [data] text and [data] {key}: a site is either a text (causal-LM) site or "
+                                  "a classification site; remove one.")
+        text = _text(data, "data", "text", where)
+        max_length = data.get("max_length")
+        if (isinstance(max_length, bool) or not isinstance(max_length, int)
+                or not 2 <= max_length <= MAX_TOKENS_PER_DOCUMENT):
+            raise ConfigError(f"{where}: [data] max_length must be an integer >= 2 (tokens per document; the run's "
+                              f"student max_length), got {max_length!r}.")
+        order_by = _text(data, "data", "order_by", where, required=False) or None
+        for key, column in (("person_id", person_id), ("order_by", order_by)):
+            if column == text:
+                raise ConfigError(f"{where}: [data] {key} names the text column '{text}'; it must be another column.")
+        if "student" not in raw:
+            raise ConfigError(f"{where}: table [student] is missing; a text (causal-LM) site needs [student] base = "
+                              "\"PATH\", the folder of the run's base student that the consortium distributed.")
+        return (TextSchema(text, max_length, person_id, order_by),
+                base / _text(student, "student", "base", where))
+    for key in TEXT_ONLY_FIELDS:
+        if key in data:
+            raise ConfigError(f"{where}: [data] {key} is only for a text (causal-LM) site, which names its text column "
+                              "in [data] text; a classification site has label, classes and features. Remove "
+                              f"[data] {key}, or give [data] text instead of label, classes and features.")
+    if "student" in raw:
+        raise ConfigError(f"{where}: table [student] is only for a text (causal-LM) site ([data] text); a "
+                          "classification site's student is built from the run config alone. Remove [student].")
+    label = _text(data, "data", "label", where)
+    features = _strings(data, "data", "features", where, 1)
+    if label in features:
+        raise ConfigError(f"{where}: [data] label column '{label}' is also listed in [data] features.")
+    return RecordSchema(label, _strings(data, "data", "classes", where, 2), features, person_id), None
+
+
+def check_student_base(path: Path, where: str = "[student] base") -> str:
+    """Refuse a missing or incomplete base student folder (before any digest is taken); returns its model type.
+
+    The run config pins the folder by digest; this only catches a folder that is plainly not there, so that
+    ``site start`` and ``site check`` say so at once rather than the first round.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{where} '{path}' does not exist; copy the run's base student folder (from the consortium "
+                          "operator) there, or fix [student] base in site.toml.")
+    if not path.is_dir():
+        raise ConfigError(f"{where} '{path}' is a file; it must be the run's base student folder (written by "
+                          "save_pretrained).")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{where} '{path}' has no config.json; it must be the run's base student folder as the "
+                          "consortium distributed it (written by save_pretrained), copied whole.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError) as err:
+        raise ConfigError(f"{where} '{path}': config.json is not a model configuration ({err}); copy the folder "
+                          "again.") from None
+    if not any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+        raise ConfigError(f"{where} '{path}' has no weights (no *.safetensors or *.bin file); copy the run's base "
+                          "student folder again, whole.")
+    return str(model_type)
+
+
 @dataclass(frozen=True)
 class SiteFile:
     path: Path
@@ -147,12 +232,18 @@ class SiteFile:
     coordinator_address: str
     ca_certificate: Path
     data_path: Path
-    schema: RecordSchema
+    schema: RecordSchema | TextSchema  # TextSchema: a text (causal-LM) site
     max_records_per_person: int
     teacher_path: Path
     teacher_declaration: TeacherDeclaration
     policy: SitePolicy
     runtime_port: int
+    # A text site's copy of the run's base student folder ([student] base); None for a classification site.
+    student_base: Path | None = None
+
+    @property
+    def text_site(self) -> bool:
+        return isinstance(self.schema, TextSchema)
 
     @classmethod
     def load(cls, path: Path) -> SiteFile:
@@ -161,7 +252,7 @@ class SiteFile:
         raw = load_versioned_toml(path, SCHEMA_VERSION, "create one with `fedistill site init DIR --name NAME`.")
         tables = _tables(raw, where)
         site, coordinator, data = tables["site"], tables["coordinator"], tables["data"]
-        teacher, privacy, node = tables["teacher"], tables["privacy"], tables["node"]
+        teacher, privacy, node, student = tables["teacher"], tables["privacy"], tables["node"], tables["student"]
         base = path.parent
         address = _text(coordinator, "coordinator", "address", where)
         host, _, port = address.rpartition(":")
@@ -185,35 +276,48 @@ class SiteFile:
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
         teacher_declaration = _teacher_declaration(teacher, where)
-        label = _text(data, "data", "label", where)
-        features = _strings(data, "data", "features", where, 1)
-        if label in features:
-            raise ConfigError(f"{where}: [data] label column '{label}' is also listed in [data] features.")
+        schema, student_base = _schema(raw, data, student, base, where, person_id)
         return cls(
             path=path, name=name, state_dir=base / _text(site, "site", "state_dir", where),
             node_key=base / _text(site, "site", "node_key", where), coordinator_address=address,
             ca_certificate=base / _text(coordinator, "coordinator", "ca_certificate", where),
             data_path=base / _text(data, "data", "path", where),
-            schema=RecordSchema(label, _strings(data, "data", "classes", where, 2), features, person_id),
+            schema=schema,
             max_records_per_person=max_per_person, teacher_path=base / _text(teacher, "teacher", "path", where),
             teacher_declaration=teacher_declaration,
             policy=SitePolicy(epsilon_per_run=_number(privacy, "privacy", "epsilon_per_run", where, 0, 1e6),
                               epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
                               accountant=accountant),
-            runtime_port=runtime_port)
+            runtime_port=runtime_port, student_base=student_base)
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
 
         Budget history (privacy.json), the ledger and the noise secret are kept: only the records, the teacher
         path and declaration and the policy are refreshed, so restarting a site never resets what it has spent.
+        A text site loads its teacher for its tokenizer, tokenizes its documents once (train, validation and test,
+        in order) and records its base student folder, which must be there.
         """
+        if isinstance(self.schema, TextSchema):
+            from distill.causal_lm import load_causal_lm_teacher
+
+            check_student_base(self.student_base, f"{self.path}: [student] base")
+            text = self.text_data(load_causal_lm_teacher(self.teacher_path).tokenizer)
+            return create_site(self.state_dir, self.name, text.splits, self.teacher_path, self.policy,
+                               teacher_declaration=self.teacher_declaration, student_base=self.student_base)
         records = load_records(self.data_path, self.schema)
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
         return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy,
                            teacher_declaration=self.teacher_declaration)
+
+    def text_data(self, tokenizer: Any) -> TextData:
+        """A text site's documents, tokenized with its teacher's tokenizer and split in order."""
+        if not isinstance(self.schema, TextSchema):
+            raise ConfigError(f"{self.path}: not a text site ([data] text is not set).")
+        documents = load_documents(self.data_path, self.schema)
+        return tokenize_documents(self.data_path, documents, self.schema, tokenizer, self.max_records_per_person)
 
 
 def write_template(directory: Path, name: str) -> Path:

@@ -3,13 +3,18 @@
 The run's outcome is read from ``flwr list --format json``, never from ``flwr run``'s exit code (0 even
 for a failed run). The ServerApp gets the whole federation config as JSON in Flower's run config, so
 what ran is exactly what run.toml said, and its hash is in the run ledger.
+
+A causal-LM student's ``base`` (``[federation.student.settings] base``) is the coordinator's copy of the run's
+base student folder: a relative path is taken relative to run.toml, as every path in it, and the folder is
+checked against ``base_digest`` before anything is submitted. Sites do not use this path: each has its own copy
+(site.toml ``[student] base``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import distribution, version
 from pathlib import Path
@@ -87,7 +92,10 @@ class RunFile:
             raise ConfigError(f"{where}: field 'timeout_minutes' must be a positive number, got {minutes!r}.")
         if not isinstance(raw.get("federation"), dict):
             raise ConfigError(f"{where}: table [federation] is missing.")
-        federation = FederationConfig.from_dict(raw["federation"], where=f"{where} [federation]")
+        federation = FederationConfig.from_dict(_with_absolute_base(raw["federation"], path.parent),
+                                                where=f"{where} [federation]")
+        if federation.student.family == "causal_lm":
+            _check_student_base(federation, where)
         if federation.secure_aggregation and sites < federation.min_cohort:
             raise ConfigError(f"{where}: wait_for_sites={sites} is below [federation] min_cohort="
                               f"{federation.min_cohort}, which secure aggregation needs.")
@@ -99,6 +107,35 @@ class RunFile:
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
                 "signing-key": str(self.coordinator.signing_key),
                 "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
+
+
+def _with_absolute_base(federation: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``[federation.student.settings] base`` of a causal-LM student, relative to run.toml's directory."""
+    student = federation.get("student")
+    settings = student.get("settings") if isinstance(student, Mapping) else None
+    if not (isinstance(student, Mapping) and student.get("family") == "causal_lm" and isinstance(settings, Mapping)):
+        return federation
+    base = settings.get("base")
+    if not isinstance(base, str) or not base or Path(base).is_absolute():
+        return federation  # validated (and refused by name) by StudentSpec
+    return {**federation, "student": {**student, "settings": {**settings, "base": str((directory / base).resolve())}}}
+
+
+def _check_student_base(federation: FederationConfig, where: str) -> None:
+    """The coordinator builds the run's student from this folder: refuse, before submitting, one that is missing
+    or is not the folder ``base_digest`` pins (the ServerApp would fail on it after the run started)."""
+    from distill.models import path_digest
+
+    settings = federation.student.causal_lm()
+    base = Path(settings.base)
+    field = f"{where}: [federation.student.settings] base"
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"{field} '{base}' is not a base student folder (no config.json); point it at the run's "
+                          "base student, written by save_pretrained (relative paths are relative to run.toml).")
+    digest = path_digest(base)
+    if digest != settings.base_digest:
+        raise ConfigError(f"{field} '{base}' hashes to {digest}, not base_digest {settings.base_digest}; set "
+                          "base_digest to the digest of the folder every site was sent, or point base at it.")
 
 
 @dataclass(frozen=True)

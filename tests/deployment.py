@@ -70,6 +70,123 @@ def make_site(root: Path, name: str, coordinator: Path, address: str, seed: int,
     return site_file
 
 
+# A text (causal-LM) site: a tiny random Gemma 3 teacher with a word-level tokenizer (tests/test_causal_lm.py), a
+# base student kept from two of its layers, and short documents written in that tokenizer's words.
+TEXT_WORDS = ["the", "patient", "is", "well", "ill", "today"] + [f"w{i}" for i in range(20)]
+TEXT_MAX_LENGTH = 12
+BASE_LAYERS = (0, 2)
+
+
+def documents_table(n: int, seed: int) -> pd.DataFrame:
+    """``n`` short documents (1 to 15 words; every seventh is a single word, one is empty) in shuffled file order,
+    with an ISO 8601 ``written_at`` column that orders them and a ``patient`` column."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(TEXT_WORDS, size=1 if i % 7 == 3 else int(rng.integers(2, 16))))
+             for i in range(n)]
+    texts[5] = ""
+    times = pd.date_range("2014-01-01", periods=n, freq="37h")
+    order = rng.permutation(n)
+    return pd.DataFrame({"note": [texts[i] for i in order],
+                         "written_at": [times[i].strftime("%Y-%m-%dT%H:%M:%SZ") for i in order],
+                         "patient": [f"p{int(rng.integers(0, n // 3))}" for _ in order]})
+
+
+def write_causal_lm_teacher(directory: Path, seed: int = 0) -> Path:
+    """A random 4-layer Gemma 3 causal LM with its word-level tokenizer, saved as a checkpoint folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.causal_lm import save_causal_lm_student
+    from tests.test_causal_lm import tiny_config, tiny_tokenizer
+
+    torch.manual_seed(seed)
+    return save_causal_lm_student(AutoModelForCausalLM.from_config(tiny_config()).eval(), directory, tiny_tokenizer())
+
+
+def write_base_student(teacher: Path, directory: Path) -> Path:
+    """The run's base student as the consortium distributes it: layers BASE_LAYERS of the teacher, save_pretrained."""
+    from distill.causal_lm import layer_subset_student, load_causal_lm_teacher, save_causal_lm_student
+
+    loaded = load_causal_lm_teacher(teacher)
+    return save_causal_lm_student(layer_subset_student(loaded.model, BASE_LAYERS), directory, loaded.tokenizer)
+
+
+def fill_in_text_site(site_file: Path, address: str, runtime_port: int, max_length: int = TEXT_MAX_LENGTH,
+                      order_by: str | None = "written_at", person_id: str | None = "patient") -> Path:
+    """Fill in ``site init``'s template for a text site: notes.csv, teacher/, base-student/ beside site.toml."""
+    text = site_file.read_text()
+    data = ['text = "note"', f"max_length = {max_length}"] + ([f'order_by = "{order_by}"'] if order_by else [])
+    for old, new in [('"FILL IN: host:port"', f'"{address}"'), ('"FILL IN: records.csv"', '"notes.csv"'),
+                     ('"FILL IN: teacher.pkl"', '"teacher"'),
+                     ('person_id = ""', f'person_id = "{person_id}"' if person_id else 'person_id = ""'),
+                     ('"FILL IN: public, private-dp or private"', '"public"'),
+                     ("runtime_port = 9094", f"runtime_port = {runtime_port}")]:
+        assert old in text, old
+        text = text.replace(old, new)
+    # A text site has no label, classes or features; its base student is the folder the consortium sent.
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("label = "):
+            lines += data
+        elif not line.startswith(("classes = ", "features = ")):
+            lines.append(line)
+    site_file.write_text("\n".join(lines) + '\n\n[student]\nbase = "base-student"\n')
+    return site_file
+
+
+def make_text_site(root: Path, name: str, coordinator: Path, address: str, seed: int, runtime_port: int,
+                   teacher: Path, base: Path, documents: int = 60) -> Path:
+    """``site init``, then the text site's files (documents, teacher folder, base student folder, CA) and its
+    filled-in site.toml; returns the site.toml path."""
+    import shutil
+
+    directory = root / name
+    root.mkdir(parents=True, exist_ok=True)
+    done = fedistill("site", "init", str(directory), "--name", name, cwd=root)
+    assert done.returncode == 0, done.stderr
+    documents_table(documents, seed).to_csv(directory / "notes.csv", index=False)
+    shutil.copytree(teacher, directory / "teacher")
+    shutil.copytree(base, directory / "base-student")
+    (directory / "ca.crt").write_bytes((coordinator / "certs" / "ca.crt").read_bytes())
+    return fill_in_text_site(directory / "site.toml", address, runtime_port)
+
+
+CAUSAL_RUN_TOML = """\
+schema_version = 1
+coordinator = "coordinator"
+out_dir = "runs"
+wait_for_sites = 3
+timeout_minutes = {minutes}
+
+[federation]
+rounds = 2
+local_steps = 2
+batch_size = 4
+optimizer = "adam"
+learning_rate = 0.003
+target_epsilon = 8.0
+max_grad_norm = 1.0
+temperature_start = 1.0
+temperature_end = 1.0
+
+[federation.student]
+family = "causal_lm"
+
+[federation.student.settings]
+base = "{base}"
+base_digest = "{digest}"
+top_k = 8
+divergence = "forward_kl"
+temperatures = [1.0]
+max_length = {max_length}
+
+[federation.student.settings.lora]
+r = 4
+alpha = 8
+targets = ["q_proj", "v_proj"]
+"""
+
+
 RUN_TOML = """\
 schema_version = 1
 coordinator = "coordinator"
