@@ -41,7 +41,9 @@ def site_report(state_dir: Path) -> dict[str, Any]:
         run["epsilon"] = json_epsilon(state.epsilon(delta, policy.accountant, run_id))
     lifetime = state.epsilon(delta, policy.accountant)
     return {
-        "schema_version": 1, "site": site.name, "unit_of_privacy": "one record of this site's training split",
+        "schema_version": 1, "site": site.name,
+        "unit_of_privacy": ("one document (one text) of this site's training split" if site.student_base is not None
+                            else "one record of this site's training split"),
         "ledger": {"events": ledger.events, "checkpoints": ledger.checkpoints, "head_seq": ledger.head_seq,
                    "head_hash": ledger.head_hash, "verified": True},
         "policy": policy.to_dict(), "delta": delta, "accountant": policy.accountant,

@@ -27,6 +27,7 @@ from distill.train import TrainOutcome, TrainSettings, distill
 from distill.vocabulary import VocabularySubset, vocabulary_of
 from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
 from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_arrays, sha256_hex
+from protocols.config import StudentSpec
 from protocols.errors import BudgetExhausted, ConfigError, UpdateRejected
 from protocols.fragments import fragment_spec_for
 from protocols.ledger import Ledger, key_fingerprint, ledger_in, read_events, verify_signature
@@ -255,16 +256,36 @@ def _distill_causal_lm(site: Site, instruction: TrainInstruction, student: torch
     return distill_causal(student, data, targets, settings, trainable), check.spend
 
 
+def site_student(site: Site, instruction: TrainInstruction) -> torch.nn.Module:
+    """The round's student as this site builds it: a causal LM from the site's own copy of the run's base folder
+    (site.toml's ``[student] base``) when it has one, checked against the spec's ``base_digest`` all the same."""
+    spec = instruction.student
+    if spec.family == "causal_lm" and site.student_base is not None:
+        spec = StudentSpec("causal_lm", {**spec.settings, "base": str(site.student_base)})
+    return build_student(spec)
+
+
+def _check_causal_data(site: Site, instruction: TrainInstruction, data: SplitData) -> None:
+    width = data.inputs["input_ids"].shape[1]
+    expected = instruction.student.causal_lm().max_length
+    if width != expected:
+        raise UpdateRejected(f"site {site.name}: its texts are tokenized to {width} tokens ([data] max_length), the "
+                             f"run's student expects {expected}; set [data] max_length = {expected} and run "
+                             "`fedistill site start` again.")
+
+
 def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
                 student: torch.nn.Module | None = None) -> SiteUpdate:
     """One round's local training; ``student`` is the freshly built student when the caller built it already."""
     splits = site.splits()
     if len(splits["train"]) == 0:
         raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
-    check = check_budget(site, instruction, len(splits["train"]))
     family = instruction.student.family
+    if family == "causal_lm":
+        _check_causal_data(site, instruction, splits["train"])
+    check = check_budget(site, instruction, len(splits["train"]))
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
-    student = student if student is not None else build_student(instruction.student)
+    student = student if student is not None else site_student(site, instruction)
     check_tensors(global_state, student_state(student, family),
                   f"round {instruction.server_round} global student received by {site.name}")
     spec = fragment_spec_for(family, fragment_parameter_names(student, family))
@@ -330,7 +351,7 @@ def state_names(instruction: TrainInstruction, student: torch.nn.Module | None =
 def secure_train_round(site: Site, instruction: TrainInstruction,
                        global_arrays: list[np.ndarray]) -> tuple[EncodedUpdate, SiteUpdate]:
     """A round whose update leaves only through SecAgg+: train, then encode weight and update together."""
-    student = build_student(instruction.student)
+    student = site_student(site, instruction)
     names = state_names(instruction, student)
     if len(global_arrays) != len(names):
         raise UpdateRejected(f"round {instruction.server_round}: {site.name} received {len(global_arrays)} tensors, "
