@@ -103,6 +103,12 @@ def _batches(count: int, batch_size: int) -> Iterator[slice]:
     return (slice(start, min(start + batch_size, count)) for start in range(0, count, batch_size))
 
 
+def _real_width(mask: torch.Tensor) -> int:
+    """The batch's longest text: with right padding every column after it is padding in every row, and a causal
+    model's outputs at the real positions do not depend on it, so the forward pass can skip it."""
+    return max(1, int(mask.sum(dim=1).max())) if len(mask) else mask.shape[1]
+
+
 @contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -133,10 +139,11 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
     parts = []
     with _eval_mode(teacher):
         for rows in _batches(len(ids), batch_size):
-            logits = causal_logits(teacher, ids[rows], mask[rows])
+            width = _real_width(mask[rows])
+            logits = causal_logits(teacher, ids[rows, :width], mask[rows, :width])
             if vocabulary is not None:
                 logits = vocabulary.teacher_logits_on_subset(logits)
-            parts.append(build_topk_targets(logits, mask[rows], k, temperatures))
+            parts.append(build_topk_targets(logits, mask[rows, :width], k, temperatures))
     return concatenate_targets(parts)
 
 
@@ -188,6 +195,8 @@ class SequenceKDLoss:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, targets: TopKTargets) -> torch.Tensor:
         s = self.settings
+        width = _real_width(attention_mask)
+        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
         if self.trains_output_layer:
             logits = causal_logits(self.model, input_ids, attention_mask)
             per_sequence = token_kd_loss(logits, targets, input_ids, attention_mask, s.temperature, s.alpha,
@@ -314,7 +323,8 @@ def score_tokens(model: nn.Module, input_ids: np.ndarray | torch.Tensor, attenti
     nll, top1, sequence, position = [], [], [], []
     with _eval_mode(model):
         for rows in _batches(len(ids), batch_size):
-            batch_ids, batch_mask = model_ids[rows], mask[rows]
+            width = _real_width(mask[rows])
+            batch_ids, batch_mask = model_ids[rows, :width], mask[rows, :width]
             logits = causal_logits(model, batch_ids, batch_mask)
             # Right padding: a position predicts a real token exactly when the next position is real.
             row, column = batch_mask[:, 1:].bool().nonzero(as_tuple=True)
