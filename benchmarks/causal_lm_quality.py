@@ -21,7 +21,7 @@ from simulations.runner import SimulationOptions, simulate
 def row(summary: dict) -> dict:
     models, size = summary["models"], summary["size"]
     perplexity = {key: models[key]["overall"]["perplexity"] for key in summary["model_labels"]}
-    return {"seed": summary["seed"], "run_dir": summary["paths"]["run_dir"], "perplexity": perplexity,
+    return {"seed": summary["seed"], "run_dir": Path(summary["paths"]["run_dir"]).name, "perplexity": perplexity,
             "top1_agreement": {key: models[key]["overall"]["top1_agreement"] for key in summary["model_labels"]},
             "federated_over_undistilled": perplexity["federated"] / perplexity["undistilled"],
             "federated_over_centralized": perplexity["federated"] / perplexity["centralized_distilled"],
