@@ -222,10 +222,10 @@ def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: Spli
                                  "tokenizer in both.")
         input_ids, attention_mask = split_sequences(data)
         return teacher_targets(teacher.model, input_ids, attention_mask, settings.top_k, TEACHER_BATCH,
-                               settings.temperatures, vocabulary)
+                               settings.temperatures, vocabulary, settings.teacher_hidden_layers)
 
     cached = TopKTargetCache(site.state_dir).targets(data, causal_lm_digest(site.teacher_path), settings.top_k,
-                                                     settings.temperatures, compute)
+                                                     settings.temperatures, compute, settings.teacher_hidden_layers)
     if cached.computed is not None:
         site_ledger(site).append("teacher-targets-cached", {"run_id": instruction.run_id,
                                                             "round": instruction.server_round, **cached.computed,
@@ -248,7 +248,9 @@ def _distill_causal_lm(site: Site, instruction: TrainInstruction, student: torch
                                    learning_rate=instruction.learning_rate, temperature=instruction.temperature,
                                    alpha=instruction.alpha,
                                    seed=derived_seed(instruction.seed, instruction.server_round, site.name),
-                                   divergence=spec.divergence, beta=spec.beta, optimizer=instruction.optimizer)
+                                   divergence=spec.divergence, beta=spec.beta, optimizer=instruction.optimizer,
+                                   alignment_weight=spec.alignment_weight,
+                                   alignment_layers=tuple(student for student, _ in spec.alignment))
     if check.calibration is not None:
         return private_distill_causal(student, data, targets, settings, trainable, check.calibration,
                                       check.state.spends, instruction.run_id, instruction.server_round,

@@ -304,6 +304,7 @@ def causal_lm_facts(summary: dict[str, Any]) -> dict[str, Any]:
         "lora": None if lora is None else _pick(lora, ("r", "alpha", "targets")),
         "top_k": block.get("top_k"), "temperatures": block.get("temperatures"), "divergence": block.get("divergence"),
         "tail": block.get("tail"), "max_length": block.get("max_length"),
+        "alignment": _pick(block.get("alignment"), ("pairs", "weight")) if block.get("alignment") else None,
         # A student on a subset of the teacher's vocabulary: how perplexity still counts every teacher token.
         "vocabulary": None if vocabulary is None else _pick(vocabulary, VOCABULARY_KEYS),
         "cache": {site: _pick(cache, ("positions", "bytes", "teacher_forward_passes", "digest"))

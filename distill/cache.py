@@ -97,10 +97,10 @@ class TopKTargetCache:
         return json.loads(self.meta_path.read_text())
 
     def targets(self, data: SplitData, teacher_digest: str, k: int, temperatures: tuple[float, ...],
-                compute: Callable[[], TopKTargets]) -> CachedTopK:
+                compute: Callable[[], TopKTargets], hidden_layers: tuple[int, ...] = ()) -> CachedTopK:
         meta = self.metadata()
         key = {"teacher_digest": teacher_digest, "data_digest": data.digest(), "k": k,
-               "temperatures": [float(t) for t in temperatures]}
+               "temperatures": [float(t) for t in temperatures], "hidden_layers": list(hidden_layers)}
         if all(meta.get(name) == value for name, value in key.items()) and self.arrays_path.is_file():
             payload = self.arrays_path.read_bytes()
             if sha256_hex(payload) == meta.get("sha256"):

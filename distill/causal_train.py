@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,8 +53,15 @@ class CausalTrainSettings:
     beta: float = 0.5  # the generalised JSD's mixture weight (distill.token_kd.divergence)
     optimizer: str = "sgd"
     chunk_size: int = CHUNK
+    # Hidden-state alignment: weight of the mean relative squared error between the student's outputs after these
+    # decoder layers and the teacher's cached ones (TopKTargets.hidden, pair by pair, in this order).
+    alignment_weight: float = 0.0
+    alignment_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.alignment_weight < 0 or (self.alignment_weight > 0 and not self.alignment_layers):
+            raise ConfigError(f"alignment_weight {self.alignment_weight}: must be >= 0, and > 0 only with "
+                              "alignment layers.")
         if self.divergence not in DIVERGENCES:
             raise ConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}.")
         if self.steps < 0 or self.batch_size < 1 or self.chunk_size < 1:
@@ -119,19 +126,49 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def layer_outputs(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """The outputs [batch, length, hidden] of the given decoder layers in the forward passes inside, by forward
+    hooks on the layers themselves (transformers' ``hidden_states`` holds the last layer only after the final norm)."""
+    decoder_layers = _base_model(model).get_decoder().layers
+    if any(not 0 <= i < len(decoder_layers) for i in layers):
+        raise ConfigError(f"alignment layers {list(layers)}: {type(_base_model(model)).__name__} has decoder layers "
+                          f"0..{len(decoder_layers) - 1}.")
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def keep(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured[index] = output[0] if isinstance(output, tuple) else output
+        return keep
+
+    handles = [decoder_layers[i].register_forward_hook(hook(i)) for i in dict.fromkeys(layers)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _at_real_positions(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[batch, length, hidden] -> [real positions, hidden], sequence by sequence, positions ascending (the order of
+    a TopKTargets' rows)."""
+    return states[mask.bool()]
+
+
 # --------------------------------------------------------------------------------------------- teacher targets
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
                     attention_mask: np.ndarray | torch.Tensor, k: int, batch_size: int,
                     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
-                    vocabulary: VocabularySubset | None = None) -> TopKTargets:
+                    vocabulary: VocabularySubset | None = None, hidden_layers: Sequence[int] = ()) -> TopKTargets:
     """The teacher's top-k targets (with their tail bucket, distill.token_kd) for every sequence, batch by batch.
 
     Run once per site and cached (``TopKTargets.to_arrays``): only one batch of the teacher's full-vocabulary
     logits exists at a time. ``temperatures`` is the grid the cache serves exactly; a run whose schedule uses
     fewer temperatures can build a cheaper cache (the tail costs one pass over the vocabulary per temperature).
     With a student ``vocabulary`` subset, the teacher's distribution is first mapped onto the student's outcomes
-    (distill.vocabulary), so the targets' ids are student ids.
+    (distill.vocabulary), so the targets' ids are student ids. ``hidden_layers``: also keep the teacher's outputs
+    after these decoder layers at every real position (float16), for hidden-state alignment.
     """
     ids, mask = sequence_tensors(input_ids, attention_mask)
     if len(ids) == 0:
@@ -140,10 +177,16 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
     with _eval_mode(teacher):
         for rows in _batches(len(ids), batch_size):
             width = _real_width(mask[rows])
-            logits = causal_logits(teacher, ids[rows, :width], mask[rows, :width])
+            batch_mask = mask[rows, :width]
+            with layer_outputs(teacher, hidden_layers) as outputs:
+                logits = causal_logits(teacher, ids[rows, :width], batch_mask)
             if vocabulary is not None:
                 logits = vocabulary.teacher_logits_on_subset(logits)
-            parts.append(build_topk_targets(logits, mask[rows, :width], k, temperatures))
+            part = build_topk_targets(logits, batch_mask, k, temperatures)
+            if hidden_layers:
+                hidden = torch.stack([_at_real_positions(outputs[i], batch_mask) for i in hidden_layers], dim=1)
+                part = replace(part, hidden=hidden.numpy().astype(np.float16))
+            parts.append(part)
     return concatenate_targets(parts)
 
 
@@ -197,19 +240,45 @@ class SequenceKDLoss:
         s = self.settings
         width = _real_width(attention_mask)
         input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
-        if self.trains_output_layer:
-            logits = causal_logits(self.model, input_ids, attention_mask)
-            per_sequence = token_kd_loss(logits, targets, input_ids, attention_mask, s.temperature, s.alpha,
-                                         s.divergence, s.beta, s.chunk_size)
-        else:
-            per_sequence = chunked_token_kd_loss(self.last_hidden(input_ids, attention_mask), self.head, targets,
-                                                 input_ids, attention_mask, s.temperature, s.alpha, s.divergence,
-                                                 s.beta, s.chunk_size)
+        aligned = s.alignment_layers if s.alignment_weight > 0 else ()
+        with layer_outputs(self.model, aligned) as outputs:
+            if self.trains_output_layer:
+                logits = causal_logits(self.model, input_ids, attention_mask)
+                per_sequence = token_kd_loss(logits, targets, input_ids, attention_mask, s.temperature, s.alpha,
+                                             s.divergence, s.beta, s.chunk_size)
+            else:
+                per_sequence = chunked_token_kd_loss(self.last_hidden(input_ids, attention_mask), self.head,
+                                                     targets, input_ids, attention_mask, s.temperature, s.alpha,
+                                                     s.divergence, s.beta, s.chunk_size)
+        if aligned:
+            per_sequence = per_sequence + s.alignment_weight * alignment_loss(outputs, aligned, targets,
+                                                                              attention_mask)
         if self.reduction == "none":
             return per_sequence
         if self.reduction == "mean":
             return per_sequence.mean()
         raise ConfigError(f"reduction must be 'mean' or 'none', got {self.reduction!r}.")
+
+
+def alignment_loss(outputs: Mapping[int, torch.Tensor], layers: Sequence[int], targets: TopKTargets,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence [batch]: the mean over its real positions and over the layer pairs of the relative squared error
+    ``|h_student - h_teacher|^2 / |h_teacher|^2`` (scale-free: Gemma's residual stream grows to norms in the
+    hundreds). Each entry depends on its own sequence only, so per-sequence clipping stays per document."""
+    if targets.hidden is None or targets.hidden.shape[1] != len(layers):
+        raise ConfigError(f"hidden-state alignment on {len(layers)} layer pair(s) needs the teacher's hidden states "
+                          "for as many layers in the cache; rebuild it with hidden_layers.")
+    mask = attention_mask.bool()
+    sequence = mask.nonzero(as_tuple=True)[0]
+    teacher = torch.from_numpy(targets.hidden.astype(np.float32))
+    errors = []
+    for pair, layer in enumerate(layers):
+        student = _at_real_positions(outputs[layer], attention_mask)
+        reference = teacher[:, pair]
+        errors.append(((student - reference) ** 2).sum(-1) / (reference ** 2).sum(-1).clamp_min(1e-6))
+    per_position = torch.stack(errors).mean(dim=0)
+    counts = mask.sum(dim=1).clamp_min(1).to(per_position.dtype)
+    return torch.zeros(len(mask), dtype=per_position.dtype).index_add(0, sequence, per_position) / counts
 
 
 @torch.no_grad()

@@ -55,6 +55,9 @@ class TopKTargets:
     offsets: np.ndarray  # int64 [sequences + 1]
     positions: np.ndarray  # int32 [N]
     vocab_size: int
+    # float16 [N, P, hidden]: the teacher's hidden states after P chosen layers at the same positions (for
+    # hidden-state alignment, distill.causal_train); None when the cache holds none.
+    hidden: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -71,9 +74,10 @@ class TopKTargets:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The arrays to store (``np.savez``-ready); :meth:`from_arrays` reads them back."""
-        return {"token_ids": self.token_ids, "logits": self.logits, "tail_logits": self.tail_logits,
-                "inverse_temperatures": self.inverse_temperatures, "offsets": self.offsets,
-                "positions": self.positions, "vocab_size": np.asarray(self.vocab_size, dtype=np.int64)}
+        arrays = {"token_ids": self.token_ids, "logits": self.logits, "tail_logits": self.tail_logits,
+                  "inverse_temperatures": self.inverse_temperatures, "offsets": self.offsets,
+                  "positions": self.positions, "vocab_size": np.asarray(self.vocab_size, dtype=np.int64)}
+        return arrays | ({"hidden": self.hidden} if self.hidden is not None else {})
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TopKTargets:
@@ -82,7 +86,8 @@ class TopKTargets:
                       tail_logits=np.asarray(arrays["tail_logits"]),
                       inverse_temperatures=np.asarray(arrays["inverse_temperatures"]),
                       offsets=np.asarray(arrays["offsets"]), positions=np.asarray(arrays["positions"]),
-                      vocab_size=int(arrays["vocab_size"]))
+                      vocab_size=int(arrays["vocab_size"]),
+                      hidden=np.asarray(arrays["hidden"]) if "hidden" in arrays else None)
         targets.validate()
         return targets
 
@@ -101,6 +106,9 @@ class TopKTargets:
             (0 < k <= self.vocab_size
              and (n == 0 or (self.token_ids.min() >= 0 and self.token_ids.max() < self.vocab_size)),
              "token ids must lie in the vocabulary"),
+            (self.hidden is None or (self.hidden.dtype == np.float16 and self.hidden.ndim == 3
+                                     and len(self.hidden) == n and bool(np.isfinite(self.hidden).all())),
+             "hidden must be finite float16 [positions, layers, hidden]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,7 +122,7 @@ class TopKTargets:
         lengths = np.diff(self.offsets)[chosen]
         return TopKTargets(self.token_ids[rows], self.logits[rows], self.tail_logits[rows], self.inverse_temperatures,
                            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64), self.positions[rows],
-                           self.vocab_size)
+                           self.vocab_size, self.hidden[rows] if self.hidden is not None else None)
 
     def tail_logit_at(self, temperature: float) -> np.ndarray:
         """The tail logit [N] at ``temperature``: a cached column, or the chord between its two neighbours in 1/T.
@@ -150,13 +158,16 @@ def concatenate_targets(parts: Sequence[TopKTargets]) -> TopKTargets:
     first = parts[0]
     for part in parts[1:]:
         if part.vocab_size != first.vocab_size or part.k != first.k or \
-                not np.array_equal(part.inverse_temperatures, first.inverse_temperatures):
-            raise ValueError("cannot concatenate top-k targets with different vocabularies, k or temperatures.")
+                not np.array_equal(part.inverse_temperatures, first.inverse_temperatures) or \
+                (part.hidden is None) != (first.hidden is None):
+            raise ValueError("cannot concatenate top-k targets with different vocabularies, k, temperatures or "
+                             "hidden states.")
     lengths = np.concatenate([np.diff(part.offsets) for part in parts])
+    hidden = np.concatenate([p.hidden for p in parts]) if first.hidden is not None else None
     return TopKTargets(np.concatenate([p.token_ids for p in parts]), np.concatenate([p.logits for p in parts]),
                        np.concatenate([p.tail_logits for p in parts]), first.inverse_temperatures,
                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                       np.concatenate([p.positions for p in parts]), first.vocab_size)
+                       np.concatenate([p.positions for p in parts]), first.vocab_size, hidden)
 
 
 @torch.no_grad()

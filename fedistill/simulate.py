@@ -126,21 +126,21 @@ def _render_privacy(summary: dict[str, Any], console: Console) -> None:
 def render_sweep(sweep: dict[str, Any], console: Console) -> None:
     table = Table(title=f"{sweep['scenario']}: utility against privacy (seed {sweep['seed']}; unit: "
                         f"{sweep['unit_of_privacy']})")
+    metrics = sweep["metrics"]
     table.add_column("target epsilon", justify="right")
-    for metric in ("ROC-AUC", "accuracy", "macro-F1", "kappa"):
-        table.add_column(metric, justify="right")
+    for metric in metrics:
+        table.add_column(metric.replace("_", "-").replace("roc-auc", "ROC-AUC"), justify="right")
     table.add_column("epsilon spent per site (min - max)", justify="right")
     table.add_column("refusals")
     for row in sweep["levels"]:
         spent = [v for v in row["epsilon_spent"].values() if not isinstance(v, str)]
         spent_text = f"{min(spent):.3f} - {max(spent):.3f}" if spent else "inf (no DP)"
         refused = ", ".join(f"{site}: rounds {rounds}" for site, rounds in row["rounds_refused"].items()) or "none"
-        table.add_row(row["target_epsilon"], *(_fmt(row["federated"][m]) for m in
-                                               ("roc_auc", "accuracy", "macro_f1", "kappa")), spent_text, refused)
+        table.add_row(row["target_epsilon"], *(_fmt(row["federated"][m]) for m in metrics), spent_text, refused)
     console.print(table)
     base = sweep["baselines"]
-    console.print("non-private baselines (ROC-AUC): " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}"
-                                                                  for k, v in base.items()))
+    console.print(f"non-private baselines ({sweep['headline_metric']}): " + ", ".join(
+        f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in base.items()))
     console.print(f"sweep directory: {sweep['sweep_dir']}")
 
 

@@ -102,6 +102,9 @@ class CausalLMSettings:
     beta: float
     temperatures: tuple[float, ...]
     max_length: int
+    # Hidden-state alignment: (student decoder layer, teacher decoder layer) pairs and the term's weight (0: off).
+    alignment: tuple[tuple[int, int], ...] = ()
+    alignment_weight: float = 0.0
 
     @property
     def fragments(self) -> str:
@@ -111,7 +114,7 @@ class CausalLMSettings:
     def from_settings(cls, raw: Mapping[str, Any]) -> CausalLMSettings:
         where = "student spec (causal_lm) settings"
         reject_unknown_fields(raw, ("base", "base_digest", "lora", "top_k", "divergence", "beta", "temperatures",
-                                    "max_length"), where)
+                                    "max_length", "alignment", "alignment_weight"), where)
         base, digest = raw.get("base"), raw.get("base_digest")
         _require(isinstance(base, str) and bool(base), where, "base", "the path of the base student folder", base)
         _require(isinstance(digest, str) and len(digest) == _HEX_DIGEST_LENGTH, where, "base_digest",
@@ -132,11 +135,24 @@ class CausalLMSettings:
                  and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 100
                          for t in temperatures), where, "temperatures", "a non-empty list of numbers in (0, 100]",
                  temperatures)
+        pairs = raw.get("alignment") or []
+        _require(isinstance(pairs, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p) for p in pairs),
+            where, "alignment", "a list of [student layer, teacher layer] pairs of layer indices", pairs)
+        weight = _float(raw, "alignment_weight", where, 0.0, 100.0, 0.0)
+        _require(weight == 0.0 or bool(pairs), where, "alignment_weight", "0 unless 'alignment' names layer pairs",
+                 weight)
         return cls(base=base, base_digest=digest, lora=lora, top_k=_int(raw, "top_k", where, 1),
                    divergence=_choice(raw, "divergence", where, CAUSAL_DIVERGENCES, "forward_kl"),
                    beta=_float(raw, "beta", where, 0.0, 1.0, 0.5, low_open=True),
                    temperatures=tuple(sorted({float(t) for t in temperatures}, reverse=True)),
-                   max_length=_int(raw, "max_length", where, 2))
+                   max_length=_int(raw, "max_length", where, 2),
+                   alignment=tuple((int(a), int(b)) for a, b in pairs), alignment_weight=weight)
+
+    @property
+    def teacher_hidden_layers(self) -> tuple[int, ...]:
+        """The teacher layers whose outputs a site caches: those of the alignment pairs, when alignment is on."""
+        return tuple(teacher for _, teacher in self.alignment) if self.alignment_weight > 0 else ()
 
 
 @dataclass(frozen=True)
@@ -225,8 +241,8 @@ class FederationConfig:
                               f"{self.temperature_end:g} leaves the causal-LM cache's temperatures {list(grid)}; add "
                               "its ends to the student's 'temperatures'.")
         if self.hidden_alignment_weight > 0:
-            raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 for a causal-LM student: "
-                              "hidden-state alignment is not available for causal LMs yet.")
+            raise ConfigError("run config: field 'hidden_alignment_weight' must be 0 for a causal-LM student: its "
+                              "hidden-state alignment is the student spec's 'alignment' and 'alignment_weight'.")
 
     @property
     def private(self) -> bool:

@@ -69,7 +69,8 @@ def site_targets(scenario: Scenario, run_dir: Path, teacher_path: Path, config: 
         out[name] = TopKTargetCache(run_dir / "sites" / name).targets(
             splits["train"], digest, settings.top_k, settings.temperatures,
             lambda: teacher_targets(scenario.teacher.model, ids, mask, settings.top_k, TEACHER_BATCH,
-                                    settings.temperatures, vocabulary)).targets
+                                    settings.temperatures, vocabulary, settings.teacher_hidden_layers),
+            settings.teacher_hidden_layers).targets
     return out
 
 
@@ -96,7 +97,8 @@ def centrally_distilled(scenario: Scenario, config: FederationConfig, targets: d
             temperature=temperature_at(server_round, config.rounds, config.temperature_schedule,
                                        config.temperature_start, config.temperature_end),
             alpha=config.alpha, seed=config.seed * 1000 + server_round, divergence=causal.divergence,
-            beta=causal.beta, optimizer=config.optimizer)
+            beta=causal.beta, optimizer=config.optimizer, alignment_weight=causal.alignment_weight,
+            alignment_layers=tuple(student for student, _ in causal.alignment))
         fragments = planned_fragments(config.fragment_plan, spec, server_round, config.rounds)
         distill_causal(model, pooled, pooled_targets, settings, spec.parameters_of_all(fragments))
     return model
@@ -221,6 +223,7 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
                         "description": scenario.provenance.get("teacher")},
             "fragments": causal.fragments, "lora": causal.lora.to_dict() if causal.lora else None,
             "top_k": causal.top_k, "temperatures": list(causal.temperatures), "divergence": causal.divergence,
+            "alignment": {"pairs": [list(p) for p in causal.alignment], "weight": causal.alignment_weight},
             "tail": "one extra outcome holding the teacher's probability mass outside its top k (docs/causal_lm.md)",
             "max_length": causal.max_length,
             "vocabulary": _vocabulary_summary(coordinator.model, evaluation.tests),

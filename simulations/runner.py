@@ -377,8 +377,13 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
+
+
 def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
     models = summary["models"]
+    if summary.get("task") == "causal-lm":
+        return {key: models[key] for key in summary["model_labels"] if key != "federated"}
     return {"teacher": models["teacher"], "local_only": models["local_only"]["per_site"],
             "centralized_distilled": models["centralized_distilled"],
             "centralized_labels_only": models["centralized_labels_only"]}
@@ -401,7 +406,7 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
         federated = summary["models"]["federated"]["overall"]
         rows.append({
             "target_epsilon": label,
-            "federated": {m: federated[m] for m in ("roc_auc", "accuracy", "macro_f1", "kappa")},
+            "federated": {m: federated[m] for m in summary.get("metrics", CLASSIFICATION_METRICS)},
             "epsilon_spent": {name: site["epsilon"] for name, site in summary["privacy"]["sites"].items()},
             "delta": {name: site["delta"] for name, site in summary["privacy"]["sites"].items()},
             "rounds_refused": {name: site["rounds_refused"] for name, site in summary["privacy"]["sites"].items()
@@ -409,11 +414,14 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
             "stopped": summary["stopped"],
             "run_dir": summary["paths"]["run_dir"],
         })
+    causal = summary.get("task") == "causal-lm"
+    baseline_keys = ([key for key in summary["model_labels"] if key != "federated"] if causal else
+                     ["teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean"])
     sweep = {"schema_version": SCHEMA_VERSION, "sweep_id": sweep_id, "scenario": options.scenario,
-             "seed": options.seed, "headline_metric": HEADLINE_METRIC,
-             "unit_of_privacy": "one record of a site's training split",
-             "baselines": {key: summary["comparison"][key] for key in
-                           ("teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean")},
+             "seed": options.seed, "headline_metric": summary["headline_metric"],
+             "metrics": list(summary.get("metrics", CLASSIFICATION_METRICS)),
+             "unit_of_privacy": UNIT_OF_PRIVACY if causal else "one record of a site's training split",
+             "baselines": {key: summary["comparison"][key] for key in baseline_keys},
              "levels": rows, "sweep_dir": str(sweep_dir)}
     atomic_write_json(sweep_dir / "sweep.json", sweep)
     return sweep

@@ -70,6 +70,12 @@ def test_causal_lm_spec_is_validated_at_the_boundary(folders):
         config(folders, temperature_start=5.0)  # the schedule leaves the cache's grid
     with pytest.raises(ConfigError, match="hidden_alignment_weight"):
         config(folders, hidden_alignment_weight=0.5)
+    with pytest.raises(ConfigError, match="alignment_weight"):
+        spec(folders, alignment_weight=1.0)  # no layer pairs to align
+    with pytest.raises(ConfigError, match="'alignment'"):
+        spec(folders, alignment=[[0, -1]], alignment_weight=1.0)
+    aligned = spec(folders, alignment=[[0, 0], [1, 3]], alignment_weight=0.5).causal_lm()
+    assert aligned.alignment == ((0, 0), (1, 3)) and aligned.teacher_hidden_layers == (0, 3)
 
 
 def test_a_base_folder_that_is_not_the_pinned_one_is_refused(folders, tmp_path):
@@ -81,9 +87,12 @@ def test_a_base_folder_that_is_not_the_pinned_one_is_refused(folders, tmp_path):
                     "run", tmp_path / "run")
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "blocks"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "blocks-aligned"])
 def test_only_trainable_tensors_travel_and_the_teacher_runs_once(folders, tmp_path, lora):
-    coordinator = Coordinator(config(folders, lora), "run", tmp_path / "run")
+    run_config = config(folders, lora) if lora else FederationConfig.from_dict({
+        **config(folders, lora).to_dict(), "student": spec(folders, False, alignment=[[0, 0], [1, 3]],
+                                                           alignment_weight=0.5)})
+    coordinator = Coordinator(run_config, "run", tmp_path / "run")
     names = set(coordinator.state)
     if lora:
         assert names and all("lora_" in name for name in names)
@@ -106,6 +115,7 @@ def test_only_trainable_tensors_travel_and_the_teacher_runs_once(folders, tmp_pa
     for s in sites:
         cache = TopKTargetCache(s.state_dir)
         assert cache.metadata()["teacher_forward_passes"] == 1 and cache.metadata()["k"] == 8
+        assert cache.metadata()["hidden_layers"] == ([] if lora else [0, 3])
         cached = [e["payload"] for e in read_events(s.state_dir / "ledger.jsonl")
                   if e["kind"] == "teacher-targets-cached"]
         assert len(cached) == 1 and cached[0]["sent"] is False and cached[0]["sha256"] == cache.metadata()["sha256"]
