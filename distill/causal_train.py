@@ -168,7 +168,8 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
     fewer temperatures can build a cheaper cache (the tail costs one pass over the vocabulary per temperature).
     With a student ``vocabulary`` subset, the teacher's distribution is first mapped onto the student's outcomes
     (distill.vocabulary), so the targets' ids are student ids. ``hidden_layers``: also keep the teacher's outputs
-    after these decoder layers at every real position (float16), for hidden-state alignment.
+    after these decoder layers at every real position (float32: Gemma's residual stream overflows float16), for
+    hidden-state alignment.
     """
     ids, mask = sequence_tensors(input_ids, attention_mask)
     if len(ids) == 0:
@@ -185,7 +186,7 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
             part = build_topk_targets(logits, batch_mask, k, temperatures)
             if hidden_layers:
                 hidden = torch.stack([_at_real_positions(outputs[i], batch_mask) for i in hidden_layers], dim=1)
-                part = replace(part, hidden=hidden.numpy().astype(np.float16))
+                part = replace(part, hidden=hidden.numpy().astype(np.float32))
             parts.append(part)
     return concatenate_targets(parts)
 

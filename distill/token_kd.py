@@ -55,7 +55,7 @@ class TopKTargets:
     offsets: np.ndarray  # int64 [sequences + 1]
     positions: np.ndarray  # int32 [N]
     vocab_size: int
-    # float16 [N, P, hidden]: the teacher's hidden states after P chosen layers at the same positions (for
+    # float32 [N, P, hidden]: the teacher's hidden states after P chosen layers at the same positions (for
     # hidden-state alignment, distill.causal_train); None when the cache holds none.
     hidden: np.ndarray | None = None
 
@@ -106,9 +106,9 @@ class TopKTargets:
             (0 < k <= self.vocab_size
              and (n == 0 or (self.token_ids.min() >= 0 and self.token_ids.max() < self.vocab_size)),
              "token ids must lie in the vocabulary"),
-            (self.hidden is None or (self.hidden.dtype == np.float16 and self.hidden.ndim == 3
+            (self.hidden is None or (self.hidden.dtype == np.float32 and self.hidden.ndim == 3
                                      and len(self.hidden) == n and bool(np.isfinite(self.hidden).all())),
-             "hidden must be finite float16 [positions, layers, hidden]"),
+             "hidden must be finite float32 [positions, layers, hidden]"),
         ]
         for ok, message in checks:
             if not ok:
