@@ -124,18 +124,11 @@ def _with_absolute_base(federation: dict[str, Any], directory: Path) -> dict[str
 def _check_student_base(federation: FederationConfig, where: str) -> None:
     """The coordinator builds the run's student from this folder: refuse, before submitting, one that is missing
     or is not the folder ``base_digest`` pins (the ServerApp would fail on it after the run started)."""
-    from distill.models import path_digest
+    from distill.causal_lm import check_student_base
 
-    settings = federation.student.causal_lm()
-    base = Path(settings.base)
-    field = f"{where}: [federation.student.settings] base"
-    if not (base / "config.json").is_file():
-        raise ConfigError(f"{field} '{base}' is not a base student folder (no config.json); point it at the run's "
-                          "base student, written by save_pretrained (relative paths are relative to run.toml).")
-    digest = path_digest(base)
-    if digest != settings.base_digest:
-        raise ConfigError(f"{field} '{base}' hashes to {digest}, not base_digest {settings.base_digest}; set "
-                          "base_digest to the digest of the folder every site was sent, or point base at it.")
+    check_student_base(federation.student.causal_lm(), f"{where}: [federation.student.settings] base",
+                       "point base at the run's base student folder (relative paths are relative to run.toml) and "
+                       "set base_digest to the digest of the folder every site was sent")
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,20 @@ def load_causal_lm_student(directory: Path) -> nn.Module:
     return model.train()
 
 
+def check_student_base(settings: CausalLMSettings, where: str, remedy: str) -> Path:
+    """The run's base student folder, refused unless it holds config.json and hashes to the spec's base_digest;
+    ``where`` names the field in the error, ``remedy`` says what to do."""
+    base = Path(settings.base)
+    if not (base / "config.json").is_file():
+        raise ConfigError(f"{where} '{base}' is not a base student folder (no config.json, as save_pretrained writes); "
+                          f"{remedy}.")
+    digest = path_digest(base)
+    if digest != settings.base_digest:
+        raise ConfigError(f"{where} '{base}' hashes to {digest}, not base_digest {settings.base_digest}: it is another "
+                          f"student; {remedy}.")
+    return base
+
+
 def build_causal_lm_student(settings: CausalLMSettings) -> nn.Module:
     """The run's student: its base folder, checked against the digest the run config pins, then LoRA if asked.
 
@@ -282,15 +296,9 @@ def build_causal_lm_student(settings: CausalLMSettings) -> nn.Module:
     the trainable tensors, which the round's global state overwrites. (LoRA's ``A`` matrices start random, so a
     fresh build is not the global student until that state is loaded.)
     """
-    base = Path(settings.base)
-    if not (base / "config.json").is_file():
-        raise ConfigError(f"causal-LM student: base folder '{base}' has no config.json; every site needs the run's "
-                          "base student folder at this path (written by save_pretrained).")
-    digest = path_digest(base)
-    if digest != settings.base_digest:
-        raise ConfigError(f"causal-LM student: base folder '{base}' hashes to {digest[:12]}..., not "
-                          f"{settings.base_digest[:12]}... that the run config pins; it is another student. Copy the "
-                          "run's base student folder again.")
+    base = check_student_base(settings, "causal-LM student: base folder",
+                              "every site needs its copy of the run's base student folder (site.toml [student] "
+                              "base); copy it again")
     student = load_causal_lm_student(base)
     if settings.lora is not None:
         student = add_lora(student, settings.lora.targets, settings.lora.r, settings.lora.alpha)

@@ -13,7 +13,7 @@ from distill.token_kd import TopKTargets
 from protocols.accounting import Calibration
 from protocols.errors import ConfigError
 from tests.test_causal_train import K, settings
-from tests.test_causal_train import data, sequences, teacher  # noqa: F401 (fixtures)
+from tests.test_causal_train import data, teacher  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
