@@ -161,6 +161,13 @@ class RunEvidence:
         return started[0]["payload"].get("transport") if started and self.deployment is not None else None
 
     @property
+    def student_base(self) -> dict[str, Any] | None:
+        """How a causal-LM run's base student was made (its layers, vocabulary, public stage), as the coordinator's
+        signed run-started event records it from the digest-pinned base folder; None for other runs."""
+        started = [e for e in self.coordinator.events if e["kind"] == "run-started"]
+        return started[0]["payload"].get("student_base") if started else None
+
+    @property
     def scope_note(self) -> str:
         return SIMULATION_NOTE if self.deployment is None else DEPLOYMENT_NOTE
 
@@ -947,9 +954,35 @@ def _perplexity_gaps(comparison: dict[str, Any]) -> list[str]:
         gaps.append(f"federated perplexity is {centralized:.4g} times the centrally distilled student's (the cost of "
                     "federation and DP here)")
     if undistilled is not None:
-        gaps.append(f"federated perplexity is {undistilled:.4g} times the undistilled student's (same initialisation, "
+        gaps.append(f"federated perplexity is {undistilled:.4g} times the undistilled student's (the layer subset, "
                     "no KD: below 1, the distillation helped)")
+    public_only = _finite(comparison.get("federated_over_public_only"))
+    if public_only is not None:
+        gaps.append(f"federated perplexity is {public_only:.4g} times the public-only student's (the coordinator's "
+                    "stage on public text alone: below 1, the sites' private texts added to it)")
     return gaps
+
+
+PUBLIC_STAGE_KEYS = ("public_texts", "public_tokens", "public_digest", "teacher_digest", "settings",
+                     "trained_parameters", "mean_loss", "site_records_read", "epsilon")
+
+
+def _causal_lm_stages(ev: RunEvidence) -> list[dict[str, Any]]:
+    """The run's stages in order: the coordinator's public stage when the signed ledger records one, then the
+    federated rounds (the only stage that reads site records and spends their budgets)."""
+    base = ev.student_base or {}
+    stages = []
+    public = base.get("public_stage")
+    if public:
+        stages.append({"stage": "coordinator", "data": "public text only (no site record)",
+                       "product": f"the base student, digest {base.get('digest')}",
+                       **_pick(public, PUBLIC_STAGE_KEYS)})
+    f = ev.federation
+    stages.append({"stage": "federated", "data": "each site's private training texts, under its DP-SGD budget",
+                   "starts_from": "the public stage's base student" if public else "the base student (no public stage)",
+                   **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
+                   "fragments": "lora" if f.get("student", {}).get("settings", {}).get("lora") else "blocks"})
+    return stages
 
 
 def _causal_lm_teacher(size: dict[str, Any], facts: dict[str, Any], subjects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1002,7 +1035,7 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
     if facts is not None:
         distillation = {"loss": CAUSAL_LM_LOSS, **schedule,
                         **{key: facts[key] for key in ("divergence", "top_k", "temperatures", "tail", "max_length")},
-                        "transfer_set": CAUSAL_LM_TRANSFER_SET}
+                        "transfer_set": CAUSAL_LM_TRANSFER_SET, "stages": _causal_lm_stages(ev)}
     else:
         distillation = {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)", **schedule,
                         "transfer_set": "each site's own private training split; teacher outputs computed at the "

