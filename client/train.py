@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,9 +17,10 @@ from client.budget import Decision, calibrate, decide, planned_spend, record_ref
 from client.privacy import private_distill, private_distill_causal
 from client.site import Site
 from client.teacher import check_teacher_for_run
-from distill.cache import TeacherLogitCache, TopKTargetCache
-from distill.causal_lm import causal_lm_digest, load_causal_lm_teacher
-from distill.causal_train import CausalTrainSettings, distill_causal, split_sequences, teacher_targets
+from distill.cache import ContinuationCache, TeacherLogitCache, TopKTargetCache
+from distill.causal_lm import CausalLMTeacher, causal_lm_digest, load_causal_lm_teacher
+from distill.causal_train import (CausalTrainSettings, distill_causal, split_sequences, teacher_continuations,
+                                  teacher_targets)
 from distill.data import SplitData
 from distill.models import (build_student, fragment_parameter_names, load_student_state, load_teacher,
                             student_state, teacher_digest)
@@ -205,16 +207,43 @@ def _distill_classifier(site: Site, instruction: TrainInstruction, student: torc
     return outcome, spend
 
 
+def causal_training_texts(site: Site, instruction: TrainInstruction, data: SplitData,
+                          teacher: Callable[[], CausalLMTeacher]) -> SplitData:
+    """The site's training documents as the round trains on them: with sequence-level KD
+    (``continuation_tokens``), each followed by the continuation its teacher writes (generated in the first round,
+    cached in the state directory, recorded in the site's ledger, never sent); otherwise the documents."""
+    new_tokens = instruction.student.causal_lm().continuation_tokens
+    if not new_tokens:
+        return data
+
+    def generate() -> dict[str, np.ndarray]:
+        loaded = teacher()
+        input_ids, attention_mask = split_sequences(data)
+        return teacher_continuations(loaded.model, input_ids, attention_mask, new_tokens, TEACHER_BATCH,
+                                     loaded.tokenizer.pad_token_id)
+
+    cached = ContinuationCache(site.state_dir).continued(data, causal_lm_digest(site.teacher_path), new_tokens,
+                                                          generate)
+    if cached.computed is not None:
+        site_ledger(site).append("teacher-continuations-cached", {"run_id": instruction.run_id,
+                                                                  "round": instruction.server_round,
+                                                                  **cached.computed, "sent": False})
+    return cached.data
+
+
 def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: SplitData, vocab_size: int,
-                           vocabulary: VocabularySubset | None = None) -> TopKTargets:
+                           vocabulary: VocabularySubset | None = None,
+                           teacher: Callable[[], CausalLMTeacher] | None = None) -> TopKTargets:
     """The site's causal-LM teacher's top-k targets on its training texts: computed in the first round (the
     teacher's only forward passes), cached in the state directory, recorded in the site's ledger, never sent.
-    ``vocab_size`` is the student's; with a ``vocabulary`` subset the targets are over the student's ids."""
+    ``vocab_size`` is the student's; with a ``vocabulary`` subset the targets are over the student's ids.
+    ``teacher`` loads the teacher once for the continuations and the targets."""
     settings = instruction.student.causal_lm()
     teacher_vocab = vocabulary.teacher_vocab_size if vocabulary is not None else vocab_size
+    load = teacher or (lambda: load_causal_lm_teacher(site.teacher_path))
 
     def compute() -> TopKTargets:
-        teacher = load_causal_lm_teacher(site.teacher_path)
+        teacher = load()
         rows = teacher.model.get_output_embeddings().weight.shape[0]
         if rows != teacher_vocab:
             raise UpdateRejected(f"site {site.name}: the teacher '{site.teacher_path}' predicts {rows} tokens, the "
@@ -240,8 +269,10 @@ def _distill_causal_lm(site: Site, instruction: TrainInstruction, student: torch
                        trainable: tuple[str, ...], check: BudgetCheck) -> tuple[TrainOutcome, Spend]:
     spec = instruction.student.causal_lm()
     vocabulary = vocabulary_of(student)
+    teacher = functools.cache(lambda: load_causal_lm_teacher(site.teacher_path))  # loaded at most once, on a miss
+    data = causal_training_texts(site, instruction, data, teacher)
     targets = causal_teacher_targets(site, instruction, data, student.get_output_embeddings().weight.shape[0],
-                                     vocabulary)
+                                     vocabulary, teacher)
     if vocabulary is not None:
         data = vocabulary.remap_split(data)  # the teacher read the texts in its own ids; the student reads its own
     settings = CausalTrainSettings(steps=instruction.local_steps, batch_size=instruction.batch_size,

@@ -328,7 +328,10 @@ def _teacher_cache(cache: dict[str, Any] | str) -> str:
                               f"seq {c['ledger_event']['seq']}, sent: {fmt(c['ledger_event']['sent'])}"),
              "bytes sent per round (median)": c["sent_per_round_bytes"],
              "tensors sent per round": c["sent_per_round_tensors"],
-             "update bytes per round in the ledger (median)": c["update_bytes_median_in_ledger"]}
+             "update bytes per round in the ledger (median)": c["update_bytes_median_in_ledger"],
+             **({"teacher continuations (bytes, digest)": f"{c['continuations']['bytes']} B, "
+                                                          f"{c['continuations']['digest']}"}
+                if "continuations" in c else {})}
             for site, c in cache["sites"].items()]
     return f"<p>{_e(cache['stays_at_site'])} (from {_e(cache['source'])}).</p>" + table(rows)
 

@@ -318,6 +318,10 @@ def causal_lm_facts(summary: dict[str, Any]) -> dict[str, Any]:
                   for site, cache in (block.get("cache") or {}).items()},
         "sent_per_round": {site: _pick(sent, ("bytes", "tensors", "rounds"))
                            for site, sent in (block.get("sent_per_round") or {}).items()},
+        # Sequence-level KD: how many tokens the teacher wrote after each document, and each site's cache of them.
+        "continuation_tokens": block.get("continuation_tokens", 0),
+        "continuations": {site: _pick(cache, ("sequences", "new_tokens_total", "bytes", "digest"))
+                          for site, cache in (block.get("continuations") or {}).items()},
     }
 
 
@@ -551,8 +555,9 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
                          "per-example gradients and the unmasked update" if secure else "per-example gradients",
                          "the site's DP noise secret (noise.key) and its ledger signing key"]
                         + (["the site's record count (it travels masked, as a weight)"] if secure else [])
-                        + (["the teacher's top-k cache of the site's training texts (teacher_topk.npz)"] if causal
-                           else []),
+                        + (["the teacher's top-k cache of the site's training texts (teacher_topk.npz)",
+                            "the teacher's continuations of the site's training texts, with sequence-level KD "
+                            "(teacher_continuations.npz)"] if causal else []),
         "clear_metadata": ["whether the site took part in a round or refused it", "the site's own epsilon report",
                            "the site's ledger head (seq and hash), recorded in the coordinator's checkpoint"],
         "necessity_rationale": NOT_ASSESSED,
@@ -563,6 +568,7 @@ TOPK_CACHE_STAYS = ("each site's teacher ran once on its own training texts, and
                     "position: the k most likely token ids, their logit offsets and the tail bucket's logits) are "
                     "cached in the site's state directory and never sent; only their size and digest are reported")
 CACHE_EVENT = "teacher-targets-cached"
+CONTINUATIONS_EVENT = "teacher-continuations-cached"
 
 
 def _teacher_cache(ev: RunEvidence, flows: dict[str, Any]) -> dict[str, Any] | str:
@@ -579,11 +585,18 @@ def _teacher_cache(ev: RunEvidence, flows: dict[str, Any]) -> dict[str, Any] | s
         recorded = [e for e in site.ledger.events if e["kind"] == CACHE_EVENT
                     and e["payload"].get("sha256") == cache.get("digest")]
         updates = [u["bytes"] for u in flows[name]["updates"]]
+        continuation = (facts.get("continuations") or {}).get(name)
+        generated = [e for e in site.ledger.events if e["kind"] == CONTINUATIONS_EVENT
+                     and continuation and e["payload"].get("sha256") == continuation.get("digest")]
         sites[name] = {
             **cache,
             "ledger_event": ({"seq": recorded[-1]["seq"], "run_id": recorded[-1]["payload"].get("run_id"),
                               "sent": recorded[-1]["payload"].get("sent")} if recorded else
                              not_assessed(f"no {CACHE_EVENT} event in the site's ledger records this digest")),
+            **({"continuations": {**continuation, "ledger_event": (
+                {"seq": generated[-1]["seq"], "sent": generated[-1]["payload"].get("sent")} if generated else
+                not_assessed(f"no {CONTINUATIONS_EVENT} event in the site's ledger records this digest"))}}
+               if continuation else {}),
             "sent_per_round_bytes": sent.get("bytes"), "sent_per_round_tensors": sent.get("tensors"),
             # The summary's figure is a median over rounds: the ledger's update-sent events give the same median.
             "update_bytes_median_in_ledger": statistics.median(updates) if updates else None,

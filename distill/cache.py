@@ -19,6 +19,7 @@ import numpy as np
 from distill.data import SplitData
 from distill.models import Teacher
 from distill.token_kd import TopKTargets
+from protocols.errors import DataError
 from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 
 SCHEMA_VERSION = 1
@@ -117,3 +118,55 @@ class TopKTargetCache:
                                            "teacher_forward_passes": int(meta.get("teacher_forward_passes", 0)) + 1,
                                            "computed_at": datetime.now(timezone.utc).isoformat()})
         return CachedTopK(targets, record)
+
+
+@dataclass(frozen=True)
+class CachedContinuations:
+    data: SplitData  # the training split, each document followed by its teacher continuation
+    # What the site records in its ledger: set only when this call computed the continuations (the teacher ran).
+    computed: dict | None
+
+
+class ContinuationCache:
+    """A causal-LM teacher's continuations of a site's training documents (sequence-level KD), generated once.
+
+    Keyed by the teacher's digest, the documents' digest and the number of new tokens. The sequences stay in the
+    site's state directory, like the top-k cache; only their digest and size go into the site's ledger.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.arrays_path = self.directory / "teacher_continuations.npz"
+        self.meta_path = self.directory / "teacher_continuations.json"
+
+    def metadata(self) -> dict:
+        if not self.meta_path.is_file():
+            return {"schema_version": SCHEMA_VERSION, "teacher_generations": 0}
+        return json.loads(self.meta_path.read_text())
+
+    def continued(self, data: SplitData, teacher_digest: str, new_tokens: int,
+                  generate: Callable[[], dict[str, np.ndarray]]) -> CachedContinuations:
+        meta = self.metadata()
+        key = {"teacher_digest": teacher_digest, "data_digest": data.digest(), "new_tokens": int(new_tokens)}
+        arrays = None
+        if all(meta.get(name) == value for name, value in key.items()) and self.arrays_path.is_file():
+            payload = self.arrays_path.read_bytes()
+            if sha256_hex(payload) == meta.get("sha256"):
+                with np.load(io.BytesIO(payload)) as archive:
+                    arrays = {name: archive[name] for name in ("input_ids", "attention_mask")}
+        record = None
+        if arrays is None:
+            arrays = generate()
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            payload = buffer.getvalue()
+            atomic_write_bytes(self.arrays_path, payload)
+            record = {**key, "sequences": len(arrays["input_ids"]), "new_tokens_total": int(new_tokens) * len(data),
+                      "bytes": len(payload), "sha256": sha256_hex(payload)}
+            atomic_write_json(self.meta_path, {"schema_version": SCHEMA_VERSION, **record,
+                                               "teacher_generations": int(meta.get("teacher_generations", 0)) + 1,
+                                               "computed_at": datetime.now(timezone.utc).isoformat()})
+        if len(arrays["input_ids"]) != len(data):
+            raise DataError(f"{self.arrays_path}: {len(arrays['input_ids'])} continued sequences for {len(data)} "
+                             "documents; delete the file to have it generated again.")
+        return CachedContinuations(SplitData({**data.inputs, **arrays}, data.labels, data.groups), record)

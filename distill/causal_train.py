@@ -191,6 +191,49 @@ def teacher_targets(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
     return concatenate_targets(parts)
 
 
+@torch.no_grad()
+def teacher_continuations(teacher: nn.Module, input_ids: np.ndarray | torch.Tensor,
+                          attention_mask: np.ndarray | torch.Tensor, new_tokens: int, batch_size: int,
+                          pad_token_id: int) -> dict[str, np.ndarray]:
+    """Every sequence followed by ``new_tokens`` tokens the teacher writes after it (greedy, end-of-text suppressed
+    until then): right-padded ``input_ids``/``attention_mask`` of width ``L + new_tokens``, in the teacher's ids.
+
+    The material of sequence-level KD: the student learns the teacher's own continuations of a site's documents,
+    as one more stretch of each document's sequence, so one DP-SGD sample is still one document (its
+    continuation is a function of it and of the public teacher only). Batches are generated left-padded, as
+    ``generate`` needs, and put back right-padded.
+    """
+    if new_tokens < 1:
+        raise ConfigError(f"teacher continuations: new_tokens must be at least 1, got {new_tokens}.")
+    ids, mask = sequence_tensors(input_ids, attention_mask)
+    lengths = mask.sum(dim=1)
+    if len(ids) == 0 or int(lengths.min()) < 1:
+        raise DataError("teacher continuations: every sequence needs at least one real token to continue.")
+    width = ids.shape[1] + new_tokens
+    out_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.int64)
+    out_mask = torch.zeros((len(ids), width), dtype=torch.int64)
+    with _eval_mode(teacher):
+        for rows in _batches(len(ids), batch_size):
+            batch_lengths = lengths[rows]
+            longest = int(batch_lengths.max())
+            left_ids = torch.full((len(batch_lengths), longest), pad_token_id, dtype=torch.int64)
+            left_mask = torch.zeros_like(left_ids)
+            for offset, (row, length) in enumerate(zip(ids[rows], batch_lengths.tolist())):
+                left_ids[offset, longest - length:] = row[:length]
+                left_mask[offset, longest - length:] = 1
+            generated = teacher.generate(input_ids=left_ids, attention_mask=left_mask, max_new_tokens=new_tokens,
+                                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
+            generated = generated[:, longest:longest + new_tokens]
+            if generated.shape[1] != new_tokens:
+                raise DataError(f"teacher continuations: the teacher wrote {generated.shape[1]} tokens, not "
+                                f"{new_tokens}.")
+            for offset, (index, length) in enumerate(zip(range(rows.start, rows.stop), batch_lengths.tolist())):
+                out_ids[index, :length] = ids[index, :length]
+                out_ids[index, length:length + new_tokens] = generated[offset]
+                out_mask[index, :length + new_tokens] = 1
+    return {"input_ids": out_ids.numpy(), "attention_mask": out_mask.numpy()}
+
+
 # --------------------------------------------------------------------------------------------- the criterion
 class OutputLayer(nn.Module):
     """A causal LM's output layer as its forward applies it: the projection, then the final-logit soft-capping

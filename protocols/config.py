@@ -105,6 +105,9 @@ class CausalLMSettings:
     # Hidden-state alignment: (student decoder layer, teacher decoder layer) pairs and the term's weight (0: off).
     alignment: tuple[tuple[int, int], ...] = ()
     alignment_weight: float = 0.0
+    # Sequence-level KD: every training document is followed by this many tokens its teacher writes after it
+    # (greedy, generated once per site and cached), and the student distils on both; 0 is off.
+    continuation_tokens: int = 0
 
     @property
     def fragments(self) -> str:
@@ -114,7 +117,7 @@ class CausalLMSettings:
     def from_settings(cls, raw: Mapping[str, Any]) -> CausalLMSettings:
         where = "student spec (causal_lm) settings"
         reject_unknown_fields(raw, ("base", "base_digest", "lora", "top_k", "divergence", "beta", "temperatures",
-                                    "max_length", "alignment", "alignment_weight"), where)
+                                    "max_length", "alignment", "alignment_weight", "continuation_tokens"), where)
         base, digest = raw.get("base"), raw.get("base_digest")
         _require(isinstance(base, str) and bool(base), where, "base", "the path of the base student folder", base)
         _require(isinstance(digest, str) and len(digest) == _HEX_DIGEST_LENGTH, where, "base_digest",
@@ -147,7 +150,8 @@ class CausalLMSettings:
                    beta=_float(raw, "beta", where, 0.0, 1.0, 0.5, low_open=True),
                    temperatures=tuple(sorted({float(t) for t in temperatures}, reverse=True)),
                    max_length=_int(raw, "max_length", where, 2),
-                   alignment=tuple((int(a), int(b)) for a, b in pairs), alignment_weight=weight)
+                   alignment=tuple((int(a), int(b)) for a, b in pairs), alignment_weight=weight,
+                   continuation_tokens=_int(raw, "continuation_tokens", where, 0, 0))
 
     @property
     def teacher_hidden_layers(self) -> tuple[int, ...]:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.cache import TopKTargetCache
+from distill.cache import ContinuationCache, TopKTargetCache
 from distill.causal_lm import (causal_lm_digest, export_causal_lm_student, load_causal_lm_student,
                                parameter_counts, student_record)
 from distill.causal_train import (CAUSAL_METRICS, CausalTrainSettings, distill_causal, evaluate_causal_lm,
-                                  split_scores, split_sequences, teacher_targets)
+                                  split_scores, split_sequences, teacher_continuations, teacher_targets)
 from distill.data import SplitData
 from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names
@@ -60,21 +60,31 @@ class CausalEvaluation:
         return evaluate_causal_lm(split_scores(model, self.tests, EVAL_BATCH), self.teacher_scores)
 
 
-def site_targets(scenario: Scenario, run_dir: Path, teacher_path: Path, config: FederationConfig
-                 ) -> dict[str, TopKTargets]:
-    """Each site's cached top-k targets (the cache hits: the teacher does not run again), or computed if a site
-    never trained."""
+def site_training(scenario: Scenario, run_dir: Path, teacher_path: Path, config: FederationConfig
+                  ) -> dict[str, tuple[SplitData, TopKTargets]]:
+    """Each site's training texts as its rounds used them (with sequence-level KD, each document followed by its
+    cached teacher continuation) and its cached top-k targets: the caches hit and the teacher does not run again
+    (it runs only for a site that never trained)."""
     settings = config.student.causal_lm()
     digest = causal_lm_digest(teacher_path)
     vocabulary = vocabulary_of(_fresh_student(config))
+    pad = scenario.teacher.tokenizer.pad_token_id
     out = {}
     for name, splits in scenario.sites.items():
-        ids, mask = split_sequences(splits["train"])
-        out[name] = TopKTargetCache(run_dir / "sites" / name).targets(
-            splits["train"], digest, settings.top_k, settings.temperatures,
+        site_dir = run_dir / "sites" / name
+        data = splits["train"]
+        if settings.continuation_tokens:
+            ids, mask = split_sequences(data)
+            data = ContinuationCache(site_dir).continued(
+                data, digest, settings.continuation_tokens,
+                lambda: teacher_continuations(scenario.teacher.model, ids, mask, settings.continuation_tokens,
+                                              TEACHER_BATCH, pad)).data
+        ids, mask = split_sequences(data)
+        out[name] = (data, TopKTargetCache(site_dir).targets(
+            data, digest, settings.top_k, settings.temperatures,
             lambda: teacher_targets(scenario.teacher.model, ids, mask, settings.top_k, TEACHER_BATCH,
                                     settings.temperatures, vocabulary, settings.teacher_hidden_layers),
-            settings.teacher_hidden_layers).targets
+            settings.teacher_hidden_layers).targets)
     return out
 
 
@@ -83,17 +93,18 @@ def _fresh_student(config: FederationConfig) -> nn.Module:
     return build_student(config.student)
 
 
-def centrally_distilled(scenario: Scenario, config: FederationConfig, targets: dict[str, TopKTargets]) -> nn.Module:
+def centrally_distilled(scenario: Scenario, config: FederationConfig,
+                        training: dict[str, tuple[SplitData, TopKTargets]]) -> nn.Module:
     """The non-private reference: every site's texts pooled, the federated run's settings and optimizer steps, round
     by round (so a temperature schedule and an optimizer restart per round are the same as in the federation)."""
     model = _fresh_student(config)
     family = config.student.family
     spec = fragment_spec_for(family, fragment_parameter_names(model, family), config.fragment_patterns)
-    pooled = SplitData.concatenate([splits["train"] for splits in scenario.sites.values()])
+    pooled = SplitData.concatenate([training[name][0] for name in scenario.sites])
     vocabulary = vocabulary_of(model)
     if vocabulary is not None:
         pooled = vocabulary.remap_split(pooled)
-    pooled_targets = concatenate_targets([targets[name] for name in scenario.sites])
+    pooled_targets = concatenate_targets([training[name][1] for name in scenario.sites])
     causal = config.student.causal_lm()
     for server_round in range(1, config.rounds + 1):
         settings = CausalTrainSettings(
@@ -114,11 +125,11 @@ def model_labels(scenario: Scenario) -> dict[str, str]:
 
 
 def causal_baselines(scenario: Scenario, config: FederationConfig, evaluation: CausalEvaluation,
-                     targets: dict[str, TopKTargets]) -> dict[str, Any]:
+                     training: dict[str, tuple[SplitData, TopKTargets]]) -> dict[str, Any]:
     """The teacher, the undistilled student, the centrally distilled one and, after a public stage, the
     public-only one (the run's starting student: LoRA's B matrices start at zero, so it is the base itself)."""
     teacher = evaluate_causal_lm(evaluation.teacher_scores, evaluation.teacher_scores)
-    out = {"teacher": teacher, "centralized_distilled": evaluation(centrally_distilled(scenario, config, targets))}
+    out = {"teacher": teacher, "centralized_distilled": evaluation(centrally_distilled(scenario, config, training))}
     if scenario.initial_student is None:
         out["undistilled"] = evaluation(_fresh_student(config))
     else:
@@ -207,6 +218,12 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
         meta = cache.metadata()
         caches[name] = {"positions": meta.get("positions"), "bytes": meta.get("bytes"),
                         "teacher_forward_passes": meta.get("teacher_forward_passes", 0), "digest": meta.get("sha256")}
+    continuations = {}
+    for name in scenario.sites if causal.continuation_tokens else ():
+        meta = ContinuationCache(run_dir / "sites" / name).metadata()
+        continuations[name] = {"sequences": meta.get("sequences"), "new_tokens_total": meta.get("new_tokens_total"),
+                               "bytes": meta.get("bytes"), "digest": meta.get("sha256"),
+                               "teacher_generations": meta.get("teacher_generations", 0)}
     return {
         "task": "causal-lm",
         "headline_metric": "perplexity",
@@ -246,6 +263,8 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
             "public_stage": student_record(Path(causal.base)).get("public_stage"),
             "vocabulary": _vocabulary_summary(coordinator.model, evaluation.tests),
             "cache": caches,
+            "continuation_tokens": causal.continuation_tokens,
+            "continuations": continuations,
             "sent_per_round": {name: _sent_per_round(run_dir / "sites" / name, run_id) for name in scenario.sites},
             "exported_student": str(exported),
         },

@@ -133,6 +133,8 @@ class Preset:
     # this many public tweets (a fixed sample, the same for every run seed), or None for no public stage.
     public_texts: int | None = None
     public_stage: dict | None = None
+    # Sequence-level KD: the teacher continues every training document by this many tokens (0: off).
+    continuation_tokens: int = 0
 
 
 PRESETS = {
@@ -141,7 +143,8 @@ PRESETS = {
                     student_layers=(0, 3), lora_r=None, vocabulary=None,
                     federation={"rounds": 3, "local_steps": 8, "batch_size": 8, "optimizer": "adam",
                                 "learning_rate": 3e-3},
-                    public_texts=1000, public_stage={"steps": 60, "batch_size": 16, "learning_rate": 3e-3}),
+                    public_texts=1000, public_stage={"steps": 60, "batch_size": 16, "learning_rate": 3e-3},
+                    continuation_tokens=4),
     # Minutes on 2 cores: the real Gemma 3 270M teacher, short tweets, small k, few rounds.
     "tiny": Preset("tiny", "gemma", sites=3, max_per_site=120, max_length=32, top_k=16,
                    student_layers=(0, 8, 17), lora_r=8, vocabulary=32768,
@@ -317,7 +320,8 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
     lora = {"r": preset.lora_r, "alpha": 2 * preset.lora_r, "targets": list(LORA_TARGETS)} if preset.lora_r else None
     student = StudentSpec("causal_lm", {"base": str(base.resolve()), "base_digest": path_digest(base), "lora": lora,
                                         "top_k": preset.top_k, "divergence": "forward_kl", "beta": 0.5,
-                                        "temperatures": [TEMPERATURE], "max_length": preset.max_length})
+                                        "temperatures": [TEMPERATURE], "max_length": preset.max_length,
+                                        "continuation_tokens": preset.continuation_tokens})
     from simulations.scenario import Scenario
 
     return Scenario(

@@ -36,7 +36,7 @@ from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
-from simulations.causal_runner import UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines, causal_summary, site_targets
+from simulations.causal_runner import UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines, causal_summary, site_training
 from simulations.engine import FaultPlan, run_federation
 from simulations.scenario import ScenarioOptions
 from simulations.scenarios import load_scenario
@@ -273,7 +273,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         if baselines is None:
             reporter.stage("baselines (non-private): teacher, undistilled, centralized distilled")
             baselines = causal_baselines(scenario, config, evaluate,
-                                         site_targets(scenario, run_dir, teacher_path, config))
+                                         site_training(scenario, run_dir, teacher_path, config))
         reporter.stage("exporting the student, timing teacher and student")
         task = causal_summary(scenario, config, coordinator, run_dir, teacher_path, baselines, evaluate, run_id)
         return _write_summary(run_dir, {

@@ -24,6 +24,10 @@ def simulate(out: Path, *args: str, timeout: int = 600) -> dict:
     return json.loads(result.stdout)
 
 
+def config_base_digest(run_dir: Path) -> str:
+    return json.loads((run_dir / "config.json").read_text())["federation"]["student"]["settings"]["base_digest"]
+
+
 def check_causal_run(summary: dict, top1_improves: bool = True) -> Path:
     """What every causal-LM run must leave: a verified run, a report describing it, a deployable student.
 
@@ -43,7 +47,9 @@ def check_causal_run(summary: dict, top1_improves: bool = True) -> Path:
         assert site["epsilon"] <= 8.0 + 1e-6 and site["delta"] is not None
     causal = summary["causal_lm"]
     for name, cache in causal["cache"].items():
-        assert cache["teacher_forward_passes"] == 1 and cache["positions"] == summary["sites"][name]["train"]["tokens"]
+        assert cache["teacher_forward_passes"] == 1
+        assert cache["positions"] == summary["sites"][name]["train"]["tokens"] + \
+            causal["continuation_tokens"] * summary["sites"][name]["train"]["records"]
     trainable_bytes = 8 * summary["size"]["student"]["trainable"]  # SecAgg+ vectors are float64
     assert all(0 < sent["bytes"] <= trainable_bytes + 1024 for sent in causal["sent_per_round"].values())
 
@@ -54,6 +60,15 @@ def check_causal_run(summary: dict, top1_improves: bool = True) -> Path:
     built = json.loads((run_dir / "report" / "report.json").read_text())
     assert built["model_card"]["causal_lm"]["top_k"] == causal["top_k"]
     assert built["model_card"]["causal_lm"]["teacher"]["digest"] == causal["teacher"]["digest"]
+    # Every preset starts the federation from a base the coordinator distilled on public text: the public-only
+    # student is a baseline, and the report's stages say where each stage ran and what it read.
+    stage = causal["public_stage"]
+    assert stage["site_records_read"] == 0 and stage["epsilon"] == 0.0 and stage["public_texts"] > 0
+    assert models["public_only"]["overall"]["perplexity"] < models["undistilled"]["overall"]["perplexity"]
+    stages = built["model_card"]["distillation"]["stages"]
+    assert [s["stage"] for s in stages] == ["coordinator", "federated"]
+    assert stages[0]["public_digest"] == stage["public_digest"] and stages[0]["epsilon"] == 0.0
+    assert stages[0]["product"].endswith(config_base_digest(run_dir))
 
     # The exported student loads with transformers alone and scores the held-out texts as the run reported.
     exported = AutoModelForCausalLM.from_pretrained(causal["exported_student"], local_files_only=True,
@@ -70,6 +85,17 @@ def test_smoke_preset_end_to_end(tmp_path):
     summary = simulate(tmp_path, "--preset", "smoke")
     run_dir = check_causal_run(summary)
     assert summary["causal_lm"]["fragments"] == "blocks"
+    # Sequence-level KD: the teacher continued every training tweet once per site, and the continuations stayed.
+    continuation_tokens = summary["causal_lm"]["continuation_tokens"]
+    assert continuation_tokens == 4
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    for name, generated in summary["causal_lm"]["continuations"].items():
+        records = summary["sites"][name]["train"]["records"]
+        assert generated["teacher_generations"] == 1 and generated["new_tokens_total"] == 4 * records
+        assert summary["causal_lm"]["cache"][name]["positions"] == summary["sites"][name]["train"]["tokens"] + \
+            4 * records
+        reported = report["data_flows"]["teacher_cache"]["sites"][name]["continuations"]
+        assert reported["digest"] == generated["digest"] and reported["ledger_event"]["sent"] is False
     config = json.loads((run_dir / "config.json").read_text())
     assert config["federation"]["student"]["family"] == "causal_lm"
 
