@@ -555,9 +555,11 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
                          "per-example gradients and the unmasked update" if secure else "per-example gradients",
                          "the site's DP noise secret (noise.key) and its ledger signing key"]
                         + (["the site's record count (it travels masked, as a weight)"] if secure else [])
-                        + (["the teacher's top-k cache of the site's training texts (teacher_topk.npz)",
-                            "the teacher's continuations of the site's training texts, with sequence-level KD "
-                            "(teacher_continuations.npz)"] if causal else []),
+                        + (["the teacher's top-k cache of the site's training texts (teacher_topk.npz)"] if causal
+                           else [])
+                        + (["the teacher's continuations of the site's training texts for sequence-level KD "
+                            "(teacher_continuations.npz)"]
+                           if causal and ev.federation["student"]["settings"].get("continuation_tokens") else []),
         "clear_metadata": ["whether the site took part in a round or refused it", "the site's own epsilon report",
                            "the site's ledger head (seq and hash), recorded in the coordinator's checkpoint"],
         "necessity_rationale": NOT_ASSESSED,
