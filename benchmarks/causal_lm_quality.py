@@ -1,5 +1,6 @@
 """Issue 12's done-when figures on the health-tweets scenario: the federated student at epsilon 8 per site against
-the undistilled and the centrally distilled student, over seeds; its size and speed against the teacher.
+the undistilled, the public-only and the centrally distilled student, over seeds; its size and speed against the
+teacher.
 
 Runs ``fedistill simulate --scenario health-tweets --preset full`` once per seed (about 20 minutes each on 2 cores),
 or reads the summaries of runs made already, and prints the ratios:
@@ -25,6 +26,10 @@ def row(summary: dict) -> dict:
             "top1_agreement": {key: models[key]["overall"]["top1_agreement"] for key in summary["model_labels"]},
             "federated_over_undistilled": perplexity["federated"] / perplexity["undistilled"],
             "federated_over_centralized": perplexity["federated"] / perplexity["centralized_distilled"],
+            # After the coordinator's public stage: what the sites' private texts added to the free alternative.
+            "federated_over_public_only": (perplexity["federated"] / perplexity["public_only"]
+                                           if "public_only" in perplexity else None),
+            "public_stage": summary["causal_lm"].get("public_stage"),
             "epsilon": {site: p["epsilon"] for site, p in summary["privacy"]["sites"].items()},
             "non_embedding_ratio": size["non_embedding_ratio"],
             "speedup_per_generated_token": size["latency_ms_per_token"]["speedup"],
@@ -53,11 +58,15 @@ def main() -> None:
         p = r["perplexity"]
         print(f"seed {r['seed']}: perplexity teacher {p['teacher']:.1f}, federated {p['federated']:.1f}, undistilled "
               f"{p['undistilled']:.4g}, centralized {p['centralized_distilled']:.1f}; federated / undistilled "
-              f"{r['federated_over_undistilled']:.3g}, federated / centralized {r['federated_over_centralized']:.3f}; "
-              f"epsilon {max(r['epsilon'].values()):.3f}; {r['seconds']:.0f} s")
+              f"{r['federated_over_undistilled']:.3g}, federated / centralized {r['federated_over_centralized']:.3f}"
+              + (f", public-only {p['public_only']:.1f}, federated / public-only "
+                 f"{r['federated_over_public_only']:.3f}" if r["federated_over_public_only"] else "")
+              + f"; epsilon {max(r['epsilon'].values()):.3f}; {r['seconds']:.0f} s")
     print(f"federated / undistilled perplexity, mean [min, max] over {len(rows)} seed(s): "
           f"{spread([r['federated_over_undistilled'] for r in rows])}")
     print(f"federated / centralized distilled perplexity: {spread([r['federated_over_centralized'] for r in rows])}")
+    if all(r["federated_over_public_only"] for r in rows):
+        print(f"federated / public-only perplexity: {spread([r['federated_over_public_only'] for r in rows])}")
     print(f"student / teacher non-embedding parameters: {rows[0]['non_embedding_ratio']:.3f}; teacher / student CPU "
           f"time per generated token: {spread([r['speedup_per_generated_token'] for r in rows])}")
     if args.json:

@@ -966,11 +966,15 @@ def _perplexity_gaps(comparison: dict[str, Any]) -> list[str]:
     centralized, undistilled = (_finite(comparison.get(key)) for key in ("federated_over_centralized",
                                                                          "federated_over_undistilled"))
     if centralized is not None:
-        gaps.append(f"federated perplexity is {centralized:.4g} times the centrally distilled student's (the cost of "
-                    "federation and DP here)")
+        gaps.append(f"federated perplexity is {centralized:.4g} times the centrally distilled student's (non-private: "
+                    "the cost of federation and DP here)")
     if undistilled is not None:
         gaps.append(f"federated perplexity is {undistilled:.4g} times the undistilled student's (the layer subset, "
                     "no KD: below 1, the distillation helped)")
+    central_dp = _finite(comparison.get("federated_over_centralized_private"))
+    if central_dp is not None:
+        gaps.append(f"federated perplexity is {central_dp:.4g} times that of a student distilled centrally under DP at "
+                    "the same epsilon (the cost of federation alone)")
     public_only = _finite(comparison.get("federated_over_public_only"))
     if public_only is not None:
         gaps.append(f"federated perplexity is {public_only:.4g} times the public-only student's (the coordinator's "

@@ -65,7 +65,9 @@ def _render_causal_lm(summary: dict[str, Any], console: Console) -> None:
     console.print(table)
     comparison, size = summary["comparison"], summary["size"]
     for key, text in (("federated_over_undistilled", "undistilled"),
-                      ("federated_over_centralized", "centralized distilled")):
+                      ("federated_over_public_only", "public-only"),
+                      ("federated_over_centralized", "centralized distilled (non-private)"),
+                      ("federated_over_centralized_private", "centralized distilled at the same epsilon")):
         if key in comparison:
             console.print(f"federated perplexity / {text} perplexity: {comparison[key]:.3f}")
     latency = size["latency_ms_per_token"]

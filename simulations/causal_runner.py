@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.budget import calibrate
+from client.privacy import private_distill_causal
 from distill.cache import ContinuationCache, TopKTargetCache
 from distill.causal_lm import (causal_lm_digest, export_causal_lm_student, load_causal_lm_student,
                                parameter_counts, student_record)
@@ -31,6 +33,7 @@ from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names
 from distill.token_kd import TopKTargets, concatenate_targets
 from distill.vocabulary import vocabulary_of
+from protocols.accounting import SitePolicy
 from protocols.config import FederationConfig
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.ledger import read_events
@@ -94,9 +97,13 @@ def _fresh_student(config: FederationConfig) -> nn.Module:
 
 
 def centrally_distilled(scenario: Scenario, config: FederationConfig,
-                        training: dict[str, tuple[SplitData, TopKTargets]]) -> nn.Module:
-    """The non-private reference: every site's texts pooled, the federated run's settings and optimizer steps, round
-    by round (so a temperature schedule and an optimizer restart per round are the same as in the federation)."""
+                        training: dict[str, tuple[SplitData, TopKTargets]], private: bool = False) -> nn.Module:
+    """A central curator's student: every site's texts pooled, the federated run's settings and optimizer steps,
+    round by round (so a temperature schedule and an optimizer restart per round are the same as in the federation).
+
+    ``private``: DP-SGD at the run's epsilon on the pooled texts (one document is still the unit, delta by the same
+    rule as a site's, for the pooled count), the comparison that separates what federation costs from what DP
+    costs; otherwise non-private."""
     model = _fresh_student(config)
     family = config.student.family
     spec = fragment_spec_for(family, fragment_parameter_names(model, family), config.fragment_patterns)
@@ -106,6 +113,11 @@ def centrally_distilled(scenario: Scenario, config: FederationConfig,
         pooled = vocabulary.remap_split(pooled)
     pooled_targets = concatenate_targets([training[name][1] for name in scenario.sites])
     causal = config.student.causal_lm()
+    calibration, spends = None, []
+    if private:
+        delta = SitePolicy().delta_for(len(pooled), config.target_delta)
+        calibration = calibrate("centralized", config.target_epsilon, delta, len(pooled), config.batch_size,
+                                config.rounds * config.local_steps, config.max_grad_norm, "prv")
     for server_round in range(1, config.rounds + 1):
         settings = CausalTrainSettings(
             steps=config.local_steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
@@ -114,27 +126,48 @@ def centrally_distilled(scenario: Scenario, config: FederationConfig,
             alpha=config.alpha, seed=config.seed * 1000 + server_round, divergence=causal.divergence,
             beta=causal.beta, optimizer=config.optimizer, alignment_weight=causal.alignment_weight,
             alignment_layers=tuple(student for student, _ in causal.alignment))
-        fragments = planned_fragments(config.fragment_plan, spec, server_round, config.rounds)
-        distill_causal(model, pooled, pooled_targets, settings, spec.parameters_of_all(fragments))
+        trainable = spec.parameters_of_all(planned_fragments(config.fragment_plan, spec, server_round, config.rounds))
+        if calibration is None:
+            distill_causal(model, pooled, pooled_targets, settings, trainable)
+        else:
+            _, spend = private_distill_causal(model, pooled, pooled_targets, settings, trainable, calibration, spends,
+                                              "centralized", server_round, config.seed * 7919 + server_round,
+                                              config.grad_sample_mode)
+            spends.append(spend)
     return model
 
 
-def model_labels(scenario: Scenario) -> dict[str, str]:
+def model_labels(scenario: Scenario, config: FederationConfig) -> dict[str, str]:
     """The models a causal-LM run compares, keyed as in ``summary.json``'s ``models``."""
-    return MODEL_LABELS | ({"public_only": PUBLIC_ONLY_LABEL} if scenario.initial_student is not None else {})
+    return (MODEL_LABELS
+            | ({"centralized_private": f"centralized distilled student, DP at epsilon {config.target_epsilon:g}"}
+               if config.private else {})
+            | ({"public_only": PUBLIC_ONLY_LABEL} if scenario.initial_student is not None else {}))
+
+
+# The baselines that do not depend on the run's privacy level: a sweep trains them once.
+PRIVACY_FREE_BASELINES = ("teacher", "centralized_distilled", "undistilled", "public_only")
 
 
 def causal_baselines(scenario: Scenario, config: FederationConfig, evaluation: CausalEvaluation,
-                     training: dict[str, tuple[SplitData, TopKTargets]]) -> dict[str, Any]:
-    """The teacher, the undistilled student, the centrally distilled one and, after a public stage, the
-    public-only one (the run's starting student: LoRA's B matrices start at zero, so it is the base itself)."""
-    teacher = evaluate_causal_lm(evaluation.teacher_scores, evaluation.teacher_scores)
-    out = {"teacher": teacher, "centralized_distilled": evaluation(centrally_distilled(scenario, config, training))}
-    if scenario.initial_student is None:
-        out["undistilled"] = evaluation(_fresh_student(config))
+                     training: dict[str, tuple[SplitData, TopKTargets]],
+                     reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The teacher, the undistilled student, the centrally distilled one (non-private, and at the run's epsilon
+    for a private run) and, after a public stage, the public-only one (the run's starting student: LoRA's B
+    matrices start at zero, so it is the base itself). ``reuse``: an earlier run's on the same splits (a sweep),
+    whose privacy-free baselines are kept."""
+    if reuse is not None:
+        out = {key: reuse[key] for key in PRIVACY_FREE_BASELINES if key in reuse}
     else:
-        out["undistilled"] = evaluation(load_causal_lm_student(scenario.initial_student))
-        out["public_only"] = evaluation(_fresh_student(config))
+        teacher = evaluate_causal_lm(evaluation.teacher_scores, evaluation.teacher_scores)
+        out = {"teacher": teacher, "centralized_distilled": evaluation(centrally_distilled(scenario, config, training))}
+        if scenario.initial_student is None:
+            out["undistilled"] = evaluation(_fresh_student(config))
+        else:
+            out["undistilled"] = evaluation(load_causal_lm_student(scenario.initial_student))
+            out["public_only"] = evaluation(_fresh_student(config))
+    if config.private:
+        out["centralized_private"] = evaluation(centrally_distilled(scenario, config, training, private=True))
     return out
 
 
@@ -206,9 +239,10 @@ def causal_summary(scenario: Scenario, config: FederationConfig, coordinator: An
     pad = scenario.teacher.tokenizer.pad_token_id
     teacher_latency = latency_ms_per_token(scenario.teacher.model, evaluation.tests, pad)
     student_latency = latency_ms_per_token(coordinator.model, evaluation.tests, pad)
-    labels = model_labels(scenario)
+    labels = model_labels(scenario, config)
     comparison = {key: models[key]["overall"]["perplexity"] for key in labels}
     for other, name in (("centralized_distilled", "federated_over_centralized"),
+                        ("centralized_private", "federated_over_centralized_private"),
                         ("undistilled", "federated_over_undistilled"), ("public_only", "federated_over_public_only")):
         if comparison["federated"] and comparison.get(other):
             comparison[name] = comparison["federated"] / comparison[other]

@@ -306,13 +306,17 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                                     seed=PUBLIC_STAGE_SEED)
         stage_texts = public_sample(public, preset.public_texts, PUBLIC_STAGE_SEED)
 
+        texts_key = digest_json({"teacher": teacher.digest, "texts": list(stage_texts), "vocabulary": preset.vocabulary,
+                                 "max_length": preset.max_length})
+
         def build_public_base(path: Path) -> None:
             student = load_causal_lm_student(initial)
-            distill_on_public(student, teacher, split_data(stage_texts), stage, cache_dir / "public-topk")
+            # One target cache per public sample: presets with other samples do not evict each other's.
+            distill_on_public(student, teacher, split_data(stage_texts), stage,
+                              cache_dir / f"public-topk-{texts_key[:12]}")
             save_causal_lm_student(student, path, teacher.tokenizer)
 
-        staged_key = digest_json({"initial": path_digest(initial), "stage": stage.to_dict(),
-                                  "texts": digest_json(list(stage_texts))})
+        staged_key = digest_json({"initial": path_digest(initial), "stage": stage.to_dict(), "texts": texts_key})
         base = _cached(cache_dir, f"student-public-{staged_key[:12]}", build_public_base)
 
     sites = {agency: {"train": split_data(s.train), "val": split_data(s.val), "test": split_data(s.test)}

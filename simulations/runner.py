@@ -36,7 +36,8 @@ from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
-from simulations.causal_runner import UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines, causal_summary, site_training
+from simulations.causal_runner import (PRIVACY_FREE_BASELINES, UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines,
+                                      causal_summary, site_training)
 from simulations.engine import FaultPlan, run_federation
 from simulations.scenario import ScenarioOptions
 from simulations.scenarios import load_scenario
@@ -270,10 +271,11 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
                                  client_mods=client_mods)
     federated_seconds = time.perf_counter() - started
     if causal:
-        if baselines is None:
-            reporter.stage("baselines (non-private): teacher, undistilled, centralized distilled")
+        reporter.stage("baselines: teacher, undistilled, public-only, centralized distilled (non-private and at the "
+                       "run's epsilon)" if baselines is None else "baseline: centralized distilled at the run's epsilon")
+        if baselines is None or config.private:
             baselines = causal_baselines(scenario, config, evaluate,
-                                         site_training(scenario, run_dir, teacher_path, config))
+                                         site_training(scenario, run_dir, teacher_path, config), reuse=baselines)
         reporter.stage("exporting the student, timing teacher and student")
         task = causal_summary(scenario, config, coordinator, run_dir, teacher_path, baselines, evaluate, run_id)
         return _write_summary(run_dir, {
@@ -383,7 +385,7 @@ CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
 def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
     models = summary["models"]
     if summary.get("task") == "causal-lm":
-        return {key: models[key] for key in summary["model_labels"] if key != "federated"}
+        return {key: models[key] for key in PRIVACY_FREE_BASELINES if key in models}
     return {"teacher": models["teacher"], "local_only": models["local_only"]["per_site"],
             "centralized_distilled": models["centralized_distilled"],
             "centralized_labels_only": models["centralized_labels_only"]}
@@ -413,9 +415,12 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
                                if site["rounds_refused"]},
             "stopped": summary["stopped"],
             "run_dir": summary["paths"]["run_dir"],
+            # A causal-LM run's central DP reference is trained at each level's own epsilon.
+            **({"centralized_private": summary["comparison"]["centralized_private"]}
+               if "centralized_private" in summary.get("comparison", {}) else {}),
         })
     causal = summary.get("task") == "causal-lm"
-    baseline_keys = ([key for key in summary["model_labels"] if key != "federated"] if causal else
+    baseline_keys = ([key for key in PRIVACY_FREE_BASELINES if key in summary["comparison"]] if causal else
                      ["teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean"])
     sweep = {"schema_version": SCHEMA_VERSION, "sweep_id": sweep_id, "scenario": options.scenario,
              "seed": options.seed, "headline_metric": summary["headline_metric"],
