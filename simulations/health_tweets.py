@@ -310,6 +310,9 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                                  "max_length": preset.max_length})
 
         def build_public_base(path: Path) -> None:
+            if options.progress is not None:
+                options.progress(f"the coordinator's public stage (once, then cached): the teacher's top-k targets on "
+                                 f"{len(stage_texts)} public tweets, then {stage.steps} KD steps of the base student")
             student = load_causal_lm_student(initial)
             # One target cache per public sample: presets with other samples do not evict each other's.
             distill_on_public(student, teacher, split_data(stage_texts), stage,

@@ -223,7 +223,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     started = time.perf_counter()
     reporter.stage(f"loading scenario {options.scenario}")
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample,
-                                                               options.preset, Path(options.out) / ".cache"))
+                                                               options.preset, Path(options.out) / ".cache",
+                                                               progress=reporter.stage))
     config = _federation_config(options, scenario)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "

@@ -25,6 +25,8 @@ class ScenarioOptions:
     # Where a scenario keeps what is costly to rebuild and the same for every run (assembled teachers, base
     # students): the simulation's output folder's .cache unless given.
     cache_dir: Path | None = None
+    # Told what a long set-up step is doing (the simulate command's progress line); None says nothing.
+    progress: Callable[[str], None] | None = field(default=None, compare=False)
 
 
 @dataclass
