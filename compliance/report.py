@@ -1054,7 +1054,11 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
     if facts is not None:
         distillation = {"loss": CAUSAL_LM_LOSS, **schedule,
                         **{key: facts[key] for key in ("divergence", "top_k", "temperatures", "tail", "max_length")},
-                        "transfer_set": CAUSAL_LM_TRANSFER_SET, "stages": _causal_lm_stages(ev)}
+                        "transfer_set": CAUSAL_LM_TRANSFER_SET + (
+                            f"; each text followed by the {facts['continuation_tokens']} tokens the site's teacher wrote "
+                            "after it (sequence-level KD: generated once, cached at the site, never sent)"
+                            if facts.get("continuation_tokens") else ""),
+                        "stages": _causal_lm_stages(ev)}
     else:
         distillation = {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)", **schedule,
                         "transfer_set": "each site's own private training split; teacher outputs computed at the "
