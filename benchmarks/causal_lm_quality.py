@@ -26,6 +26,9 @@ def row(summary: dict) -> dict:
             "top1_agreement": {key: models[key]["overall"]["top1_agreement"] for key in summary["model_labels"]},
             "federated_over_undistilled": perplexity["federated"] / perplexity["undistilled"],
             "federated_over_centralized": perplexity["federated"] / perplexity["centralized_distilled"],
+            # Against a central curator under DP at the same epsilon: what federation alone costs.
+            "federated_over_centralized_private": (perplexity["federated"] / perplexity["centralized_private"]
+                                                   if "centralized_private" in perplexity else None),
             # After the coordinator's public stage: what the sites' private texts added to the free alternative.
             "federated_over_public_only": (perplexity["federated"] / perplexity["public_only"]
                                            if "public_only" in perplexity else None),
@@ -65,6 +68,9 @@ def main() -> None:
     print(f"federated / undistilled perplexity, mean [min, max] over {len(rows)} seed(s): "
           f"{spread([r['federated_over_undistilled'] for r in rows])}")
     print(f"federated / centralized distilled perplexity: {spread([r['federated_over_centralized'] for r in rows])}")
+    if all(r["federated_over_centralized_private"] for r in rows):
+        print(f"federated / centralized distilled at the same epsilon: "
+              f"{spread([r['federated_over_centralized_private'] for r in rows])}")
     if all(r["federated_over_public_only"] for r in rows):
         print(f"federated / public-only perplexity: {spread([r['federated_over_public_only'] for r in rows])}")
     print(f"student / teacher non-embedding parameters: {rows[0]['non_embedding_ratio']:.3f}; teacher / student CPU "
