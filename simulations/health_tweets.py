@@ -151,7 +151,7 @@ PRESETS = {
                    federation={"rounds": 3, "local_steps": 10, "batch_size": 16, "optimizer": "adam",
                                "learning_rate": 5e-3},
                    public_texts=128, public_stage={"steps": 30, "batch_size": 16, "learning_rate": 5e-4}),
-    # The measured scenario of docs/causal_lm.md (about a quarter of an hour on 2 cores).
+    # The measured scenario of docs/causal_lm.md: about 25 minutes on 2 cores, plus about 20 for its public stage once.
     "full": Preset("full", "gemma", sites=3, max_per_site=800, max_length=32, top_k=16,
                    student_layers=(0, 8, 17), lora_r=8, vocabulary=32768,
                    federation={"rounds": 10, "local_steps": 10, "batch_size": 64, "optimizer": "adam",
