@@ -2,7 +2,8 @@
 the undistilled, the public-only and the centrally distilled student, over seeds; its size and speed against the
 teacher.
 
-Runs ``fedistill simulate --scenario health-tweets --preset full`` once per seed (about 20 minutes each on 2 cores),
+Runs ``fedistill simulate --scenario health-tweets --preset full`` once per seed (about 25 minutes each on 2 cores,
+plus about 20 for the public stage the first time),
 or reads the summaries of runs made already, and prints the ratios:
 
     .venv/bin/python benchmarks/causal_lm_quality.py --seeds 0 1 --json docs/benchmarks/causal_lm_quality.json

@@ -4,8 +4,9 @@ The federation itself is the one every scenario runs (simulations.runner, Flower
 
 * :class:`CausalEvaluation`: each round, the global student's perplexity on every site's held-out texts and its
   top-1 agreement with the teacher (the teacher scored once);
-* :func:`causal_baselines`: the teacher, the undistilled student (the same initialisation, no KD) and a centrally
-  distilled student (non-private, all sites' texts pooled, the same optimizer steps and settings per round);
+* :func:`causal_baselines`: the teacher, the undistilled student (the layer subset, no KD), the public-only student
+  (after a public stage) and centrally distilled students (all sites' texts pooled, the same optimizer steps and
+  settings per round; non-private, and under DP at the run's epsilon);
 * :func:`causal_summary`: ``summary.json`` for a causal-LM run (docs/report.md), with the sizes, CPU latency per
   generated token, each site's top-k cache and what left each site per round.
 """
