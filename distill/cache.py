@@ -99,25 +99,41 @@ class TopKTargetCache:
 
     def targets(self, data: SplitData, teacher_digest: str, k: int, temperatures: tuple[float, ...],
                 compute: Callable[[], TopKTargets], hidden_layers: tuple[int, ...] = ()) -> CachedTopK:
-        meta = self.metadata()
         key = {"teacher_digest": teacher_digest, "data_digest": data.digest(), "k": k,
                "temperatures": [float(t) for t in temperatures], "hidden_layers": list(hidden_layers)}
-        if all(meta.get(name) == value for name, value in key.items()) and self.arrays_path.is_file():
-            payload = self.arrays_path.read_bytes()
-            if sha256_hex(payload) == meta.get("sha256"):
-                with np.load(io.BytesIO(payload)) as archive:
-                    return CachedTopK(TopKTargets.from_arrays(dict(archive)), None)
-        targets = compute()
-        buffer = io.BytesIO()
-        np.savez(buffer, **targets.to_arrays())
-        payload = buffer.getvalue()
-        atomic_write_bytes(self.arrays_path, payload)
-        record = {**key, "sequences": targets.sequences, "positions": int(len(targets.token_ids)),
-                  "bytes": len(payload), "sha256": sha256_hex(payload)}
-        atomic_write_json(self.meta_path, {"schema_version": SCHEMA_VERSION, **record,
-                                           "teacher_forward_passes": int(meta.get("teacher_forward_passes", 0)) + 1,
-                                           "computed_at": datetime.now(timezone.utc).isoformat()})
+        arrays, record = _verified_archive(self.arrays_path, self.meta_path, key, lambda: compute().to_arrays())
+        targets = TopKTargets.from_arrays(arrays)
+        if record is not None:
+            record = {**record, "sequences": targets.sequences, "positions": int(len(targets.token_ids))}
+            _write_meta(self.meta_path, record, "teacher_forward_passes")
         return CachedTopK(targets, record)
+
+
+def _verified_archive(arrays_path: Path, meta_path: Path, key: dict,
+                      compute: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The arrays cached at ``arrays_path`` when ``meta_path`` names the same ``key`` and their SHA-256 matches;
+    otherwise ``compute()``'s, written atomically, with the record a site puts in its ledger (the key, bytes, SHA-256;
+    the caller adds its counts and writes the metadata with :func:`_write_meta`)."""
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if all(meta.get(name) == value for name, value in key.items()) and arrays_path.is_file():
+        payload = arrays_path.read_bytes()
+        if sha256_hex(payload) == meta.get("sha256"):
+            with np.load(io.BytesIO(payload)) as archive:
+                return dict(archive), None
+    arrays = compute()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    payload = buffer.getvalue()
+    atomic_write_bytes(arrays_path, payload)
+    return arrays, {**key, "bytes": len(payload), "sha256": sha256_hex(payload)}
+
+
+def _write_meta(meta_path: Path, record: dict, counter: str) -> None:
+    """The cache's metadata after a computation: the record, and ``counter``, how many times the teacher has run for
+    this cache over its whole life, one more than the metadata it replaces says."""
+    previous = json.loads(meta_path.read_text()).get(counter, 0) if meta_path.is_file() else 0
+    atomic_write_json(meta_path, {"schema_version": SCHEMA_VERSION, **record, counter: int(previous) + 1,
+                                  "computed_at": datetime.now(timezone.utc).isoformat()})
 
 
 @dataclass(frozen=True)
@@ -146,27 +162,13 @@ class ContinuationCache:
 
     def continued(self, data: SplitData, teacher_digest: str, new_tokens: int,
                   generate: Callable[[], dict[str, np.ndarray]]) -> CachedContinuations:
-        meta = self.metadata()
         key = {"teacher_digest": teacher_digest, "data_digest": data.digest(), "new_tokens": int(new_tokens)}
-        arrays = None
-        if all(meta.get(name) == value for name, value in key.items()) and self.arrays_path.is_file():
-            payload = self.arrays_path.read_bytes()
-            if sha256_hex(payload) == meta.get("sha256"):
-                with np.load(io.BytesIO(payload)) as archive:
-                    arrays = {name: archive[name] for name in ("input_ids", "attention_mask")}
-        record = None
-        if arrays is None:
-            arrays = generate()
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
-            payload = buffer.getvalue()
-            atomic_write_bytes(self.arrays_path, payload)
-            record = {**key, "sequences": len(arrays["input_ids"]), "new_tokens_total": int(new_tokens) * len(data),
-                      "bytes": len(payload), "sha256": sha256_hex(payload)}
-            atomic_write_json(self.meta_path, {"schema_version": SCHEMA_VERSION, **record,
-                                               "teacher_generations": int(meta.get("teacher_generations", 0)) + 1,
-                                               "computed_at": datetime.now(timezone.utc).isoformat()})
+        arrays, record = _verified_archive(self.arrays_path, self.meta_path, key, generate)
+        if record is not None:
+            record = {**record, "sequences": len(arrays["input_ids"]), "new_tokens_total": int(new_tokens) * len(data)}
+            _write_meta(self.meta_path, record, "teacher_generations")
         if len(arrays["input_ids"]) != len(data):
             raise DataError(f"{self.arrays_path}: {len(arrays['input_ids'])} continued sequences for {len(data)} "
                              "documents; delete the file to have it generated again.")
-        return CachedContinuations(SplitData({**data.inputs, **arrays}, data.labels, data.groups), record)
+        continued = {name: arrays[name] for name in ("input_ids", "attention_mask")}
+        return CachedContinuations(SplitData({**data.inputs, **continued}, data.labels, data.groups), record)
