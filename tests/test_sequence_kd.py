@@ -11,6 +11,7 @@ from coordinator.rounds import Coordinator
 from distill.cache import ContinuationCache, TopKTargetCache
 from distill.causal_train import teacher_continuations
 from distill.causal_lm import tokenize_texts
+from distill.data import SplitData
 from protocols.accounting import PrivacyState, SitePolicy
 from protocols.errors import ConfigError
 from protocols.ledger import read_events
@@ -68,3 +69,22 @@ def test_a_dp_round_distils_on_the_continued_documents_generated_once(folders, t
         # One DP-SGD sample is still one document: the budget counts documents, not continued sequences.
         calibration = PrivacyState.load(s.state_dir).calibrations["run"]
         assert calibration.sample_rate == pytest.approx(run_config.batch_size / len(TEXTS))
+
+
+def test_a_tampered_cache_is_regenerated_not_trusted(tmp_path):
+    """Both teacher caches check their archive's SHA-256: a changed file is computed again, and counted."""
+    encoded = tokenize_texts(tiny_tokenizer(), TEXTS[:4], 10)
+    data = SplitData(encoded, np.zeros(4, np.int64), np.arange(4))
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return {"input_ids": np.ones((4, 12), np.int64), "attention_mask": np.ones((4, 12), np.int64)}
+
+    cache = ContinuationCache(tmp_path)
+    first = cache.continued(data, "ab" * 32, 2, generate)
+    assert first.computed is not None and cache.continued(data, "ab" * 32, 2, generate).computed is None
+    cache.arrays_path.write_bytes(cache.arrays_path.read_bytes()[:-8] + b"tampered")
+    again = cache.continued(data, "ab" * 32, 2, generate)
+    assert again.computed is not None and len(calls) == 2 and cache.metadata()["teacher_generations"] == 2
+    assert again.data.inputs["input_ids"].shape == (4, 12)
