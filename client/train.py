@@ -232,25 +232,23 @@ def causal_training_texts(site: Site, instruction: TrainInstruction, data: Split
 
 
 def causal_teacher_targets(site: Site, instruction: TrainInstruction, data: SplitData, vocab_size: int,
-                           vocabulary: VocabularySubset | None = None,
-                           teacher: Callable[[], CausalLMTeacher] | None = None) -> TopKTargets:
+                           vocabulary: VocabularySubset | None, teacher: Callable[[], CausalLMTeacher]) -> TopKTargets:
     """The site's causal-LM teacher's top-k targets on its training texts: computed in the first round (the
     teacher's only forward passes), cached in the state directory, recorded in the site's ledger, never sent.
     ``vocab_size`` is the student's; with a ``vocabulary`` subset the targets are over the student's ids.
     ``teacher`` loads the teacher once for the continuations and the targets."""
     settings = instruction.student.causal_lm()
     teacher_vocab = vocabulary.teacher_vocab_size if vocabulary is not None else vocab_size
-    load = teacher or (lambda: load_causal_lm_teacher(site.teacher_path))
 
     def compute() -> TopKTargets:
-        teacher = load()
-        rows = teacher.model.get_output_embeddings().weight.shape[0]
+        loaded = teacher()
+        rows = loaded.model.get_output_embeddings().weight.shape[0]
         if rows != teacher_vocab:
             raise UpdateRejected(f"site {site.name}: the teacher '{site.teacher_path}' predicts {rows} tokens, the "
                                  f"student's tokenizer has {teacher_vocab}; token-level targets need the teacher's "
                                  "tokenizer in both.")
         input_ids, attention_mask = split_sequences(data)
-        return teacher_targets(teacher.model, input_ids, attention_mask, settings.top_k, TEACHER_BATCH,
+        return teacher_targets(loaded.model, input_ids, attention_mask, settings.top_k, TEACHER_BATCH,
                                settings.temperatures, vocabulary, settings.teacher_hidden_layers)
 
     cached = TopKTargetCache(site.state_dir).targets(data, causal_lm_digest(site.teacher_path), settings.top_k,
