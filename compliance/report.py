@@ -1044,6 +1044,12 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
             if gap is not None:
                 caveats.append(f"the federated student is {gap:+.4f} {summary.get('headline_metric')} against the "
                                "centralized distilled student (the cost of federation and DP here)")
+            margin = summary.get("comparison", {}).get("federated_minus_public_only")
+            if margin is not None:
+                caveats.append(f"the federated student is {margin:+.4f} {summary.get('headline_metric')} against the "
+                               "public-only student (the public reference set alone, no site data: "
+                               + ("the sites' data added to it)" if margin > 0 else
+                                  "below zero, federating did worse than not federating at all)"))
             parameters = size.get("student_parameters")
             teacher = {"description": summary.get("provenance", {}).get("teacher"),
                        "files": [s for s in subjects if s["path"].startswith("teacher/")],
@@ -1085,7 +1091,8 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
 
 MODELS = (("teacher", "teacher"), ("federated", "federated student"),
           ("centralized_distilled", "centralized distilled student (non-private)"),
-          ("centralized_labels_only", "centralized labels-only student (non-private)"))
+          ("centralized_labels_only", "centralized labels-only student (non-private)"),
+          ("public_only", "public-only student (the public reference set alone; no site data)"))
 METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
 
 
@@ -1102,7 +1109,7 @@ def _evaluation(ev: RunEvidence) -> dict[str, Any]:
     causal = ev.task == CAUSAL_LM
     # A causal-LM summary names its metrics (in display order) and its models; no site trains a local-only student.
     metrics = list(summary["metrics"]) if causal else list(METRICS)
-    labelled = list(summary["model_labels"].items()) if causal else list(MODELS)
+    labelled = list(summary["model_labels"].items()) if causal else [(k, label) for k, label in MODELS if k in models]
     overall = [{"model": label, **{m: models[key]["overall"].get(m) for m in metrics}} for key, label in labelled]
     if not causal:
         local = models["local_only"]

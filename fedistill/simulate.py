@@ -94,7 +94,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
         table.add_column(metric.replace("_", "-").replace("roc-auc", "ROC-AUC"), justify="right")
     for label, key in (("teacher", "teacher"), ("centralized distilled student", "centralized_distilled"),
                        ("centralized labels-only student", "centralized_labels_only"),
+                       ("public-only student (no site data)", "public_only"),
                        ("federated student", "federated")):
+        if key not in models:
+            continue
         overall = models[key]["overall"]
         table.add_row(label, *(_fmt(overall[m]) for m in ("roc_auc", "accuracy", "macro_f1", "kappa")))
     local = models["local_only"]
@@ -108,6 +111,9 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     comparison = summary["comparison"]
     if "federated_minus_centralized" in comparison:
         console.print(f"federated - centralized distilled ROC-AUC: {comparison['federated_minus_centralized']:+.4f}")
+    if "federated_minus_public_only" in comparison:
+        console.print(f"federated - public-only ROC-AUC: {comparison['federated_minus_public_only']:+.4f} (the "
+                      "free alternative: the same student distilled on the public reference set alone)")
     _render_privacy(summary, console)
 
 

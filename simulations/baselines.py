@@ -3,7 +3,9 @@
 - teacher: the teacher itself;
 - local-only: each site distils its teacher into its own student, alone;
 - centralized distilled: one student distilled on the pooled site data (what federation approximates);
-- centralized labels-only: the same student trained on the pooled labels without a teacher (what distillation adds).
+- centralized labels-only: the same student trained on the pooled labels without a teacher (what distillation adds);
+- public-only: the same student distilled on the scenario's public reference set alone: no site, no federation and
+  no privacy budget, the free alternative a federated student has to beat.
 """
 
 from __future__ import annotations
@@ -63,4 +65,10 @@ def run_baselines(scenario: Scenario, config: FederationConfig, teacher_logits: 
         _train_student(scenario, config, pooled, None, 100), scenario.sites)
     if progress:
         progress("centralized labels-only")
+    if scenario.public is not None:
+        public_logits = scenario.teacher.logits(scenario.public.inputs)
+        results["public_only"] = evaluate_across_sites(
+            _train_student(scenario, config, scenario.public, public_logits, 200), scenario.sites)
+        if progress:
+            progress("public-only")
     return results

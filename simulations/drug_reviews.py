@@ -169,6 +169,7 @@ def load_drug_reviews(options: ScenarioOptions) -> Scenario:
         sites=sites,
         teacher=teacher,
         save_teacher=save_teacher,
+        public=public,
         student=StudentSpec("bert", {"vocab_size": tokenizer.vocab_size, "hidden_size": 64, "num_hidden_layers": 2,
                                      "num_attention_heads": 2, "intermediate_size": 128,
                                      "max_position_embeddings": MAX_LENGTH, "num_labels": len(CLASS_NAMES)}),

@@ -133,6 +133,7 @@ def load_hospitals(options: ScenarioOptions) -> Scenario:
         sites=sites,
         teacher=SklearnTeacher(teacher_model),
         save_teacher=save_teacher,
+        public=_split(public, encoder),
         student=StudentSpec("mlp", {"input_dim": len(encoder.names), "hidden": [32, 32], "num_classes": 2}),
         # Chosen for DP-SGD on these sites (docs/privacy.md has the measurements): large expected batches and
         # a small clipping norm (median per-sample gradient norm is about 0.5) keep the noise per step low.

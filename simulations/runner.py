@@ -325,6 +325,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             "centralized_distilled": baselines["centralized_distilled"],
             "centralized_labels_only": baselines["centralized_labels_only"],
             "local_only": local,
+            **({"public_only": baselines["public_only"]} if "public_only" in baselines else {}),
         },
         "comparison": {
             "federated": _metric(federated),
@@ -332,6 +333,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             "centralized_labels_only": _metric(baselines["centralized_labels_only"]),
             "local_only_mean": local[HEADLINE_METRIC]["mean"] if local[HEADLINE_METRIC] else None,
             "teacher": _metric(baselines["teacher"]),
+            **({"public_only": _metric(baselines["public_only"])} if "public_only" in baselines else {}),
         },
         "size": size,
         "teacher_forward_passes": {name: TeacherLogitCache(d).teacher_forward_passes
@@ -343,6 +345,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     c = summary["comparison"]
     if None not in (c["federated"], c["centralized_distilled"]):
         c["federated_minus_centralized"] = c["federated"] - c["centralized_distilled"]
+    if c.get("public_only") is not None and c["federated"] is not None:
+        c["federated_minus_public_only"] = c["federated"] - c["public_only"]
     return _write_summary(run_dir, summary)
 
 
@@ -381,6 +385,8 @@ def _write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
 
 
 CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
+CLASSIFICATION_BASELINES = ("teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean",
+                            "public_only")
 
 
 def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +395,8 @@ def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
         return {key: models[key] for key in PRIVACY_FREE_BASELINES if key in models}
     return {"teacher": models["teacher"], "local_only": models["local_only"]["per_site"],
             "centralized_distilled": models["centralized_distilled"],
-            "centralized_labels_only": models["centralized_labels_only"]}
+            "centralized_labels_only": models["centralized_labels_only"],
+            **({"public_only": models["public_only"]} if "public_only" in models else {})}
 
 
 def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Reporter | None = None) -> dict[str, Any]:
@@ -421,8 +428,8 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
                if "centralized_private" in summary.get("comparison", {}) else {}),
         })
     causal = summary.get("task") == "causal-lm"
-    baseline_keys = ([key for key in PRIVACY_FREE_BASELINES if key in summary["comparison"]] if causal else
-                     ["teacher", "centralized_distilled", "centralized_labels_only", "local_only_mean"])
+    baseline_keys = [key for key in (PRIVACY_FREE_BASELINES if causal else CLASSIFICATION_BASELINES)
+                     if key in summary["comparison"]]
     sweep = {"schema_version": SCHEMA_VERSION, "sweep_id": sweep_id, "scenario": options.scenario,
              "seed": options.seed, "headline_metric": summary["headline_metric"],
              "metrics": list(summary.get("metrics", CLASSIFICATION_METRICS)),

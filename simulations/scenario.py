@@ -47,6 +47,9 @@ class Scenario:
     # A causal-LM scenario whose base student is the product of a public stage (coordinator.public_stage): the
     # student folder before any distillation, for the undistilled baseline. None: the base itself is undistilled.
     initial_student: Path | None = None
+    # The public reference set a classification teacher was fitted on (features and labels, no site record):
+    # what the public-only baseline and a coordinator stage distil on. None: the scenario has none.
+    public: SplitData | None = None
 
 
 def validate_options(options: ScenarioOptions, available_sites: int, default_sites: int, scenario: str) -> int:
