@@ -27,6 +27,7 @@ from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
 from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
 from protocols.config import FederationConfig
+from protocols.curriculum import stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
@@ -43,16 +44,30 @@ class Coordinator:
 
     def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None,
-                 transport: dict[str, Any] | None = None) -> None:
+                 transport: dict[str, Any] | None = None, coordinator_stage: dict[str, Any] | None = None,
+                 initial_state: dict[str, np.ndarray] | None = None) -> None:
+        """``initial_state`` is the student a coordinator stage produced (coordinator.curriculum) and
+        ``coordinator_stage`` that stage's record, whose digest it must match; the rounds start from it."""
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
         torch.manual_seed(config.seed)
         self.family = config.student.family
         self.model = build_student(config.student)
+        self.coordinator_stage = coordinator_stage
+        if (initial_state is None) != (coordinator_stage is None):
+            raise ValueError("a coordinator stage's student and its record come together")
+        if initial_state is not None:
+            if digest_arrays(initial_state) != coordinator_stage["student_digest"]:
+                raise LedgerTampered("the coordinator stage's student is not the one its record names (digest "
+                                     "mismatch); run the stage again.")
+            load_student_state(self.model, self.family, initial_state)
         self.state = student_state(self.model, self.family)
         self.spec = fragment_spec_for(self.family, fragment_parameter_names(self.model, self.family),
                                       config.fragment_patterns)
+        federated = stage_of(config.curriculum, "federated")
+        self._federated_fragments = federated.fragments if federated else ()
+        self.spec.restricted_to(self._federated_fragments)  # an unknown fragment fails here, before any round
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
@@ -71,7 +86,8 @@ class Coordinator:
                                                     "code_version": version("fedistill")}
                                     | ({"transport": self.transport} if self.transport else {})
                                     | ({"student_base": base_provenance(self.config.student.causal_lm())}
-                                       if self.family == "causal_lm" else {}))
+                                       if self.family == "causal_lm" else {})
+                                    | ({"coordinator_stage": self.coordinator_stage} if self.coordinator_stage else {}))
                 # Signed at once, so that the first instruction already carries a checkpoint the sites record.
                 self._ledger.checkpoint({"run_id": self.run_id, "after": "run-started"})
         return self._ledger
@@ -100,7 +116,8 @@ class Coordinator:
         c = self.config
         return TrainInstruction(
             server_round=server_round, total_rounds=c.rounds,
-            fragments=planned_fragments(c.fragment_plan, self.spec, server_round, c.rounds),
+            fragments=planned_fragments(c.fragment_plan, self.spec.restricted_to(self._federated_fragments),
+                                        server_round, c.rounds),
             temperature=temperature_at(server_round, c.rounds, c.temperature_schedule, c.temperature_start,
                                        c.temperature_end),
             alpha=c.alpha, local_steps=c.local_steps, batch_size=c.batch_size, optimizer=c.optimizer,

@@ -89,4 +89,6 @@ def evaluate_across_sites(predict, sites: dict[str, dict[str, Any]]) -> dict[str
     overall = classification_metrics(np.concatenate([sites[n]["test"].labels for n in sites]),
                                      np.concatenate([test[n] for n in sites]), threshold)
     per_site = {name: classification_metrics(sites[name]["test"].labels, test[name], threshold) for name in sites}
-    return {"threshold": threshold, "overall": overall, "per_site": per_site}
+    # The pooled validation metrics (the split the threshold was chosen on): what choosing a round may look at.
+    validation = classification_metrics(val_labels, val_scores, threshold)
+    return {"threshold": threshold, "overall": overall, "per_site": per_site, "validation": validation}

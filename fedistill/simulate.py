@@ -184,10 +184,19 @@ def parse_caps(entries: list[str]) -> dict[str, float]:
     return caps
 
 
+def parse_stages(text: str) -> tuple[str, ...]:
+    stages = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not stages:
+        raise FedistillError("--stages: name at least the federated stage, e.g. --stages coordinator,federated.")
+    return stages
+
+
 def simulate_command(
     scenario: str = typer.Option("hospitals", help="Scenario: hospitals, drug-reviews or health-tweets (causal LM)."),
     preset: str | None = typer.Option(None, help="A scenario's size, where it has several (health-tweets: smoke, "
                                                  "tiny (default), full)."),
+    stages: str | None = typer.Option(None, help="The curriculum's stages in order, from coordinator, federated, "
+                                                 "site-local (e.g. coordinator,federated); default: the scenario's."),
     sites: int | None = typer.Option(None, help="Number of sites (default: the scenario's)."),
     rounds: int | None = typer.Option(None, help="Federated rounds (default: the scenario's)."),
     seed: int = typer.Option(0, help="Seed for splits, initialisation and training."),
@@ -228,7 +237,8 @@ def simulate_command(
                                     accountant=accountant, site_caps=parse_caps(site_cap),
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
-                                    secure_aggregation=secure_aggregation, preset=preset)
+                                    secure_aggregation=secure_aggregation, preset=preset,
+                                    stages=parse_stages(stages) if stages is not None else None)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

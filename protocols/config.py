@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from protocols.canonical import digest_json
+from protocols.curriculum import Stage, parse_curriculum
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
 from protocols.secagg import SecureAggregationSettings
@@ -227,6 +228,8 @@ class FederationConfig:
     quantization_range: int = 2**24
     weight_scale: int = 10_000
     min_cohort: int = 3
+    # The run's stages (protocols/curriculum.py); empty: the federated rounds alone.
+    curriculum: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         if self.quantization_range > 2**31 - 1:
@@ -265,6 +268,10 @@ class FederationConfig:
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
         data["student"] = self.student.to_dict()
         data["fragment_patterns"] = {name: list(patterns) for name, patterns in self.fragment_patterns}
+        # Absent when empty, so that the hash of a single-stage run is what it was before curricula existed.
+        data.pop("curriculum")
+        if self.curriculum:
+            data["curriculum"] = [stage.to_dict() for stage in self.curriculum]
         data["schema_version"] = SCHEMA_VERSION
         return data
 
@@ -285,8 +292,10 @@ class FederationConfig:
         _require(isinstance(patterns_raw, Mapping), where, "fragment_patterns", "a mapping fragment -> [patterns]",
                  patterns_raw)
         patterns = tuple((str(name), tuple(str(p) for p in pats)) for name, pats in patterns_raw.items())
+        student = raw["student"] if isinstance(raw["student"], StudentSpec) else StudentSpec.from_dict(raw["student"])
         return cls(
-            student=raw["student"] if isinstance(raw["student"], StudentSpec) else StudentSpec.from_dict(raw["student"]),
+            student=student,
+            curriculum=parse_curriculum(raw.get("curriculum"), student.family, where),
             rounds=_int(raw, "rounds", where, 1, cls.rounds),
             fragment_plan=_choice(raw, "fragment_plan", where, FRAGMENT_PLANS, cls.fragment_plan),
             fragment_patterns=patterns,

@@ -37,6 +37,16 @@ class FragmentSpec:
     def parameters_of_all(self, fragments: Iterable[str]) -> tuple[str, ...]:
         return tuple(p for fragment in fragments for p in self.parameters_of(fragment))
 
+    def restricted_to(self, fragments: Sequence[str]) -> FragmentSpec:
+        """Only the named fragments, in this spec's order (a curriculum stage's; empty: all of them)."""
+        if not fragments:
+            return self
+        unknown = [f for f in fragments if f not in self.names]
+        if unknown:
+            raise ConfigError(f"curriculum: stage fragments {unknown} are not fragments of this student; its "
+                              f"fragments are {', '.join(self.names)}.")
+        return FragmentSpec(tuple((name, params) for name, params in self.fragments if name in fragments))
+
     def to_dict(self) -> dict[str, list[str]]:
         return {name: list(params) for name, params in self.fragments}
 

@@ -26,13 +26,16 @@ from typing import Any, Protocol
 import numpy as np
 
 from client.site import create_site
+from coordinator.checkpoint import save_student
+from coordinator.curriculum import CoordinatorStageResult, run_coordinator_stage, split_public
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
-from distill.evaluate import evaluate_across_sites
+from distill.evaluate import classification_metrics, evaluate_across_sites
 from distill.models import count_parameters, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from protocols.canonical import atomic_write_json, sha256_hex
+from protocols.curriculum import stage_of
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
@@ -72,6 +75,8 @@ class SimulationOptions:
     fail_sites: tuple[tuple[str, int], ...] = ()
     secure_aggregation: bool | None = None
     preset: str | None = None
+    # The curriculum's stages by place, in order (protocols/curriculum.py); None: the scenario's default ones.
+    stages: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -169,8 +174,13 @@ def _federation_config(options: SimulationOptions, scenario) -> FederationConfig
         ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
         overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
-    return FederationConfig.from_dict({**scenario.federation_defaults, **overrides, "student": scenario.student,
-                                       "seed": options.seed}, where="simulation options")
+    curriculum = scenario.curriculum(options.stages)
+    defaults = dict(scenario.federation_defaults)
+    if any(stage["where"] == "coordinator" for stage in curriculum):
+        defaults |= scenario.after_coordinator_stage
+    return FederationConfig.from_dict({**defaults, **overrides, "student": scenario.student,
+                                       "seed": options.seed, **({"curriculum": curriculum} if curriculum else {})},
+                                      where="simulation options")
 
 
 def _prepare_sites(scenario, options: SimulationOptions) -> None:
@@ -243,6 +253,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
+    coordinator_stage = _coordinator_stage(scenario, config, run_dir, teacher_path, reporter)
     state_dirs = []
     for name, splits in scenario.sites.items():
         # A simulated site's policy caps each run at the run's target unless --site-cap says otherwise.
@@ -262,7 +273,9 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
 
     def make_coordinator() -> Coordinator:
         reporter.rounds_started(config.rounds)
-        return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished)
+        return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished,
+                           coordinator_stage=coordinator_stage.record if coordinator_stage else None,
+                           initial_state=coordinator_stage.state if coordinator_stage else None)
 
     privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
@@ -335,6 +348,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             "teacher": _metric(baselines["teacher"]),
             **({"public_only": _metric(baselines["public_only"])} if "public_only" in baselines else {}),
         },
+        "stages": _stage_summaries(scenario, config, coordinator_stage, coordinator.model, federated),
         "size": size,
         "teacher_forward_passes": {name: TeacherLogitCache(d).teacher_forward_passes
                                    for name, d in zip(scenario.sites, state_dirs)},
@@ -348,6 +362,48 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     if c.get("public_only") is not None and c["federated"] is not None:
         c["federated_minus_public_only"] = c["federated"] - c["public_only"]
     return _write_summary(run_dir, summary)
+
+
+def _coordinator_stage(scenario, config: FederationConfig, run_dir: Path, teacher_path: Path,
+                       reporter: Reporter) -> CoordinatorStageResult | None:
+    """The curriculum's coordinator stage, when it has one: distilled on the public records, kept in stages/."""
+    stage = stage_of(config.curriculum, "coordinator")
+    if stage is None:
+        return None
+    if scenario.public is None:
+        raise ConfigError(f"curriculum: the {scenario.name} scenario has no public reference set for a coordinator "
+                          "stage; remove the stage.")
+    reporter.stage(f"coordinator stage: {stage.steps} steps on the public reference set"
+                   + (f" plus {stage.synthetic_records:,} teacher-labelled interpolations" if stage.synthetic_records
+                      else ""))
+    transfer, _ = split_public(scenario.public, config.seed)
+    result = run_coordinator_stage(scenario.student, transfer, scenario.teacher, teacher_digest(teacher_path), stage,
+                                   config.seed, config.fragment_patterns)
+    save_student(result.model, scenario.student, run_dir / "stages" / "coordinator", config,
+                 {"stage": "coordinator", "student_digest": result.record["student_digest"]})
+    return result
+
+
+def _stage_summaries(scenario, config: FederationConfig, coordinator_stage: CoordinatorStageResult | None,
+                     federated_model, federated: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each stage's student on the sites' test splits and on the coordinator stage's public held-out records."""
+    holdout = split_public(scenario.public, config.seed)[1] if coordinator_stage is not None else None
+
+    def on_holdout(model) -> dict[str, Any] | None:
+        if holdout is None:
+            return None
+        return classification_metrics(holdout.labels, predict_proba(model, scenario.family, holdout), None)
+
+    stages = []
+    if coordinator_stage is not None:
+        stages.append({"stage": "coordinator", "record": coordinator_stage.record,
+                       "evaluation": evaluate_across_sites(
+                           lambda split: predict_proba(coordinator_stage.model, scenario.family, split),
+                           scenario.sites)["overall"],
+                       "public_holdout": on_holdout(coordinator_stage.model)})
+    stages.append({"stage": "federated", "evaluation": federated["overall"],
+                   "public_holdout": on_holdout(federated_model)})
+    return stages
 
 
 def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, options: SimulationOptions,

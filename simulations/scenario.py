@@ -50,6 +50,26 @@ class Scenario:
     # The public reference set a classification teacher was fitted on (features and labels, no site record):
     # what the public-only baseline and a coordinator stage distil on. None: the scenario has none.
     public: SplitData | None = None
+    # The settings of each non-federated stage this scenario offers (protocols/curriculum.py), by place, and the
+    # stages a run goes through unless told otherwise.
+    stage_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_stages: tuple[str, ...] = ("federated",)
+    # Federation defaults that replace ``federation_defaults`` when the run starts from a coordinator stage: a
+    # distilled start wants gentler federated steps than a random one.
+    after_coordinator_stage: dict[str, Any] = field(default_factory=dict)
+
+    def curriculum(self, places: tuple[str, ...] | None) -> list[dict[str, Any]]:
+        """The run config's ``curriculum`` for these stages (None: the default ones); [] for the federated stage
+        alone, so that a single-stage run's config is what it always was."""
+        places = self.default_stages if places is None else places
+        unknown = [p for p in places if p != "federated" and p not in self.stage_settings]
+        if unknown:
+            offered = ", ".join(["federated", *self.stage_settings])
+            raise ConfigError(f"--stages: the {self.name} scenario has no {', '.join(unknown)} stage; it offers "
+                              f"{offered}.")
+        if tuple(places) == ("federated",):
+            return []
+        return [{"where": place, **self.stage_settings.get(place, {})} for place in places]
 
 
 def validate_options(options: ScenarioOptions, available_sites: int, default_sites: int, scenario: str) -> int:
