@@ -168,6 +168,13 @@ class RunEvidence:
         return started[0]["payload"].get("student_base") if started else None
 
     @property
+    def coordinator_stage(self) -> dict[str, Any] | None:
+        """A classification run's coordinator stage (public records only), as the signed run-started event records
+        it; None when the run has none."""
+        started = [e for e in self.coordinator.events if e["kind"] == "run-started"]
+        return started[0]["payload"].get("coordinator_stage") if started else None
+
+    @property
     def scope_note(self) -> str:
         return SIMULATION_NOTE if self.deployment is None else DEPLOYMENT_NOTE
 
@@ -1004,6 +1011,39 @@ def _causal_lm_stages(ev: RunEvidence) -> list[dict[str, Any]]:
     return stages
 
 
+COORDINATOR_STAGE_KEYS = ("public_records", "public_digest", "synthetic_records", "teacher_digest", "settings",
+                          "trained_parameters", "mean_loss", "site_records_read", "epsilon", "student_digest")
+
+
+def _classifier_stages(ev: RunEvidence) -> list[dict[str, Any]]:
+    """The run's stages in order, from the signed ledger: the coordinator stage when there is one, then the
+    federated rounds, each with what it read and where its epsilon was spent."""
+    stages = []
+    record = ev.coordinator_stage
+    if record:
+        stages.append({"stage": "coordinator", "data": "the public reference set, plus teacher-labelled "
+                                                       "interpolations of its records (no site record)",
+                       "product": f"the federated stage's starting student, digest {record.get('student_digest')}",
+                       **_pick(record, COORDINATOR_STAGE_KEYS)})
+    f = ev.federation
+    federated = next((s for s in f.get("curriculum", []) if s["where"] == "federated"), {})
+    stages.append({"stage": "federated", "data": "each site's private training split, under its DP-SGD budget"
+                                                 if f.get("target_epsilon") is not None else
+                                                 "each site's private training split (no DP)",
+                   "starts_from": "the coordinator stage's student" if record else "a fresh student (seeded)",
+                   **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
+                   "fragments": federated.get("fragments") or "all",
+                   "epsilon": "per site, section 4"})
+    if ev.summary is not None:
+        measured = {s["stage"]: s for s in ev.summary.get("stages", [])}
+        for stage in stages:
+            if stage["stage"] in measured:
+                stage["evaluation"] = {"pooled_test_roc_auc": measured[stage["stage"]]["evaluation"].get("roc_auc"),
+                                       "public_holdout_roc_auc": (measured[stage["stage"]].get("public_holdout")
+                                                                  or {}).get("roc_auc")}
+    return stages
+
+
 def _causal_lm_teacher(size: dict[str, Any], facts: dict[str, Any], subjects: list[dict[str, Any]]) -> dict[str, Any]:
     latency = size.get("latency_ms_per_token")
     return {**facts["teacher"], "files": [s for s in subjects if s["path"].startswith("teacher/")],
@@ -1068,7 +1108,8 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
     else:
         distillation = {"loss": "alpha * CE + (1 - alpha) * T^2 * KL(teacher_T || student_T)", **schedule,
                         "transfer_set": "each site's own private training split; teacher outputs computed at the "
-                                        "site and never sent"}
+                                        "site and never sent",
+                        "stages": _classifier_stages(ev)}
     return {
         "model": {"name": f"{ev.run_id} student", "family": f["student"]["family"],
                   "settings": f["student"]["settings"], "parameters": parameters,

@@ -5,7 +5,8 @@ names the file and what failed:
 
 1. the run configuration: ``config.json``'s ``config_hash`` is the hash of its ``federation`` section;
 2. the coordinator's ledger: chain, hashes and every checkpoint signature (``ledger_key.pub.pem``); its
-   run-started event names the same config hash;
+   run-started event names the same config hash; a curriculum's coordinator stage is recorded there with the
+   config's settings, no site record read and epsilon 0, and ``stages/coordinator/`` hashes to its digest;
 3. every site's ledger (``sites/<site>/``): chain and signatures with the site's own public key;
 4. cross-signatures: every site head a coordinator checkpoint recorded is in that site's ledger;
 5. the sites anchor the coordinator: every site pinned the fingerprint of the coordinator's key in its
@@ -235,6 +236,38 @@ def _verify_student(run_dir: Path, digest: str | None, report: AuditReport) -> N
     report.checks.append("student/ hashes to the final round's signed digest")
 
 
+def _verify_coordinator_stage(run_dir: Path, started: dict[str, Any], report: AuditReport) -> None:
+    """A curriculum's coordinator stage: its signed record matches the config, read no site record, spent nothing,
+    and the student it produced (stages/coordinator/) hashes to the digest the record names."""
+    configured = next((s for s in started["config"].get("curriculum", []) if s["where"] == "coordinator"), None)
+    record = started.get("coordinator_stage")
+    ledger = run_dir / "ledger.jsonl"
+    if configured is None and record is None:
+        return
+    if configured is None or record is None:
+        raise LedgerTampered(f"{ledger}: the run config " + ("names a coordinator stage but the run-started event "
+                                                             "records none" if record is None else
+                                                             "has no coordinator stage but the run-started event "
+                                                             "records one") + ".")
+    if record.get("settings") != configured:
+        raise LedgerTampered(f"{ledger}: the coordinator stage's recorded settings are not the run config's.")
+    if record.get("site_records_read") != 0 or record.get("epsilon") != 0:
+        raise LedgerTampered(f"{ledger}: the coordinator stage records {record.get('site_records_read')} site "
+                             f"record(s) read and epsilon {record.get('epsilon')}; a coordinator stage reads public "
+                             "records only.")
+    path = run_dir / "stages" / "coordinator" / "model.safetensors"
+    if not path.is_file():
+        raise LedgerTampered(f"{path} is missing (missing evidence): the ledger records the coordinator stage's "
+                             f"student {record['student_digest'][:12]}....")
+    actual = digest_arrays(load_file(str(path)))
+    if actual != record["student_digest"]:
+        raise LedgerTampered(f"{path}: the coordinator stage's student hashes to {actual[:12]}..., not "
+                             f"{record['student_digest'][:12]}..., the digest its signed record names.")
+    report.checks.append(f"coordinator stage: {record['public_records']} public record(s) plus "
+                         f"{record['synthetic_records']} synthetic, no site record, epsilon 0; stages/coordinator/ "
+                         "hashes to its signed digest")
+
+
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     path = run_dir / "report" / "report.json"
     if not path.is_file():
@@ -270,6 +303,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
                                  f"{base.get('digest')}, but the run config pins {pinned}.")
         report.checks.append("coordinator ledger: the base student's provenance names the config's base_digest"
                              + (" (a public stage made it)" if base.get("public_stage") else ""))
+    _verify_coordinator_stage(run_dir, started[0]["payload"], report)
     report.checks.append(f"coordinator ledger: {coordinator.events} events, {coordinator.checkpoints} signed "
                          "checkpoints verify")
     site_dirs = sorted(p for p in (run_dir / "sites").iterdir() if p.is_dir()) if (run_dir / "sites").is_dir() else []

@@ -1,0 +1,185 @@
+"""The run curriculum: stages validated at the boundary, the coordinator stage on public records, and the
+public-only baseline, end to end through the CLI with verify and report."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from sklearn.linear_model import LogisticRegression
+
+from coordinator.curriculum import mixup_records, run_coordinator_stage, split_public
+from coordinator.rounds import Coordinator
+from distill.data import SplitData
+from distill.models import SklearnTeacher, build_student, student_state
+from distill.train import predict_proba
+from protocols.config import FederationConfig, StudentSpec
+from protocols.curriculum import Stage, parse_curriculum
+from protocols.errors import ConfigError, LedgerTampered
+from tests.test_cli_simulate import run_cli
+
+MLP = StudentSpec("mlp", {"input_dim": 4, "hidden": [8], "num_classes": 2})
+COORDINATOR = {"where": "coordinator", "steps": 300, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.01,
+               "alpha": 0.0, "synthetic_records": 2000}
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"where": "site-local", "steps": 1, "batch_size": 1, "learning_rate": 0.1}, {"where": "federated"}],
+     "in that order"),
+    ([COORDINATOR], "exactly one federated stage"),
+    ([{"where": "federated", "rounds": 3}], "rounds"),
+    ([{"where": "coordinator", "steps": 0, "batch_size": 1, "learning_rate": 0.1}, {"where": "federated"}],
+     "'steps'"),
+    ([{"where": "coordinator", "steps": 1, "batch_size": 1, "learning_rate": 0.1, "synthetic": 3},
+      {"where": "federated"}], "synthetic"),
+    ([{"where": "public", "steps": 1}, {"where": "federated"}], "'where'"),
+])
+def test_a_malformed_curriculum_names_the_stage_and_field(stages, message):
+    with pytest.raises(ConfigError, match=message):
+        FederationConfig.from_dict({"student": MLP, "curriculum": stages})
+
+
+def test_stages_that_a_student_cannot_run_are_refused():
+    with pytest.raises(ConfigError, match="synthetic_records"):
+        parse_curriculum([COORDINATOR, {"where": "federated"}], "bert")
+    with pytest.raises(ConfigError, match="base-student"):
+        parse_curriculum([COORDINATOR | {"synthetic_records": 0}, {"where": "federated"}], "causal_lm")
+
+
+def test_a_curriculum_is_part_of_the_config_hash_and_a_single_stage_config_is_unchanged():
+    single = FederationConfig.from_dict({"student": MLP})
+    assert "curriculum" not in single.to_dict()
+    staged = FederationConfig.from_dict({"student": MLP, "curriculum": [COORDINATOR, {"where": "federated"}]})
+    assert staged.config_hash() != single.config_hash()
+    assert FederationConfig.from_dict(staged.to_dict()) == staged
+    assert staged.curriculum[0] == Stage.from_dict(COORDINATOR, "here")
+
+
+def _public_problem(n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 > 0.5).astype(np.int64)
+    return SplitData({"x": x}, y, np.arange(n)), SklearnTeacher(LogisticRegression().fit(x, y))
+
+
+def test_the_coordinator_stage_distils_on_public_records_only_and_records_it():
+    public, teacher = _public_problem()
+    transfer, holdout = split_public(public, seed=0)
+    assert not set(transfer.groups) & set(holdout.groups) and len(holdout) == pytest.approx(0.2 * len(public), abs=2)
+    stage = Stage.from_dict(COORDINATOR, "test")
+    result = run_coordinator_stage(MLP, transfer, teacher, "t" * 64, stage, seed=0)
+    record = result.record
+    assert record["site_records_read"] == 0 and record["epsilon"] == 0.0
+    assert record["public_records"] == len(transfer) and record["synthetic_records"] == 2000
+    assert record["public_digest"] == transfer.digest() and record["settings"] == stage.to_dict()
+    # The distilled student agrees with its teacher on held-out public records far better than a fresh one.
+    torch.manual_seed(0)
+    fresh = build_student(MLP)
+    teacher_labels = teacher.logits(holdout.inputs).argmax(axis=1)
+
+    def agreement(model):
+        return float((predict_proba(model, "mlp", holdout).argmax(axis=1) == teacher_labels).mean())
+
+    assert agreement(result.model) > 0.9 > agreement(fresh)
+
+
+def test_mixup_records_lie_between_two_public_records():
+    x = np.array([[0.0, 0.0], [1.0, 2.0]], dtype=np.float32)
+    mixed = mixup_records(x, 500, seed=1)
+    assert mixed.shape == (500, 2) and np.allclose(mixed[:, 1], 2 * mixed[:, 0], atol=1e-6)
+    assert mixed.min() >= 0.0 and mixed[:, 0].max() <= 1.0
+
+
+def test_a_stage_trains_only_its_fragments():
+    public, teacher = _public_problem(400)
+    stage = Stage.from_dict(COORDINATOR | {"fragments": ["layers.2"], "steps": 50}, "test")
+    torch.manual_seed(0)
+    before = student_state(build_student(MLP), "mlp")
+    after = run_coordinator_stage(MLP, public, teacher, "t" * 64, stage, seed=0).state
+    assert np.array_equal(before["layers.0.weight"], after["layers.0.weight"])
+    assert not np.array_equal(before["layers.2.weight"], after["layers.2.weight"])
+    with pytest.raises(ConfigError, match="layers.9"):
+        run_coordinator_stage(MLP, public, teacher, "t" * 64, Stage.from_dict(COORDINATOR | {"fragments": ["layers.9"]},
+                                                                               "test"), seed=0)
+
+
+def test_the_coordinator_refuses_a_start_that_is_not_the_recorded_one(tmp_path):
+    public, teacher = _public_problem(300)
+    config = FederationConfig.from_dict({"student": MLP, "curriculum": [COORDINATOR, {"where": "federated"}]})
+    result = run_coordinator_stage(MLP, public, teacher, "t" * 64, config.curriculum[0], seed=0)
+    started = Coordinator(config, "run", tmp_path / "a", coordinator_stage=result.record, initial_state=result.state)
+    assert started.state["layers.0.weight"].tobytes() == result.state["layers.0.weight"].tobytes()
+    swapped = {k: v + 1.0 for k, v in result.state.items()}
+    with pytest.raises(LedgerTampered, match="digest"):
+        Coordinator(config, "run", tmp_path / "b", coordinator_stage=result.record, initial_state=swapped)
+    with pytest.raises(ConfigError, match="layers.7"):
+        Coordinator(FederationConfig.from_dict({"student": MLP, "curriculum": [
+            {"where": "federated", "fragments": ["layers.7"]}]}), "run", tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def staged_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = run_cli("simulate", "--scenario", "hospitals", "--sites", "3", "--rounds", "2", "--subsample", "0.25",
+                     "--local-steps", "10", "--epsilon", "3", "--seed", "1", "--format", "json", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_hospitals_runs_its_coordinator_stage_then_the_federated_rounds(staged_run):
+    summary = staged_run
+    run_dir = Path(summary["paths"]["run_dir"])
+    federation = json.loads((run_dir / "config.json").read_text())["federation"]
+    assert [s["where"] for s in federation["curriculum"]] == ["coordinator", "federated"]
+    stages = {s["stage"]: s for s in summary["stages"]}
+    coordinator = stages["coordinator"]
+    assert coordinator["record"]["site_records_read"] == 0 and coordinator["record"]["synthetic_records"] == 50_000
+    # The public stage alone already beats the budget-matched public-only student by a wide margin.
+    assert coordinator["evaluation"]["roc_auc"] > summary["comparison"]["public_only"] + 0.03
+    assert stages["federated"]["evaluation"]["roc_auc"] == summary["comparison"]["federated"]
+    assert 0.5 < stages["federated"]["public_holdout"]["roc_auc"] <= 1.0
+    assert summary["comparison"]["federated_minus_public_only"] == pytest.approx(
+        summary["comparison"]["federated"] - summary["comparison"]["public_only"])
+    events = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    started = next(e for e in events if e["kind"] == "run-started")
+    assert started["payload"]["coordinator_stage"] == coordinator["record"]
+
+
+def test_verify_and_report_cover_the_coordinator_stage(staged_run, tmp_path):
+    run_dir = Path(staged_run["paths"]["run_dir"])
+    verified = run_cli("verify", str(run_dir), "--format", "json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert any("coordinator stage" in check for check in json.loads(verified.stdout)["checks"])
+    reported = run_cli("report", str(run_dir), "--format", "html,json")
+    assert reported.returncode == 0, reported.stderr
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    stages = report["model_card"]["distillation"]["stages"]
+    assert [s["stage"] for s in stages] == ["coordinator", "federated"]
+    assert stages[0]["epsilon"] == 0.0 and stages[0]["site_records_read"] == 0
+    labels = [row["model"] for row in report["evaluation"]["overall"]]
+    assert any(label.startswith("public-only student") for label in labels)
+    # A swapped starting student is caught.
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    weights = copy / "stages" / "coordinator" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v + 1.0 for k, v in tensors.items()}, str(weights))
+    tampered = run_cli("verify", str(copy))
+    assert tampered.returncode != 0 and "coordinator stage" in tampered.stdout + tampered.stderr
+
+
+def test_stages_chosen_on_the_command_line(tmp_path):
+    single = run_cli("simulate", "--scenario", "hospitals", "--stages", "federated", "--sites", "3", "--rounds", "1",
+                     "--subsample", "0.2", "--local-steps", "5", "--no-secure-aggregation", "--format", "json",
+                     "--out", str(tmp_path))
+    assert single.returncode == 0, single.stderr[-2000:]
+    summary = json.loads(single.stdout)
+    assert [s["stage"] for s in summary["stages"]] == ["federated"]
+    federation = json.loads((Path(summary["paths"]["run_dir"]) / "config.json").read_text())["federation"]
+    assert "curriculum" not in federation and federation["learning_rate"] == 0.3
+    unknown = run_cli("simulate", "--scenario", "hospitals", "--stages", "coordinator,federated,site-local",
+                      "--out", str(tmp_path))
+    assert unknown.returncode == 2 and "site-local" in unknown.stderr
