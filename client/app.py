@@ -2,7 +2,8 @@
 
 Two message kinds reach a site each round: a query ("will you train this round?"), answered from the
 site's own budget, and the training instruction. A site that refuses answers with a typed ``refusal``
-record, never an error: refusal is a normal outcome.
+record, never an error: refusal is a normal outcome. After the last round, a curriculum's site-local stage arrives
+as an ``evaluate`` message (client/local_stage.py).
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
             "site": ConfigRecord({"name": site.name}),
             "binding": ConfigRecord(instruction.binding()),
         }), reply_to=msg)
+
+    @app.evaluate()
+    def site_local(msg: Message, context: Context) -> Message:
+        """A curriculum's site-local stage: fine-tune a local copy that stays here; only metrics may leave."""
+        from client.local_stage import LocalStageRequest, run_site_local_stage
+
+        site = Site.load(resolve_state_dir(context))
+        request = LocalStageRequest.from_config(dict(msg.content["config"]))
+        outcome = run_site_local_stage(site, request, from_array_record(msg.content["arrays"]))
+        return Message(RecordDict({"local": ConfigRecord({"released": outcome["released"],
+                                                          "metrics": json.dumps(outcome["metrics"])}),
+                                   "site": ConfigRecord({"name": site.name}),
+                                   "binding": ConfigRecord(request.binding())}), reply_to=msg)
 
     return app
 

@@ -1034,11 +1034,25 @@ def _classifier_stages(ev: RunEvidence) -> list[dict[str, Any]]:
                    **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
                    "fragments": federated.get("fragments") or "all",
                    "epsilon": "per site, section 4"})
+    local = [e["payload"] for e in ev.coordinator.events if e["kind"] == "site-local-stage"]
+    if local:
+        sites = local[-1]["sites"]
+        stages.append({"stage": "site-local", "data": "each site's own training split, at the site alone",
+                       "starts_from": f"the final federated student, digest {local[-1]['started_from']}",
+                       "settings": local[-1]["stage"],
+                       "what_left": "each site's test metrics of its own copy, where its policy releases them "
+                                    "(aggregate figures on its own records, not DP-protected); the copy stays at the "
+                                    "site",
+                       "released_by": sorted(site for site, r in sites.items() if r.get("released")),
+                       "withheld_by": sorted(site for site, r in sites.items() if not r.get("released")),
+                       "released": {site: r for site, r in sites.items() if r.get("released")},
+                       "epsilon": "none spent: nothing trained here leaves the site"})
     if ev.summary is not None:
         measured = {s["stage"]: s for s in ev.summary.get("stages", [])}
         for stage in stages:
             if stage["stage"] in measured:
-                stage["evaluation"] = {"pooled_test_roc_auc": measured[stage["stage"]]["evaluation"].get("roc_auc"),
+                stage["evaluation"] = {"pooled_test_roc_auc": (measured[stage["stage"]]["evaluation"]
+                                                               or {}).get("roc_auc"),
                                        "public_holdout_roc_auc": (measured[stage["stage"]].get("public_holdout")
                                                                   or {}).get("roc_auc")}
     return stages

@@ -16,7 +16,9 @@ names the file and what failed:
    boundary or rewritten and re-signed with another key fails here;
 6. rounds: ``metrics.jsonl`` holds exactly the rounds the ledger records, each as recorded; the signed
    ``run-finished`` event names the last round, the rounds and the final student's digest; and ``student/``
-   hashes to that digest. A run without ``run-finished`` (still running, or crashed) verifies as *incomplete*;
+   hashes to that digest. A run without ``run-finished`` (still running, or crashed) verifies as *incomplete*; a
+   site-local stage's metrics, as the coordinator signed them, are what each site's own ledger released, and each
+   site's kept copy hashes to the digest its ledger records;
 7. every site's privacy: the calibration in its ``privacy.json`` is the one its ledger recorded when it accepted
    the run; the DP parameters its ledger recorded for each update it sent are the spends in ``privacy.json``;
    its epsilon is replayed from them with Google's dp-accounting (PLD) and must match the epsilon the site
@@ -268,6 +270,35 @@ def _verify_coordinator_stage(run_dir: Path, started: dict[str, Any], report: Au
                          "hashes to its signed digest")
 
 
+def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events: dict[str, list[dict[str, Any]]],
+                       report: AuditReport) -> None:
+    """A site-local stage: what the coordinator signed as released is what each site's own ledger recorded, and
+    each site's kept copy hashes to the digest its ledger names; a site that withheld its metrics released none."""
+    recorded = [e["payload"] for e in events if e["kind"] == "site-local-stage"]
+    if not recorded:
+        return
+    stage = recorded[-1]
+    for site, released in stage["sites"].items():
+        own = [e["payload"] for e in site_events.get(site, []) if e["kind"] == "site-local-stage"
+               and e["payload"]["run_id"] == stage["run_id"]]
+        where = f"{run_dir / 'sites' / site / 'ledger.jsonl'}"
+        if not own:
+            raise LedgerTampered(f"{where}: the coordinator records a site-local stage of site {site}, but the site's "
+                                 "ledger has none.")
+        event = own[-1]
+        if released.get("released") != event["released"]:
+            raise LedgerTampered(f"{where}: the site's policy decision on releasing its site-local metrics is not the "
+                                 "one the coordinator recorded.")
+        if event["released"] and {k: v for k, v in released.items() if k != "released"} != event["metrics"]:
+            raise LedgerTampered(f"{where}: the site-local metrics the coordinator recorded are not the ones the "
+                                 "site released.")
+        kept = run_dir / "sites" / site / event["kept_at"] / "model.safetensors"
+        if kept.is_file() and digest_arrays(load_file(str(kept))) != event["local_student_digest"]:
+            raise LedgerTampered(f"{kept}: the site's local student does not hash to the digest its ledger records.")
+    report.checks.append(f"site-local stage: {len(stage['sites'])} site(s)' released metrics match their own "
+                         "ledgers, and every kept copy its recorded digest")
+
+
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     path = run_dir / "report" / "report.json"
     if not path.is_file():
@@ -330,6 +361,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
     report.checks.append(f"the coordinator's ledger holds all {anchors} of its signed checkpoints that sites recorded, "
                          "signed by the key every site pinned, and every round a site sent an update for")
     _verify_student(run_dir, _verify_rounds(run_dir, events, report), report)
+    _verify_site_local(run_dir, events, site_events, report)
     for site_dir in site_dirs:
         report.sites[site_dir.name] |= _verify_site_privacy(site_dir, site_events[site_dir.name], run_id, config_hash)
     report.checks.append("every site's calibration is the one its ledger signed, and its epsilon replays from its "

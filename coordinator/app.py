@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_json
 from protocols.config import FederationConfig
 from protocols.errors import ConfigError
+from protocols.messages import LocalStageRequest
 
 log = logging.getLogger("fedistill.coordinator")
 CoordinatorFactory = Callable[[Context], tuple[Coordinator, int]]
@@ -133,7 +135,53 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
         coordinator.complete_round(server_round, replies, failures | train_failures, started,
                                    refusals | late_refusals, rejected | late_unreadable | late_rejected | unreadable,
                                    expected_sites=accepted)
+    request = coordinator.site_local_request()
+    if request is not None:
+        run_site_local_stage(grid, coordinator, request, min_nodes, timeout)
     coordinator.finish()
+
+
+LOCAL_METRIC_KEYS = frozenset({"threshold", "roc_auc", "accuracy", "macro_f1", "kappa", "n"})
+
+
+def _local_report_of(msg: Message, request: LocalStageRequest) -> tuple[str, dict[str, Any]]:
+    """A site's site-local answer: bound to the request, and released metrics that are only numbers."""
+    content = msg.content
+    if dict(content["binding"]) != request.binding():
+        raise ValueError("the reply does not echo the site-local request's run id and nonce")
+    site, released = str(content["site"]["name"]), content["local"]["released"]
+    if not isinstance(released, bool):
+        raise ValueError("'released' is not true or false")
+    if not released:
+        return site, {"released": False}
+    metrics = json.loads(str(content["local"]["metrics"]))
+    if not isinstance(metrics, dict) or set(metrics) != {"federated_student", "local_student"}:
+        raise ValueError("the released metrics must be those of the federated and the local student")
+    for model, values in metrics.items():
+        if not isinstance(values, dict) or not set(values) <= LOCAL_METRIC_KEYS or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                              and -1.0 <= v <= 1e9) for v in values.values()):
+            raise ValueError(f"the {model} metrics hold something other than the known finite metrics")
+    return site, {"released": True, **metrics}
+
+
+def run_site_local_stage(grid: Grid, coordinator: Coordinator, request: LocalStageRequest, min_nodes: int,
+                         timeout: float) -> None:
+    """Every site fine-tunes its own copy of the final student; what each released is signed into the ledger."""
+    group = request.final_round + 1
+    node_ids = wait_for_nodes(grid, min_nodes, timeout)
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
+    replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
+                                                              "config": ConfigRecord(request.to_config())}),
+                                  MessageType.EVALUATE, group, timeout)
+    decoded, rejected = _decoded(replies, lambda reply: (_source(reply), _local_report_of(reply, request)), group)
+    reports: dict[str, dict[str, Any]] = {}
+    for source, (site, report) in decoded:
+        if site in reports:
+            rejected[source] = f"site {safe_text(site)} answered the site-local request twice"
+            continue
+        reports[site] = report
+    coordinator.record_site_local(request, reports, failures, rejected)
 
 
 def _split_refusals(replies: list[Message]) -> tuple[list[Message], list[Message]]:

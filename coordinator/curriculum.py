@@ -27,7 +27,7 @@ from protocols.canonical import digest_arrays
 from protocols.config import StudentSpec
 from protocols.curriculum import Stage
 from protocols.errors import ConfigError
-from protocols.fragments import fragment_spec_for
+from protocols.fragments import stage_parameters
 
 SCHEMA_VERSION = 1
 PUBLIC_HOLDOUT_SHARE = 0.2
@@ -58,15 +58,6 @@ def mixup_records(x: np.ndarray, count: int, seed: int) -> np.ndarray:
     return weight * x[first] + (1.0 - weight) * x[second]
 
 
-def trainable_parameters(model: nn.Module, spec: StudentSpec, fragments: tuple[str, ...],
-                         patterns: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> list[str] | None:
-    """The parameter names of the named fragments (None: every parameter); an unknown name is a ConfigError."""
-    if not fragments:
-        return None
-    fragment_spec = fragment_spec_for(spec.family, fragment_parameter_names(model, spec.family), patterns)
-    return list(fragment_spec.restricted_to(fragments).parameters_of_all(fragments))
-
-
 def transfer_set(public: SplitData, teacher: Teacher, synthetic_records: int, seed: int
                  ) -> tuple[SplitData, np.ndarray]:
     """The public records plus their synthetic interpolations, with the teacher's logits on every one."""
@@ -87,7 +78,7 @@ def run_coordinator_stage(spec: StudentSpec, public: SplitData, teacher: Teacher
     records, logits = transfer_set(public, teacher, stage.synthetic_records, seed)
     torch.manual_seed(seed)
     model = build_student(spec)
-    trainable = trainable_parameters(model, spec, stage.fragments, patterns)
+    trainable = stage_parameters(spec.family, fragment_parameter_names(model, spec.family), stage.fragments, patterns)
     outcome = distill(model, spec.family, records, logits,
                       TrainSettings(steps=stage.steps, batch_size=stage.batch_size, learning_rate=stage.learning_rate,
                                     temperature=stage.temperature, alpha=stage.alpha, seed=seed,

@@ -31,7 +31,7 @@ from protocols.curriculum import stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
-from protocols.messages import CoordinatorAnchor, TrainInstruction
+from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction
 from protocols.secagg import decode_aggregate, site_weight
 
 SCHEMA_VERSION = 1
@@ -68,6 +68,9 @@ class Coordinator:
         federated = stage_of(config.curriculum, "federated")
         self._federated_fragments = federated.fragments if federated else ()
         self.spec.restricted_to(self._federated_fragments)  # an unknown fragment fails here, before any round
+        local = stage_of(config.curriculum, "site-local")
+        self.spec.restricted_to(local.fragments if local else ())
+        self.site_local: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
@@ -254,6 +257,25 @@ class Coordinator:
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+    def site_local_request(self) -> LocalStageRequest | None:
+        """The site-local stage's request for the final student, when the curriculum has that stage."""
+        stage = stage_of(self.config.curriculum, "site-local")
+        if stage is None or (self.records and self.records[-1]["status"] == "stopped"):
+            return None
+        return LocalStageRequest(self.run_id, self.config_hash, self.config.student, stage, digest_arrays(self.state),
+                                 self.completed_round, self.config.seed, secrets.token_hex(16))
+
+    def record_site_local(self, request: LocalStageRequest, reports: dict[str, dict[str, Any]],
+                          failures: dict[str, str], rejected: dict[str, str]) -> dict[str, Any]:
+        """What each site released of its site-local stage (its metrics, or that they are withheld), signed."""
+        payload = {"run_id": self.run_id, "config_hash": self.config_hash, "stage": request.stage.to_dict(),
+                   "started_from": request.student_digest, "final_round": request.final_round,
+                   "sites": reports, "failures": failures, "rejected": rejected}
+        self.ledger.append("site-local-stage", payload)
+        self.ledger.checkpoint({"run_id": self.run_id, "after": "site-local-stage"})
+        self.site_local = payload
+        return payload
 
     def finish(self) -> dict[str, Any]:
         """The run's last, signed event: which rounds it recorded, the final one, and the student it leaves.

@@ -111,6 +111,11 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     comparison = summary["comparison"]
     if "federated_minus_centralized" in comparison:
         console.print(f"federated - centralized distilled ROC-AUC: {comparison['federated_minus_centralized']:+.4f}")
+    if len(summary.get("stages", [])) > 1:
+        console.print("stages (pooled-test ROC-AUC; public held-out): " + " -> ".join(
+            f"{stage['stage']} {_fmt((stage.get('evaluation') or {}).get('roc_auc'))}"
+            + (f" ({_fmt(stage['public_holdout']['roc_auc'])})" if stage.get("public_holdout") else "")
+            for stage in summary["stages"]))
     if "federated_minus_public_only" in comparison:
         console.print(f"federated - public-only ROC-AUC: {comparison['federated_minus_public_only']:+.4f} (the "
                       "free alternative: the same student distilled on the public reference set alone)")

@@ -122,3 +122,11 @@ def planned_fragments(plan: str, spec: FragmentSpec, server_round: int, total_ro
         return (names[(server_round - 1) % len(names)],)
     stage = min(len(names) - 1, (server_round - 1) * len(names) // total_rounds)
     return names[: stage + 1]
+
+
+def stage_parameters(family: str, parameter_names: Sequence[str], fragments: Sequence[str],
+                     patterns: Sequence[tuple[str, Sequence[str]]] = ()) -> list[str] | None:
+    """The parameter names a curriculum stage trains: those of its named fragments (None: every parameter)."""
+    if not fragments:
+        return None
+    return list(fragment_spec_for(family, parameter_names, patterns).restricted_to(fragments).parameters_of_all(fragments))

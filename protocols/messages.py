@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from protocols.config import StudentSpec
+from protocols.curriculum import Stage
 from protocols.errors import UpdateRejected
 from protocols.fragments import FragmentSpec
 
@@ -310,3 +311,37 @@ def clip_fragment_changes(arrays: Mapping[str, np.ndarray], global_state: Mappin
             clipped_arrays[name] = (current + scale * change).astype(global_state[name].dtype)
         clipped.append(fragment)
     return clipped_arrays, tuple(clipped)
+
+
+@dataclass(frozen=True)
+class LocalStageRequest:
+    """What the coordinator asks once the federated rounds are over: fine-tune this student (by digest) locally."""
+
+    run_id: str
+    config_hash: str
+    student: StudentSpec
+    stage: Stage
+    student_digest: str
+    final_round: int
+    seed: int
+    nonce: str
+
+    def to_config(self) -> dict[str, str]:
+        return {"site-local": json.dumps({"run_id": self.run_id, "config_hash": self.config_hash,
+                                          "student": self.student.to_dict(), "stage": self.stage.to_dict(),
+                                          "student_digest": self.student_digest, "final_round": self.final_round,
+                                          "seed": self.seed, "nonce": self.nonce}, sort_keys=True)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LocalStageRequest:
+        raw = json.loads(str(config["site-local"]))
+        stage = Stage.from_dict(raw["stage"], "site-local request stage")
+        if stage.where != "site-local":
+            raise UpdateRejected(f"the site-local request carries a {stage.where} stage.")
+        return cls(run_id=str(raw["run_id"]), config_hash=str(raw["config_hash"]),
+                   student=StudentSpec.from_dict(raw["student"]), stage=stage,
+                   student_digest=str(raw["student_digest"]), final_round=int(raw["final_round"]),
+                   seed=int(raw["seed"]), nonce=str(raw["nonce"]))
+
+    def binding(self) -> dict[str, str]:
+        return {"run-id": self.run_id, "nonce": self.nonce}

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from client.site import create_site
 from coordinator.checkpoint import save_student
@@ -31,7 +32,7 @@ from coordinator.curriculum import CoordinatorStageResult, run_coordinator_stage
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.evaluate import classification_metrics, evaluate_across_sites
-from distill.models import count_parameters, load_teacher, teacher_digest
+from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from protocols.canonical import atomic_write_json, sha256_hex
@@ -257,8 +258,9 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     state_dirs = []
     for name, splits in scenario.sites.items():
         # A simulated site's policy caps each run at the run's target unless --site-cap says otherwise.
+        # Simulated sites release their site-local metrics (a real site's policy says; the default is not to).
         policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
-                            accountant=options.accountant)
+                            accountant=options.accountant, release_local_metrics=True)
         secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
         state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
                                       teacher_declaration=scenario.teacher_declaration).state_dir)
@@ -348,7 +350,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             "teacher": _metric(baselines["teacher"]),
             **({"public_only": _metric(baselines["public_only"])} if "public_only" in baselines else {}),
         },
-        "stages": _stage_summaries(scenario, config, coordinator_stage, coordinator.model, federated),
+        "stages": _stage_summaries(scenario, config, coordinator_stage, coordinator.model, federated,
+                                   coordinator.site_local, state_dirs, run_id),
         "size": size,
         "teacher_forward_passes": {name: TeacherLogitCache(d).teacher_forward_passes
                                    for name, d in zip(scenario.sites, state_dirs)},
@@ -385,7 +388,8 @@ def _coordinator_stage(scenario, config: FederationConfig, run_dir: Path, teache
 
 
 def _stage_summaries(scenario, config: FederationConfig, coordinator_stage: CoordinatorStageResult | None,
-                     federated_model, federated: dict[str, Any]) -> list[dict[str, Any]]:
+                     federated_model, federated: dict[str, Any], site_local: dict[str, Any] | None,
+                     state_dirs: list[Path], run_id: str) -> list[dict[str, Any]]:
     """Each stage's student on the sites' test splits and on the coordinator stage's public held-out records."""
     holdout = split_public(scenario.public, config.seed)[1] if coordinator_stage is not None else None
 
@@ -403,7 +407,31 @@ def _stage_summaries(scenario, config: FederationConfig, coordinator_stage: Coor
                        "public_holdout": on_holdout(coordinator_stage.model)})
     stages.append({"stage": "federated", "evaluation": federated["overall"],
                    "public_holdout": on_holdout(federated_model)})
+    if site_local is not None:
+        stages.append(_site_local_summary(scenario, site_local, state_dirs, run_id, on_holdout))
     return stages
+
+
+def _site_local_summary(scenario, site_local: dict[str, Any], state_dirs: list[Path], run_id: str,
+                        on_holdout) -> dict[str, Any]:
+    """What the sites released of their site-local stage, and (the harness holds every split) each site's own
+    copy scored on its own test split, pooled: the test records as their sites would now serve them."""
+    scores, labels, holdout = [], [], {}
+    for name, state_dir in zip(scenario.sites, state_dirs):
+        path = state_dir / "site-local" / run_id / "model.safetensors"
+        if not path.is_file():
+            continue
+        model = build_student(scenario.student)
+        load_student_state(model, scenario.family, load_file(str(path)))
+        test = scenario.sites[name]["test"]
+        scores.append(predict_proba(model, scenario.family, test))
+        labels.append(test.labels)
+        holdout[name] = (on_holdout(model) or {}).get("roc_auc")
+    pooled = (classification_metrics(np.concatenate(labels), np.concatenate(scores), None) if scores else None)
+    return {"stage": "site-local", "released": site_local["sites"], "failures": site_local["failures"],
+            "rejected": site_local["rejected"],
+            "evaluation": pooled, "public_holdout_by_site": holdout if any(v is not None for v in holdout.values())
+            else None}
 
 
 def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, options: SimulationOptions,

@@ -11,6 +11,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 
+from client.local_stage import run_site_local_stage
 from coordinator.curriculum import mixup_records, run_coordinator_stage, split_public
 from coordinator.rounds import Coordinator
 from distill.data import SplitData
@@ -18,10 +19,15 @@ from distill.models import SklearnTeacher, build_student, student_state
 from distill.train import predict_proba
 from protocols.config import FederationConfig, StudentSpec
 from protocols.curriculum import Stage, parse_curriculum
-from protocols.errors import ConfigError, LedgerTampered
+from protocols.canonical import digest_arrays
+from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
+from protocols.ledger import ledger_in, read_events
+from protocols.messages import LocalStageRequest
+from tests.helpers import federation, make_site
 from tests.test_cli_simulate import run_cli
 
 MLP = StudentSpec("mlp", {"input_dim": 4, "hidden": [8], "num_classes": 2})
+LOCAL = {"where": "site-local", "steps": 20, "batch_size": 16, "learning_rate": 0.05}
 COORDINATOR = {"where": "coordinator", "steps": 300, "batch_size": 64, "optimizer": "adam", "learning_rate": 0.01,
                "alpha": 0.0, "synthetic_records": 2000}
 
@@ -123,17 +129,18 @@ def test_the_coordinator_refuses_a_start_that_is_not_the_recorded_one(tmp_path):
 @pytest.fixture(scope="module")
 def staged_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    result = run_cli("simulate", "--scenario", "hospitals", "--sites", "3", "--rounds", "2", "--subsample", "0.25",
-                     "--local-steps", "10", "--epsilon", "3", "--seed", "1", "--format", "json", "--out", str(out))
+    result = run_cli("simulate", "--scenario", "hospitals", "--stages", "coordinator,federated,site-local", "--sites",
+                     "3", "--rounds", "2", "--subsample", "0.25", "--local-steps", "10", "--epsilon", "3", "--seed", "1",
+                     "--format", "json", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
 
 
-def test_hospitals_runs_its_coordinator_stage_then_the_federated_rounds(staged_run):
+def test_hospitals_runs_its_three_stages(staged_run):
     summary = staged_run
     run_dir = Path(summary["paths"]["run_dir"])
     federation = json.loads((run_dir / "config.json").read_text())["federation"]
-    assert [s["where"] for s in federation["curriculum"]] == ["coordinator", "federated"]
+    assert [s["where"] for s in federation["curriculum"]] == ["coordinator", "federated", "site-local"]
     stages = {s["stage"]: s for s in summary["stages"]}
     coordinator = stages["coordinator"]
     assert coordinator["record"]["site_records_read"] == 0 and coordinator["record"]["synthetic_records"] == 50_000
@@ -146,6 +153,21 @@ def test_hospitals_runs_its_coordinator_stage_then_the_federated_rounds(staged_r
     events = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     started = next(e for e in events if e["kind"] == "run-started")
     assert started["payload"]["coordinator_stage"] == coordinator["record"]
+    # Site-local: every site kept its own copy and released only metrics, which the coordinator signed.
+    local = stages["site-local"]
+    assert set(local["released"]) == set(summary["sites"]) and local["failures"] == {} and local["rejected"] == {}
+    for site, released in local["released"].items():
+        assert released["released"] and set(released) == {"released", "federated_student", "local_student"}
+        assert 0.0 <= released["local_student"]["accuracy"] <= 1.0 and released["local_student"]["n"] > 0
+        assert (run_dir / "sites" / site / "site-local" / summary["run_id"] / "model.safetensors").is_file()
+    assert 0.5 < local["evaluation"]["roc_auc"] <= 1.0
+    kinds = [e["kind"] for e in events]
+    assert kinds.index("site-local-stage") < kinds.index("run-finished")
+    # What left each site in that stage: a reply that carries no tensor.
+    transfers = [json.loads(line)["payload"] for line in
+                 (run_dir / "sites" / next(iter(summary["sites"])) / "ledger.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "transfer"]
+    assert any(t["message_type"] == "evaluate" for t in transfers)
 
 
 def test_verify_and_report_cover_the_coordinator_stage(staged_run, tmp_path):
@@ -157,8 +179,10 @@ def test_verify_and_report_cover_the_coordinator_stage(staged_run, tmp_path):
     assert reported.returncode == 0, reported.stderr
     report = json.loads((run_dir / "report" / "report.json").read_text())
     stages = report["model_card"]["distillation"]["stages"]
-    assert [s["stage"] for s in stages] == ["coordinator", "federated"]
+    assert [s["stage"] for s in stages] == ["coordinator", "federated", "site-local"]
     assert stages[0]["epsilon"] == 0.0 and stages[0]["site_records_read"] == 0
+    assert stages[2]["withheld_by"] == [] and len(stages[2]["released_by"]) == 3
+    assert any("site-local stage" in check for check in json.loads(verified.stdout)["checks"])
     labels = [row["model"] for row in report["evaluation"]["overall"]]
     assert any(label.startswith("public-only student") for label in labels)
     # A swapped starting student is caught.
@@ -169,6 +193,36 @@ def test_verify_and_report_cover_the_coordinator_stage(staged_run, tmp_path):
     save_file({k: v + 1.0 for k, v in tensors.items()}, str(weights))
     tampered = run_cli("verify", str(copy))
     assert tampered.returncode != 0 and "coordinator stage" in tampered.stdout + tampered.stderr
+    # So is a site's swapped local copy.
+    shutil.copy(run_dir / "stages" / "coordinator" / "model.safetensors", weights)
+    site = next(iter(staged_run["sites"]))
+    local = copy / "sites" / site / "site-local" / staged_run["run_id"] / "model.safetensors"
+    save_file({k: v * 0.5 for k, v in load_file(str(local)).items()}, str(local))
+    tampered = run_cli("verify", str(copy))
+    assert tampered.returncode != 0 and "local student" in tampered.stdout + tampered.stderr
+
+
+def test_a_site_fine_tunes_locally_only_for_a_run_it_accepted_and_withholds_by_default(tmp_path):
+    site = make_site(tmp_path)
+    config = federation(curriculum=[{"where": "federated"}, LOCAL])
+    model = build_student(config.student)
+    state = student_state(model, "mlp")
+    request = LocalStageRequest("run-1", config.config_hash(), config.student, config.curriculum[1],
+                                digest_arrays(state), 2, 0, "n" * 32)
+    assert LocalStageRequest.from_config(request.to_config()) == request
+    with pytest.raises(UpdateRejected, match="never accepted"):
+        run_site_local_stage(site, request, state)
+    ledger_in(site.state_dir, site.name).append("run-accepted", {"run_id": "run-1",
+                                                                 "config_hash": config.config_hash()})
+    with pytest.raises(UpdateRejected, match="does not hash"):
+        run_site_local_stage(site, request, {k: v + 1 for k, v in state.items()})
+    outcome = run_site_local_stage(site, request, state)
+    # The default policy releases nothing; the site's own ledger keeps the metrics, the copy stays on site.
+    assert outcome == {"released": False, "metrics": None}
+    event = [e for e in read_events(site.state_dir / "ledger.jsonl") if e["kind"] == "site-local-stage"][-1]
+    assert event["payload"]["released"] is False and "local_student" in event["payload"]["metrics"]
+    kept = site.state_dir / "site-local" / "run-1" / "model.safetensors"
+    assert digest_arrays(load_file(str(kept))) == event["payload"]["local_student_digest"] != request.student_digest
 
 
 def test_stages_chosen_on_the_command_line(tmp_path):
@@ -180,6 +234,6 @@ def test_stages_chosen_on_the_command_line(tmp_path):
     assert [s["stage"] for s in summary["stages"]] == ["federated"]
     federation = json.loads((Path(summary["paths"]["run_dir"]) / "config.json").read_text())["federation"]
     assert "curriculum" not in federation and federation["learning_rate"] == 0.3
-    unknown = run_cli("simulate", "--scenario", "hospitals", "--stages", "coordinator,federated,site-local",
+    unknown = run_cli("simulate", "--scenario", "hospitals", "--stages", "coordinator,federated,local",
                       "--out", str(tmp_path))
-    assert unknown.returncode == 2 and "site-local" in unknown.stderr
+    assert unknown.returncode == 2 and "no local stage" in unknown.stderr and "site-local" in unknown.stderr
