@@ -73,6 +73,7 @@ epsilon_per_run = 8.0            # this site refuses any round that would take o
 epsilon_lifetime = 30.0          # ... or all runs together past this one
 delta = 1e-5                     # the site states at most this delta (and at most 1/(10 n) for n records)
 accountant = "prv"               # prv or rdp (Opacus accountants)
+release_local_metrics = false    # a run's site-local stage: may this site's test metrics of its own copy leave?
 
 [node]
 runtime_port = 9094              # local port of the SuperNode's runtime API (127.0.0.1 only); one per site on a host
@@ -87,7 +88,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "text", "max_length",
              "order_by"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
-    "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant"),
+    "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics"),
     "node": ("runtime_port",),
     "student": ("base",),
 }
@@ -275,6 +276,9 @@ class SiteFile:
         runtime_port = node.get("runtime_port", 9094)
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
+        release = privacy.get("release_local_metrics", False)
+        if not isinstance(release, bool):
+            raise ConfigError(f"{where}: [privacy] release_local_metrics must be true or false, got {release!r}.")
         teacher_declaration = _teacher_declaration(teacher, where)
         schema, student_base = _schema(raw, data, student, base, where, person_id)
         return cls(
@@ -288,7 +292,7 @@ class SiteFile:
             policy=SitePolicy(epsilon_per_run=_number(privacy, "privacy", "epsilon_per_run", where, 0, 1e6),
                               epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
-                              accountant=accountant),
+                              accountant=accountant, release_local_metrics=release),
             runtime_port=runtime_port, student_base=student_base)
 
     def prepare_state(self) -> Site:

@@ -29,7 +29,7 @@ from protocols.canonical import atomic_write_bytes, canonical_json, digest_array
 from protocols.config import FederationConfig
 from protocols.curriculum import stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
-from protocols.errors import LedgerTampered, UpdateRejected
+from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction
 from protocols.secagg import decode_aggregate, site_weight
@@ -57,6 +57,10 @@ class Coordinator:
         self.coordinator_stage = coordinator_stage
         if (initial_state is None) != (coordinator_stage is None):
             raise ValueError("a coordinator stage's student and its record come together")
+        if initial_state is None and stage_of(config.curriculum, "coordinator") is not None:
+            raise ConfigError("run config: the curriculum names a coordinator stage, but no stage's student was "
+                              "handed to the coordinator; a deployed run (fedistill run) has no public set or teacher "
+                              "at the coordinator yet. Remove the coordinator stage from its curriculum.")
         if initial_state is not None:
             if digest_arrays(initial_state) != coordinator_stage["student_digest"]:
                 raise LedgerTampered("the coordinator stage's student is not the one its record names (digest "

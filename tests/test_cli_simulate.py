@@ -69,8 +69,8 @@ def test_same_seed_gives_the_same_numbers(first_run, tmp_path):
 
 
 def test_single_class_sites_report_undefined_metrics_instead_of_crashing(tmp_path):
-    result = run_cli("simulate", "--sites", "4", "--rounds", "1", "--subsample", "0.1", "--local-steps", "5",
-                     "--out", str(tmp_path), "--format", "json")
+    result = run_cli("simulate", "--stages", "federated", "--sites", "4", "--rounds", "1", "--subsample", "0.1",
+                     "--local-steps", "5", "--out", str(tmp_path), "--format", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     per_site = json.loads(result.stdout)["models"]["federated"]["per_site"]
     assert per_site["nicu"]["roc_auc"] is None and "single class" in per_site["nicu"]["undefined"]
@@ -108,9 +108,12 @@ def test_drug_reviews_transformers_path_end_to_end(tmp_path):
     assert summary["size"]["measure"] == "parameters" and summary["size"]["ratio"] <= 0.1
     assert set(summary["teacher_forward_passes"].values()) == {1}
     assert summary["class_names"] == ["negative", "neutral", "positive"]
+    # The free alternative: the same student distilled on the official test file (the teacher's public set) alone.
+    assert summary["models"]["public_only"]["overall"]["n"] == summary["models"]["federated"]["overall"]["n"]
 
 
-QUICK = ("--rounds", "4", "--subsample", "0.25", "--local-steps", "10", "--seed", "2")
+# The federated stage alone: these tests are about rounds, caps and refusals (tests/test_curriculum.py runs the stages).
+QUICK = ("--stages", "federated", "--rounds", "4", "--subsample", "0.25", "--local-steps", "10", "--seed", "2")
 
 
 def site_privacy(summary: dict, site: str) -> tuple[dict, "PrivacyState"]:
@@ -160,8 +163,8 @@ def test_the_run_stops_cleanly_when_too_few_sites_accept(tmp_path):
 
 
 def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
-    result = run_cli("simulate", "--sites", "3", "--rounds", "2", "--subsample", "0.25", "--local-steps", "10",
-                     "--epsilon", "2,inf", "--out", str(tmp_path), "--format", "json")
+    result = run_cli("simulate", "--stages", "federated", "--sites", "3", "--rounds", "2", "--subsample", "0.25",
+                     "--local-steps", "10", "--epsilon", "2,inf", "--out", str(tmp_path), "--format", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = json.loads(result.stdout)
     assert [row["target_epsilon"] for row in sweep["levels"]] == ["2", "inf"]
@@ -169,6 +172,7 @@ def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
     assert all(0 < eps <= 2.0 for eps in private["epsilon_spent"].values())
     assert set(public["epsilon_spent"].values()) == {"inf"}
     assert all(0.0 <= row["federated"]["roc_auc"] <= 1.0 for row in sweep["levels"])
+    assert 0.5 < sweep["baselines"]["public_only"] <= 1.0
     sweep_dir = Path(sweep["sweep_dir"])
     assert json.loads((sweep_dir / "sweep.json").read_text()) == sweep
     assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} == {"epsilon-2", "epsilon-inf"}
@@ -176,8 +180,8 @@ def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
 
 def test_a_site_that_crashes_mid_round_leaves_the_round_to_the_survivors(tmp_path):
     # Four sites: the three survivors still make SecAgg+'s min_cohort, so their sum is used.
-    result = run_cli("simulate", "--sites", "4", "--rounds", "2", "--subsample", "0.25", "--local-steps", "5",
-                     "--fail-site", "emergency-dept:2", "--out", str(tmp_path), "--format", "json")
+    result = run_cli("simulate", "--stages", "federated", "--sites", "4", "--rounds", "2", "--subsample", "0.25",
+                     "--local-steps", "5", "--fail-site", "emergency-dept:2", "--out", str(tmp_path), "--format", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     records = [json.loads(line) for line in Path(summary["paths"]["metrics"]).read_text().splitlines()]

@@ -71,7 +71,7 @@ def test_a_hostile_site_is_rejected_by_name_and_the_run_completes(tmp_path, capl
     caplog.set_level(logging.WARNING, logger="fedistill.coordinator")
     stolen = tmp_path / "stolen-reply.pickle"
     options = SimulationOptions(sites=4, rounds=3, subsample=0.25, local_steps=5, seed=4, out=tmp_path,
-                                secure_aggregation=secure)
+                                secure_aggregation=secure, stages=("federated",))
     summary = simulate(options, client_mods=[hostile_mod(stolen)])
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     config = json.loads((run_dir / "config.json").read_text())

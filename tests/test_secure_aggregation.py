@@ -108,4 +108,4 @@ def test_a_cohort_smaller_than_min_cohort_is_refused_before_any_round(tmp_path):
     from simulations.runner import SimulationOptions, simulate
 
     with pytest.raises(ConfigError, match="min_cohort=3"):
-        simulate(SimulationOptions(sites=2, rounds=1, subsample=0.1, out=tmp_path))
+        simulate(SimulationOptions(sites=2, rounds=1, subsample=0.1, out=tmp_path, stages=("federated",)))
