@@ -308,7 +308,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
                 splits["train"], digest, lambda: load_teacher(teacher_path)).logits
             for name, splits in scenario.sites.items()}
         reporter.stage("baselines (non-private): teacher, local-only, centralized")
-        baselines = run_baselines(scenario, config, cached_logits, progress=reporter.stage)
+        # The baselines start from scratch, so they train with the single-stage settings (a coordinator stage's
+        # gentler federated rate would handicap them), the command line's overrides included.
+        from_scratch = _federation_config(replace(options, stages=("federated",)), scenario)
+        baselines = run_baselines(scenario, from_scratch, cached_logits, progress=reporter.stage)
 
     final = coordinator.records[-1]
     federated = final["evaluation"] if "evaluation" in final else evaluate(coordinator.model)
