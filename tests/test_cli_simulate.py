@@ -131,6 +131,10 @@ def test_a_site_whose_cap_is_reached_mid_run_refuses_and_the_others_finish(tmp_p
                      "--out", str(tmp_path), "--format", "json")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
+    # --stages federated: the single stage, from a fresh student at the scenario's own rate, as before curricula.
+    assert [stage["stage"] for stage in summary["stages"]] == ["federated"]
+    federation = json.loads((Path(summary["paths"]["run_dir"]) / "config.json").read_text())["federation"]
+    assert "curriculum" not in federation and federation["learning_rate"] == 0.3
     capped, state = site_privacy(summary, "emergency-dept")
     assert capped["rounds_trained"] and capped["rounds_refused"]
     assert max(capped["rounds_trained"]) < min(capped["rounds_refused"])  # it trains, then refuses every later round
