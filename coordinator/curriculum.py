@@ -38,6 +38,8 @@ class CoordinatorStageResult:
     model: nn.Module
     state: dict[str, np.ndarray]
     record: dict[str, Any]
+    # The public records kept out of the stage, on which every later stage is scored too (forgetting).
+    holdout: SplitData | None = None
 
 
 def split_public(public: SplitData, seed: int) -> tuple[SplitData, SplitData]:

@@ -353,7 +353,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             "teacher": _metric(baselines["teacher"]),
             **({"public_only": _metric(baselines["public_only"])} if "public_only" in baselines else {}),
         },
-        "stages": _stage_summaries(scenario, config, coordinator_stage, coordinator.model, federated,
+        "stages": _stage_summaries(scenario, coordinator_stage, coordinator.model, federated,
                                    coordinator.site_local, state_dirs, run_id),
         "size": size,
         "teacher_forward_passes": {name: TeacherLogitCache(d).teacher_forward_passes
@@ -382,19 +382,19 @@ def _coordinator_stage(scenario, config: FederationConfig, run_dir: Path, teache
     reporter.stage(f"coordinator stage: {stage.steps} steps on the public reference set"
                    + (f" plus {stage.synthetic_records:,} teacher-labelled interpolations" if stage.synthetic_records
                       else ""))
-    transfer, _ = split_public(scenario.public, config.seed)
-    result = run_coordinator_stage(scenario.student, transfer, scenario.teacher, teacher_digest(teacher_path), stage,
-                                   config.seed, config.fragment_patterns)
+    transfer, holdout = split_public(scenario.public, config.seed)
+    result = replace(run_coordinator_stage(scenario.student, transfer, scenario.teacher, teacher_digest(teacher_path),
+                                           stage, config.seed, config.fragment_patterns), holdout=holdout)
     save_student(result.model, scenario.student, run_dir / "stages" / "coordinator", config,
                  {"stage": "coordinator", "student_digest": result.record["student_digest"]})
     return result
 
 
-def _stage_summaries(scenario, config: FederationConfig, coordinator_stage: CoordinatorStageResult | None,
+def _stage_summaries(scenario, coordinator_stage: CoordinatorStageResult | None,
                      federated_model, federated: dict[str, Any], site_local: dict[str, Any] | None,
                      state_dirs: list[Path], run_id: str) -> list[dict[str, Any]]:
     """Each stage's student on the sites' test splits and on the coordinator stage's public held-out records."""
-    holdout = split_public(scenario.public, config.seed)[1] if coordinator_stage is not None else None
+    holdout = coordinator_stage.holdout if coordinator_stage is not None else None
 
     def on_holdout(model) -> dict[str, Any] | None:
         if holdout is None:
