@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from client.site import Site
 from distill.cache import TeacherLogitCache
-from distill.evaluate import choose_threshold, classification_metrics
+from distill.evaluate import evaluate_across_sites
 from distill.models import (build_student, fragment_parameter_names, load_student_state, load_teacher, student_state,
                             teacher_digest)
 from distill.train import TrainSettings, distill, predict_proba
@@ -43,13 +43,11 @@ def _accepted_config_hash(site: Site, run_id: str) -> str | None:
     return None
 
 
-def _metrics(model: torch.nn.Module, family: str, val, test) -> dict[str, Any]:
-    """Test metrics at the threshold chosen on the site's own validation split."""
-    val_scores = predict_proba(model, family, val)
-    binary = val_scores.shape[1] == 2
-    threshold = choose_threshold(val.labels, val_scores[:, 1]) if binary else None
-    test_metrics = classification_metrics(test.labels, predict_proba(model, family, test), threshold)
-    return {"threshold": threshold, **{m: test_metrics.get(m) for m in METRIC_NAMES}, "n": test_metrics["n"]}
+def _metrics(model: torch.nn.Module, family: str, splits: Mapping[str, Any]) -> dict[str, Any]:
+    """Test metrics at the threshold chosen on the site's own validation split (the evaluator every run uses)."""
+    evaluation = evaluate_across_sites(lambda split: predict_proba(model, family, split), {"site": splits})
+    overall = evaluation["overall"]
+    return {"threshold": evaluation["threshold"], **{m: overall.get(m) for m in METRIC_NAMES}, "n": overall["n"]}
 
 
 def local_student_dir(site: Site, run_id: str):
@@ -75,7 +73,7 @@ def run_site_local_stage(site: Site, request: LocalStageRequest, global_state: M
                              "student the request names.")
     load_student_state(model, family, global_state)
     splits = site.splits()
-    federated_metrics = _metrics(model, family, splits["val"], splits["test"])
+    federated_metrics = _metrics(model, family, splits)
     outputs = TeacherLogitCache(site.state_dir).outputs(splits["train"], teacher_digest(site.teacher_path),
                                                         lambda: load_teacher(site.teacher_path))
     stage = request.stage
@@ -86,7 +84,7 @@ def run_site_local_stage(site: Site, request: LocalStageRequest, global_state: M
                                     temperature=stage.temperature, alpha=stage.alpha, seed=seed,
                                     optimizer=stage.optimizer), trainable=trainable)
     local_state = student_state(model, family)
-    local_metrics = _metrics(model, family, splits["val"], splits["test"])
+    local_metrics = _metrics(model, family, splits)
     with atomic_directory(local_student_dir(site, request.run_id)) as staging:
         save_file(local_state, str(staging / "model.safetensors"))
         atomic_write_json(staging / "local.json", {
