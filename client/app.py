@@ -76,12 +76,12 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
     # the messages that use it, not by SecAgg+'s key-exchange and unmasking stages.
     @app.query()
     def consider(msg: Message, context: Context) -> Message:
-        from client.train import check_budget
+        from client.train import consider_round
 
         site = Site.load(resolve_state_dir(context))
         instruction = TrainInstruction.from_config(dict(msg.content["config"]))
         try:
-            check_budget(site, instruction, len(site.splits()["train"]))
+            consider_round(site, instruction)
         except BudgetExhausted as refusal:
             return Message(_refusal(site, refusal, instruction), reply_to=msg)
         return Message(RecordDict({"accept": ConfigRecord({"round": instruction.server_round}),

@@ -15,6 +15,7 @@ import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
 from client.privacy import private_distill, private_distill_causal
+from client.replay import TrainingSet, training_set
 from client.site import Site
 from client.teacher import check_teacher_for_run
 from distill.cache import ContinuationCache, TeacherLogitCache, TopKTargetCache
@@ -118,7 +119,8 @@ def check_anchor(site: Site, instruction: TrainInstruction, pinned: str | None, 
     return {"seq": anchor.seq, "hash": anchor.hash, "signature": anchor.signature, "key_fingerprint": fingerprint}
 
 
-def check_budget(site: Site, instruction: TrainInstruction, records: int) -> BudgetCheck:
+def check_budget(site: Site, instruction: TrainInstruction, records: int,
+                 chosen: TrainingSet | None = None) -> BudgetCheck:
     """The site's decision on a round, before any training: calibrates sigma on the run's first round.
 
     The first instruction of a run is recorded as ``run-accepted``, with the calibration and the fingerprint of the
@@ -148,7 +150,7 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int) -> Bud
             "run_id": instruction.run_id, "config_hash": instruction.config_hash, "policy": policy.to_dict(),
             "calibration": asdict(calibration) if calibration else None,
             "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor,
-            "teacher": teacher})
+            "teacher": teacher} | ({"training_set": chosen.summary()} if chosen is not None else {}))
     if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
@@ -179,10 +181,14 @@ def _secret_seed(site: Site, instruction: TrainInstruction) -> int:
     return int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:{instruction.server_round}")[:15], 16)
 
 
-def _distill_classifier(site: Site, instruction: TrainInstruction, student: torch.nn.Module, data: SplitData,
-                        trainable: tuple[str, ...], check: BudgetCheck) -> tuple[TrainOutcome, Spend]:
+def _distill_classifier(site: Site, instruction: TrainInstruction, student: torch.nn.Module, train: SplitData,
+                        trainable: tuple[str, ...], check: BudgetCheck, chosen: TrainingSet) -> tuple[TrainOutcome, Spend]:
+    # The teacher's outputs are cached for the whole training split; the run trains on the chosen records.
     cache = TeacherLogitCache(site.state_dir)
-    outputs = cache.outputs(data, teacher_digest(site.teacher_path), lambda: load_teacher(site.teacher_path))
+    outputs = cache.outputs(train, teacher_digest(site.teacher_path), lambda: load_teacher(site.teacher_path))
+    data = train.subset(chosen.indices)
+    outputs = replace(outputs, logits=outputs.logits[chosen.indices],
+                      hidden=None if outputs.hidden is None else outputs.hidden[chosen.indices])
     projection = None
     if instruction.hidden_alignment_weight > 0 and outputs.hidden is not None:
         projection = _alignment_projection(site, student.config.hidden_size, outputs.hidden.shape[1])
@@ -308,13 +314,14 @@ def _check_causal_data(site: Site, instruction: TrainInstruction, data: SplitDat
 def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
                 student: torch.nn.Module | None = None) -> SiteUpdate:
     """One round's local training; ``student`` is the freshly built student when the caller built it already."""
-    splits = site.splits()
-    if len(splits["train"]) == 0:
+    train = site.splits()["train"]
+    if len(train) == 0:
         raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
     family = instruction.student.family
     if family == "causal_lm":
-        _check_causal_data(site, instruction, splits["train"])
-    check = check_budget(site, instruction, len(splits["train"]))
+        _check_causal_data(site, instruction, train)
+    # The records this run trains on here: all of them, or an incremental run's new ones plus its replay buffer.
+    check, chosen = consider_round(site, instruction, train)
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
     student = student if student is not None else site_student(site, instruction)
     check_tensors(global_state, student_state(student, family),
@@ -322,8 +329,10 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     spec = fragment_spec_for(family, fragment_parameter_names(student, family))
     trainable = spec.parameters_of_all(instruction.fragments)
     load_student_state(student, family, global_state)
-    distill_round = _distill_causal_lm if family == "causal_lm" else _distill_classifier
-    outcome, spend = distill_round(site, instruction, student, splits["train"], trainable, check)
+    if chosen is None:
+        outcome, spend = _distill_causal_lm(site, instruction, student, train, trainable, check)
+    else:
+        outcome, spend = _distill_classifier(site, instruction, student, train, trainable, check, chosen)
 
     state = student_state(student, family)
     # Post-processing of the DP model: no privacy cost. The coordinator rejects any change beyond the bound.
@@ -337,6 +346,26 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     record_spend(site.state_dir, check.state, spend)
     return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend),
                       clipped, check.anchor)
+
+
+def site_training_set(site: Site, instruction: TrainInstruction, train: SplitData) -> TrainingSet:
+    """The records this run trains on at this site (client/replay.py), chosen when the site first considers it."""
+    def teacher_logits() -> np.ndarray:
+        return TeacherLogitCache(site.state_dir).outputs(train, teacher_digest(site.teacher_path),
+                                                         lambda: load_teacher(site.teacher_path)).logits
+
+    trained_runs = {spend.run_id for spend in PrivacyState.load(site.state_dir).spends} - {instruction.run_id}
+    return training_set(site.state_dir, site.name, instruction.run_id, instruction.training_records,
+                        instruction.replay_min_entropy, train, site.noise_secret(), trained_runs, teacher_logits)
+
+
+def consider_round(site: Site, instruction: TrainInstruction,
+                   train: SplitData | None = None) -> tuple[BudgetCheck, TrainingSet | None]:
+    """The site's answer to a round (its query, then its training message): its budget decides, for the records
+    the run trains on here. A causal-LM run trains on every text (None: no training set is chosen)."""
+    train = site.splits()["train"] if train is None else train
+    chosen = None if instruction.student.family == "causal_lm" else site_training_set(site, instruction, train)
+    return check_budget(site, instruction, len(train) if chosen is None else len(chosen.indices), chosen), chosen
 
 
 def site_ledger(site: Site) -> Ledger:

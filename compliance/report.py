@@ -1027,10 +1027,18 @@ def _classifier_stages(ev: RunEvidence) -> list[dict[str, Any]]:
                        **_pick(record, COORDINATOR_STAGE_KEYS)})
     f = ev.federation
     federated = next((s for s in f.get("curriculum", []) if s["where"] == "federated"), {})
-    stages.append({"stage": "federated", "data": "each site's private training split, under its DP-SGD budget"
-                                                 if f.get("target_epsilon") is not None else
-                                                 "each site's private training split (no DP)",
-                   "starts_from": "the coordinator stage's student" if record else "a fresh student (seeded)",
+    continues = f.get("continues")
+    split = "each site's private training split" if federated.get("records", "all") == "all" else (
+        "the records of each site's training split it had not trained on in an earlier run"
+        + (f", plus its replay buffer (earlier records whose teacher entropy is at least "
+           f"{federated['replay_min_entropy']:g} of its maximum)" if federated.get("replay_min_entropy") is not None
+           else ""))
+    stages.append({"stage": "federated", "data": f"{split}, under its DP-SGD budget"
+                                                 if f.get("target_epsilon") is not None else f"{split} (no DP)",
+                   "starts_from": "the coordinator stage's student" if record else (
+                       f"the final student of run {continues['run_id']} (digest {continues['student_digest']}), "
+                       "which verified before this run started; its sites' lifetime budgets go on"
+                       if continues else "a fresh student (seeded)"),
                    **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
                    "fragments": federated.get("fragments") or "all",
                    "epsilon": "per site, section 4"})

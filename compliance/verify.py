@@ -6,7 +6,9 @@ names the file and what failed:
 1. the run configuration: ``config.json``'s ``config_hash`` is the hash of its ``federation`` section;
 2. the coordinator's ledger: chain, hashes and every checkpoint signature (``ledger_key.pub.pem``); its
    run-started event names the same config hash; a curriculum's coordinator stage is recorded there with the
-   config's settings, no site record read and epsilon 0, and ``stages/coordinator/`` hashes to its digest;
+   config's settings, no site record read and epsilon 0, and ``stages/coordinator/`` hashes to its digest; a run
+   that continues an earlier one (``--from``) started from ``stages/start/``, which hashes to the final student
+   the config names, and the earlier run's ledger, when it is beside this run, still holds the recorded head;
 3. every site's ledger (``sites/<site>/``): chain and signatures with the site's own public key;
 4. cross-signatures: every site head a coordinator checkpoint recorded is in that site's ledger;
 5. the sites anchor the coordinator: every site pinned the fingerprint of the coordinator's key in its
@@ -46,6 +48,8 @@ from protocols.errors import LedgerTampered
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
 EPSILON_TOLERANCE = 0.02
+# Where a continuing run (--from) keeps the student it started from.
+START_DIR = Path("stages") / "start"
 
 
 VERIFIED, INCOMPLETE = "verified", "incomplete"
@@ -224,6 +228,15 @@ def _verify_rounds(run_dir: Path, events: list[dict[str, Any]], report: AuditRep
     return done["student_digest"]
 
 
+def _arrays_of(path: Path) -> dict[str, Any]:
+    """A student's tensors; a file that is not a safetensors file is evidence that fails, not a crash."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise LedgerTampered(f"{path} cannot be read as a safetensors file ({type(err).__name__}); the student "
+                             "there is not the one the ledger records.") from None
+
+
 def _verify_student(run_dir: Path, digest: str | None, report: AuditReport) -> None:
     path = run_dir / "student" / "model.safetensors"
     if digest is None:
@@ -231,7 +244,7 @@ def _verify_student(run_dir: Path, digest: str | None, report: AuditReport) -> N
     if not path.is_file():
         raise LedgerTampered(f"{path} is missing (missing evidence): the ledger records a final student "
                              f"{digest[:12]}....")
-    actual = digest_arrays(load_file(str(path)))
+    actual = digest_arrays(_arrays_of(path))
     if actual != digest:
         raise LedgerTampered(f"{path}: the student's weights hash to {actual[:12]}..., not {digest[:12]}..., the "
                              "digest the signed ledger records for the final round; the student was swapped.")
@@ -261,13 +274,55 @@ def _verify_coordinator_stage(run_dir: Path, started: dict[str, Any], report: Au
     if not path.is_file():
         raise LedgerTampered(f"{path} is missing (missing evidence): the ledger records the coordinator stage's "
                              f"student {record['student_digest'][:12]}....")
-    actual = digest_arrays(load_file(str(path)))
+    actual = digest_arrays(_arrays_of(path))
     if actual != record["student_digest"]:
         raise LedgerTampered(f"{path}: the coordinator stage's student hashes to {actual[:12]}..., not "
                              f"{record['student_digest'][:12]}..., the digest its signed record names.")
     report.checks.append(f"coordinator stage: {record['public_records']} public record(s) plus "
                          f"{record['synthetic_records']} synthetic, no site record, epsilon 0; stages/coordinator/ "
                          "hashes to its signed digest")
+
+
+def _verify_continuation(run_dir: Path, started: dict[str, Any], report: AuditReport) -> None:
+    """A continuing run (``--from``): it started from the final student of the run its config names.
+
+    ``stages/start/`` must hash to the recorded digest. When the earlier run's directory is beside this one (the
+    same runs folder), its ledger must still hold the recorded head and that final student; otherwise the check says
+    so, since the head could not be compared.
+    """
+    recorded = started["config"].get("continues")
+    if recorded is None:
+        return
+    path = run_dir / START_DIR / "model.safetensors"
+    if not path.is_file():
+        raise LedgerTampered(f"{path} is missing (missing evidence): the run config says the run continues run "
+                             f"{recorded['run_id']} from student {recorded['student_digest'][:12]}....")
+    if digest_arrays(_arrays_of(path)) != recorded["student_digest"]:
+        raise LedgerTampered(f"{path}: the starting student is not the one the run config names "
+                             f"({recorded['student_digest'][:12]}...).")
+    for sibling in sorted(p for p in run_dir.parent.iterdir() if p.is_dir() and p != run_dir):
+        try:
+            run_id = json.loads((sibling / "config.json").read_text()).get("run_id")
+        except (OSError, ValueError):
+            continue
+        if run_id != recorded["run_id"]:
+            continue
+        if not (sibling / "ledger.jsonl").is_file():
+            raise LedgerTampered(f"{sibling / 'ledger.jsonl'} is missing (missing evidence): this run continues run "
+                                 f"{run_id}, whose directory is beside it.")
+        prior = read_events(sibling / "ledger.jsonl")
+        finished = [e["payload"] for e in prior if e["kind"] == "run-finished"]
+        if not any(e["hash"] == recorded["ledger_head"] for e in prior) or not finished \
+                or finished[-1]["student_digest"] != recorded["student_digest"]:
+            raise LedgerTampered(f"{sibling / 'ledger.jsonl'}: run {run_id}'s ledger no longer holds the head "
+                                 f"{recorded['ledger_head'][:12]}... and the final student this run continued from; "
+                                 "its history was rewritten.")
+        report.checks.append(f"continues run {run_id} ({sibling.name}): stages/start/ is its final student, and its "
+                             "ledger holds the recorded head")
+        return
+    report.checks.append(f"continues run {recorded['run_id']}: stages/start/ hashes to the recorded final student; "
+                         "that run's directory is not beside this one, so its ledger head was not compared (verify it "
+                         "on its own)")
 
 
 def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events: dict[str, list[dict[str, Any]]],
@@ -293,7 +348,7 @@ def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events:
             raise LedgerTampered(f"{where}: the site-local metrics the coordinator recorded are not the ones the "
                                  "site released.")
         kept = run_dir / "sites" / site / event["kept_at"] / "model.safetensors"
-        if kept.is_file() and digest_arrays(load_file(str(kept))) != event["local_student_digest"]:
+        if kept.is_file() and digest_arrays(_arrays_of(kept)) != event["local_student_digest"]:
             raise LedgerTampered(f"{kept}: the site's local student does not hash to the digest its ledger records.")
     report.checks.append(f"site-local stage: {len(stage['sites'])} site(s)' released metrics match their own "
                          "ledgers, and every kept copy its recorded digest")
@@ -335,6 +390,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
         report.checks.append("coordinator ledger: the base student's provenance names the config's base_digest"
                              + (" (a public stage made it)" if base.get("public_stage") else ""))
     _verify_coordinator_stage(run_dir, started[0]["payload"], report)
+    _verify_continuation(run_dir, started[0]["payload"], report)
     report.checks.append(f"coordinator ledger: {coordinator.events} events, {coordinator.checkpoints} signed "
                          "checkpoints verify")
     site_dirs = sorted(p for p in (run_dir / "sites").iterdir() if p.is_dir()) if (run_dir / "sites").is_dir() else []

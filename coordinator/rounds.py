@@ -27,7 +27,7 @@ from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
 from protocols.canonical import atomic_write_bytes, canonical_json, digest_arrays
 from protocols.config import FederationConfig
-from protocols.curriculum import stage_of
+from protocols.curriculum import Stage, stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
@@ -46,8 +46,9 @@ class Coordinator:
                  on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None,
                  transport: dict[str, Any] | None = None, coordinator_stage: dict[str, Any] | None = None,
                  initial_state: dict[str, np.ndarray] | None = None) -> None:
-        """``initial_state`` is the student a coordinator stage produced (coordinator.curriculum) and
-        ``coordinator_stage`` that stage's record, whose digest it must match; the rounds start from it."""
+        """``initial_state`` is the student the rounds start from: the one a coordinator stage produced
+        (coordinator.curriculum), with ``coordinator_stage`` that stage's record, or the finished student of the run
+        the config continues (``config.continues``, coordinator.continuation). Its digest must be the one named."""
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
@@ -55,23 +56,29 @@ class Coordinator:
         self.family = config.student.family
         self.model = build_student(config.student)
         self.coordinator_stage = coordinator_stage
-        if (initial_state is None) != (coordinator_stage is None):
-            raise ValueError("a coordinator stage's student and its record come together")
+        continues = config.continues
+        if (initial_state is None) != (coordinator_stage is None and continues is None):
+            raise ValueError("a starting student comes with its coordinator stage's record or the run it continues")
+        if coordinator_stage is not None and continues is not None:
+            raise ConfigError("run config: a run continues an earlier run's student or starts from a coordinator "
+                              "stage, not both.")
         if initial_state is None and stage_of(config.curriculum, "coordinator") is not None:
             raise ConfigError("run config: the curriculum names a coordinator stage, but no stage's student was "
                               "handed to the coordinator; a deployed run (fedistill run) has no public set or teacher "
                               "at the coordinator yet. Remove the coordinator stage from its curriculum.")
         if initial_state is not None:
-            if digest_arrays(initial_state) != coordinator_stage["student_digest"]:
-                raise LedgerTampered("the coordinator stage's student is not the one its record names (digest "
-                                     "mismatch); run the stage again.")
+            expected = continues.student_digest if continues is not None else coordinator_stage["student_digest"]
+            if digest_arrays(initial_state) != expected:
+                raise LedgerTampered("the starting student is not the one " + (
+                    f"run {continues.run_id}'s ledger records as its final student" if continues is not None else
+                    "the coordinator stage's record names") + " (digest mismatch); " + (
+                    "start again from that run's student/ folder." if continues is not None else "run the stage again."))
             load_student_state(self.model, self.family, initial_state)
         self.state = student_state(self.model, self.family)
         self.spec = fragment_spec_for(self.family, fragment_parameter_names(self.model, self.family),
                                       config.fragment_patterns)
-        federated = stage_of(config.curriculum, "federated")
-        self._federated_fragments = federated.fragments if federated else ()
-        self.spec.restricted_to(self._federated_fragments)  # an unknown fragment fails here, before any round
+        self._federated = stage_of(config.curriculum, "federated") or Stage("federated")
+        self.spec.restricted_to(self._federated.fragments)  # an unknown fragment fails here, before any round
         local = stage_of(config.curriculum, "site-local")
         self.spec.restricted_to(local.fragments if local else ())
         self.site_local: dict[str, Any] | None = None
@@ -123,7 +130,7 @@ class Coordinator:
         c = self.config
         return TrainInstruction(
             server_round=server_round, total_rounds=c.rounds,
-            fragments=planned_fragments(c.fragment_plan, self.spec.restricted_to(self._federated_fragments),
+            fragments=planned_fragments(c.fragment_plan, self.spec.restricted_to(self._federated.fragments),
                                         server_round, c.rounds),
             temperature=temperature_at(server_round, c.rounds, c.temperature_schedule, c.temperature_start,
                                        c.temperature_end),
@@ -133,7 +140,8 @@ class Coordinator:
             config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
             target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
             secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
-            max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor())
+            max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor(),
+            training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy)
 
     @property
     def reported_ledger_seqs(self) -> dict[str, int]:

@@ -129,6 +129,13 @@ def _render_privacy(summary: dict[str, Any], console: Console) -> None:
         spent = site["epsilon"] if isinstance(site["epsilon"], str) else f"{site['epsilon']:.3f}"
         delta = "" if site["delta"] is None else f" at delta {site['delta']:.2g}"
         refused = f", refused rounds {site['rounds_refused']}" if site["rounds_refused"] else ""
+        lifetime = site.get("epsilon_lifetime")
+        if site.get("runs_in_account", 1) > 1 and lifetime is not None:
+            spent_life = lifetime if isinstance(lifetime, str) else f"{lifetime:.3f}"
+            refused += f"; lifetime epsilon {spent_life} over {site['runs_in_account']} runs"
+        chosen = site.get("training_set")
+        if chosen is not None and chosen["records"] == "new":
+            refused += f"; trained on {chosen['new']} new record(s) plus {chosen['replay']} replayed"
         console.print(f"  {name}: epsilon {spent}{delta}{refused}; up to {site['max_records_per_person']} "
                       "record(s) per person")
     if summary["stopped"]:
@@ -224,6 +231,17 @@ def simulate_command(
     drop_rate: float = typer.Option(0.0, help="Fault injection: each site crashes in a round with this probability."),
     fail_site: list[str] = typer.Option([], help="Fault injection: SITE:ROUND crashes that site in that round "
                                                  "(repeatable)."),
+    from_run: Path | None = typer.Option(None, "--from", help="RUN_DIR: continue that finished run, from its "
+                                                              "student, once it verifies; its sites go on with their "
+                                                              "ledgers and lifetime budgets."),
+    data_share: float = typer.Option(1.0, help="Each site trains on this share of its persons (the rest arrives "
+                                               "later: run again with --from and a larger share)."),
+    incremental: bool = typer.Option(False, "--incremental", help="Each site trains only on records it has not "
+                                                                  "trained on in an earlier run, plus its replay "
+                                                                  "buffer."),
+    replay_min_entropy: float | None = typer.Option(None, help="With --incremental: replay earlier records whose "
+                                                               "teacher entropy is at least this share of its "
+                                                               "maximum (0-1); default: no replay."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
                                                         "json, html, pdf; fedistill report) and print where."),
@@ -243,7 +261,9 @@ def simulate_command(
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
                                     secure_aggregation=secure_aggregation, preset=preset,
-                                    stages=parse_stages(stages) if stages is not None else None)
+                                    stages=parse_stages(stages) if stages is not None else None,
+                                    from_run=from_run, data_share=data_share, incremental=incremental,
+                                    replay_min_entropy=replay_min_entropy)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from protocols.canonical import digest_json
-from protocols.curriculum import Stage, parse_curriculum
+from protocols.curriculum import Continuation, Stage, parse_curriculum, stage_of
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
 from protocols.secagg import SecureAggregationSettings
@@ -230,8 +230,14 @@ class FederationConfig:
     min_cohort: int = 3
     # The run's stages (protocols/curriculum.py); empty: the federated rounds alone.
     curriculum: tuple[Stage, ...] = ()
+    # The finished run whose student this run starts from (``--from RUN_DIR``); None: a fresh student.
+    continues: Continuation | None = None
 
     def __post_init__(self) -> None:
+        if self.continues is not None and stage_of(self.curriculum, "coordinator") is not None:
+            raise ConfigError("run config: a run that continues an earlier run (--from) starts from that run's "
+                              "student, so it has no coordinator stage; remove the coordinator stage from its "
+                              "curriculum.")
         if self.quantization_range > 2**31 - 1:
             raise ConfigError("run config: field 'quantization_range' must stay below 2**31: Flower quantizes to int32.")
         if self.student.family == "causal_lm":
@@ -272,6 +278,9 @@ class FederationConfig:
         data.pop("curriculum")
         if self.curriculum:
             data["curriculum"] = [stage.to_dict() for stage in self.curriculum]
+        data.pop("continues")
+        if self.continues is not None:
+            data["continues"] = self.continues.to_dict()
         data["schema_version"] = SCHEMA_VERSION
         return data
 
@@ -296,6 +305,7 @@ class FederationConfig:
         return cls(
             student=student,
             curriculum=parse_curriculum(raw.get("curriculum"), student.family, where),
+            continues=None if raw.get("continues") is None else Continuation.from_dict(raw["continues"], where),
             rounds=_int(raw, "rounds", where, 1, cls.rounds),
             fragment_plan=_choice(raw, "fragment_plan", where, FRAGMENT_PLANS, cls.fragment_plan),
             fragment_patterns=patterns,

@@ -28,6 +28,9 @@ from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
 
 STAGE_PLACES = ("coordinator", "federated", "site-local")
+# What a federated stage trains on at each site: every training record, or (incremental) only the records the site
+# did not train on in an earlier run, plus its replay buffer (client/replay.py).
+TRAINING_RECORDS = ("all", "new")
 STAGE_OPTIMIZERS = ("sgd", "adam")
 # The most teacher-labelled synthetic records a coordinator stage may add: the transfer set stays in memory.
 MAX_SYNTHETIC_RECORDS = 2_000_000
@@ -51,6 +54,11 @@ class Stage:
     # Coordinator stage of a tabular student: mixup interpolations of public records, labelled by the public
     # teacher at the coordinator, added to the transfer set (0: the public records alone).
     synthetic_records: int = 0
+    # Federated stage: "new" trains each site on the records it has not trained on before (an incremental run),
+    # plus, when ``replay_min_entropy`` is set, its replay buffer: the earlier records the teacher finds hard, whose
+    # predictive entropy (temperature 1) is at least that share of its maximum, log(classes).
+    records: str = "all"
+    replay_min_entropy: float | None = None
 
     @property
     def trains_here(self) -> bool:
@@ -58,7 +66,10 @@ class Stage:
 
     def to_dict(self) -> dict[str, Any]:
         if self.where == "federated":
-            return {"where": "federated", "fragments": list(self.fragments)}
+            # The incremental fields only when set, so that an earlier federated stage keeps its config hash.
+            return {"where": "federated", "fragments": list(self.fragments)} | (
+                {"records": self.records} if self.records != "all" else {}) | (
+                {"replay_min_entropy": self.replay_min_entropy} if self.replay_min_entropy is not None else {})
         out: dict[str, Any] = {"where": self.where, "steps": self.steps, "batch_size": self.batch_size,
                                "optimizer": self.optimizer, "learning_rate": self.learning_rate,
                                "alpha": self.alpha, "temperature": self.temperature,
@@ -75,9 +86,20 @@ class Stage:
         if place not in STAGE_PLACES:
             raise ConfigError(f"{where}: field 'where' must be one of {', '.join(STAGE_PLACES)}, got {place!r}.")
         if place == "federated":
-            reject_unknown_fields(raw, ("where", "fragments"), f"{where} (federated: its settings are the run "
-                                                                "config's own rounds, local_steps, learning_rate ...)")
-            return cls("federated", fragments=_fragments(raw, where))
+            reject_unknown_fields(raw, ("where", "fragments", "records", "replay_min_entropy"),
+                                  f"{where} (federated: its settings are the run config's own rounds, local_steps, "
+                                  "learning_rate ...)")
+            records = raw.get("records", "all")
+            if records not in TRAINING_RECORDS:
+                raise ConfigError(f"{where}: field 'records' must be one of {', '.join(TRAINING_RECORDS)} (new: an "
+                                  f"incremental run on the records a site has not trained on before), got {records!r}.")
+            replay = (None if raw.get("replay_min_entropy") is None
+                      else _number(raw, "replay_min_entropy", where, None, 0.0, 1.0))
+            if replay is not None and records != "new":
+                raise ConfigError(f"{where}: field 'replay_min_entropy' sets the replay buffer of an incremental run; set "
+                                  "'records' to \"new\" as well, or remove it (with every record, there is nothing "
+                                  "to replay).")
+            return cls("federated", fragments=_fragments(raw, where), records=records, replay_min_entropy=replay)
         allowed = ("where", *_TRAINING_FIELDS) + (("synthetic_records",) if place == "coordinator" else ())
         reject_unknown_fields(raw, allowed, where)
         steps, batch_size = raw.get("steps"), raw.get("batch_size")
@@ -143,6 +165,11 @@ def parse_curriculum(raw: Any, family: str, where: str = "run config") -> tuple[
     if family == "causal_lm" and "site-local" in places:
         raise ConfigError(f"{where}: a site-local stage is built for classification students (mlp, bert) only; "
                           "remove it from the causal-LM run's 'curriculum'.")
+    federated = stage_of(stages, "federated")
+    if family == "causal_lm" and federated is not None and federated.records != "all":
+        raise ConfigError(f"{where}: incremental rounds (federated stage 'records' = \"new\") are built for "
+                          "classification students (mlp, bert) only; remove 'records' from the causal-LM run's "
+                          "federated stage.")
     for stage in stages:
         if stage.synthetic_records and family != "mlp":
             raise ConfigError(f"{where}: the coordinator stage's 'synthetic_records' interpolates tabular records; "
@@ -152,3 +179,34 @@ def parse_curriculum(raw: Any, family: str, where: str = "run config") -> tuple[
 
 def stage_of(stages: Sequence[Stage], place: str) -> Stage | None:
     return next((stage for stage in stages if stage.where == place), None)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """The finished run a run continues from (``--from RUN_DIR``): its student is this run's starting point.
+
+    Checked against that run's signed ledger before the run starts (coordinator/continuation.py), and part of the
+    config, so every site's config hash covers which student the run starts from.
+    """
+
+    run_id: str
+    config_hash: str
+    # The digest of the student the earlier run's run-finished event records, and the hash of that event.
+    student_digest: str
+    ledger_head: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"run_id": self.run_id, "config_hash": self.config_hash, "student_digest": self.student_digest,
+                "ledger_head": self.ledger_head}
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> Continuation:
+        fields = ("run_id", "config_hash", "student_digest", "ledger_head")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: field 'continues' must be a table with {', '.join(fields)}, got {raw!r}.")
+        reject_unknown_fields(raw, fields, f"{where} continues")
+        for name in fields:
+            if not isinstance(raw.get(name), str) or not raw[name]:
+                raise ConfigError(f"{where}: field 'continues.{name}' must be a non-empty string; `--from RUN_DIR` "
+                                  "fills it in from the earlier run's ledger.")
+        return cls(*(raw[name] for name in fields))

@@ -90,6 +90,9 @@ class TrainInstruction:
     # Binds every reply to this run and round: a reply must echo the nonce (see check_binding).
     nonce: str = ""
     anchor: CoordinatorAnchor | None = None
+    # The federated stage's training records ("all", or "new" for an incremental run) and replay threshold.
+    training_records: str = "all"
+    replay_min_entropy: float | None = None
 
     @property
     def private(self) -> bool:
@@ -98,8 +101,10 @@ class TrainInstruction:
     def to_config(self) -> dict[str, Any]:
         """Flat scalars and lists, the shape of a Flower ConfigRecord."""
         optional = {key: value for key, value in (("target-epsilon", self.target_epsilon),
-                                                  ("target-delta", self.target_delta)) if value is not None}
+                                                  ("target-delta", self.target_delta),
+                                                  ("replay-min-entropy", self.replay_min_entropy)) if value is not None}
         return optional | {
+            "training-records": self.training_records,
             "schema-version": SCHEMA_VERSION,
             "server-round": self.server_round,
             "total-rounds": self.total_rounds,
@@ -166,6 +171,8 @@ class TrainInstruction:
             max_update_norm=float(config["max-update-norm"]),
             nonce=str(config["nonce"]),
             anchor=_anchor_from(config["coordinator-anchor"]),
+            training_records=str(config.get("training-records", "all")),
+            replay_min_entropy=float(config["replay-min-entropy"]) if "replay-min-entropy" in config else None,
         )
 
 

@@ -13,8 +13,10 @@ directory (same seed, same splits, baselines trained once) and writes ``sweep.js
 
 from __future__ import annotations
 
+import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -26,17 +28,20 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors.numpy import load_file
 
+from client.replay import TRAINING_SETS_FILE
 from client.site import create_site
+from compliance.continuation import continuation_of, keep_start
 from coordinator.checkpoint import save_student
 from coordinator.curriculum import CoordinatorStageResult, run_coordinator_stage, split_public
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
+from distill.data import SplitData
 from distill.evaluate import classification_metrics, evaluate_across_sites
 from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
 from protocols.canonical import atomic_write_json, sha256_hex
-from protocols.curriculum import stage_of
+from protocols.curriculum import Continuation, stage_of
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
 from simulations.baselines import run_baselines
@@ -78,6 +83,14 @@ class SimulationOptions:
     preset: str | None = None
     # The curriculum's stages by place, in order (protocols/curriculum.py); None: the scenario's default ones.
     stages: tuple[str, ...] | None = None
+    # A finished run (its directory) whose student and sites this run continues: budgets compose across the two.
+    from_run: Path | None = None
+    # Each site's training split limited to this share of its persons (data that has not arrived yet).
+    data_share: float = 1.0
+    # Incremental: each site trains on the records it has not trained on before, plus (when set) its replay
+    # buffer of earlier records on which the teacher's entropy is at least this share of its maximum.
+    incremental: bool = False
+    replay_min_entropy: float | None = None
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -110,6 +123,10 @@ class SimulationOptions:
             raise ConfigError(f"--drop-rate must be in [0, 1], got {self.drop_rate}.")
         if self.min_sites is not None and self.min_sites < 1:
             raise ConfigError(f"--min-sites must be at least 1, got {self.min_sites}.")
+        if not 0.0 < self.data_share <= 1.0:
+            raise ConfigError(f"--data-share must be in (0, 1], got {self.data_share}.")
+        if self.replay_min_entropy is not None and not self.incremental:
+            raise ConfigError("--replay-min-entropy sets an incremental run's replay buffer; add --incremental.")
 
 
 class Reporter(Protocol):
@@ -167,7 +184,7 @@ def _local_only_summary(local: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _federation_config(options: SimulationOptions, scenario) -> FederationConfig:
+def _federation_config(options: SimulationOptions, scenario, continues: Continuation | None = None) -> FederationConfig:
     overrides: dict[str, Any] = {key: value for key, value in (
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
@@ -175,12 +192,23 @@ def _federation_config(options: SimulationOptions, scenario) -> FederationConfig
         ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
         overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
-    curriculum = scenario.curriculum(options.stages)
+    stages = options.stages
+    if stages is None and continues is not None:
+        # A continuing run starts from the earlier run's student: the scenario's coordinator stage has no place.
+        stages = tuple(place for place in scenario.default_stages if place != "coordinator")
+    curriculum = scenario.curriculum(stages)
+    if options.incremental:
+        curriculum = curriculum or [{"where": "federated"}]
+        federated = next(stage for stage in curriculum if stage["where"] == "federated")
+        federated |= {"records": "new"} | ({"replay_min_entropy": options.replay_min_entropy}
+                                           if options.replay_min_entropy is not None else {})
     defaults = dict(scenario.federation_defaults)
-    if any(stage["where"] == "coordinator" for stage in curriculum):
+    if continues is not None or any(stage["where"] == "coordinator" for stage in curriculum):
+        # A distilled start, from a coordinator stage or an earlier run, wants the gentler federated steps.
         defaults |= scenario.after_coordinator_stage
     return FederationConfig.from_dict({**defaults, **overrides, "student": scenario.student,
-                                       "seed": options.seed, **({"curriculum": curriculum} if curriculum else {})},
+                                       "seed": options.seed, **({"curriculum": curriculum} if curriculum else {}),
+                                       **({"continues": continues.to_dict()} if continues is not None else {})},
                                       where="simulation options")
 
 
@@ -194,6 +222,18 @@ def _prepare_sites(scenario, options: SimulationOptions) -> None:
         for offset, splits in enumerate(scenario.sites.values()):
             splits["train"] = splits["train"].limit_records_per_person(options.max_records_per_person,
                                                                        options.seed + offset)
+    if options.data_share < 1.0:
+        for offset, splits in enumerate(scenario.sites.values()):
+            splits["train"] = _share_of_persons(splits["train"], options.data_share, options.seed + offset)
+
+
+def _share_of_persons(train: SplitData, share: float, seed: int) -> SplitData:
+    """The records of the first ``share`` of the split's persons, in a fixed order: a later run with a larger share
+    holds these and more, as a site whose new records arrived."""
+    groups = train.groups if len(train.groups) else np.arange(len(train))
+    persons = np.random.default_rng(seed).permutation(np.unique(groups))
+    kept = set(persons[:max(1, math.ceil(share * len(persons)))].tolist())
+    return train.subset(np.flatnonzero([g in kept for g in groups]))
 
 
 def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, bounded: bool) -> dict[str, Any]:
@@ -204,8 +244,11 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
     spends = state.run_spends(run_id)
     delta = calibration.delta if calibration else None
     epsilon = state.epsilon(delta, policy.accountant, run_id) if delta else (math.inf if spends else 0.0)
+    lifetime = state.epsilon(delta, policy.accountant) if delta else (math.inf if state.spends else 0.0)
     out: dict[str, Any] = {
         "epsilon": json_epsilon(epsilon), "delta": delta,
+        # Every run this site took part in (a continuing run's sites keep their account): what its lifetime cap sees.
+        "epsilon_lifetime": json_epsilon(lifetime), "runs_in_account": len({s.run_id for s in state.spends}),
         "accountant": policy.accountant, "cap_per_run": policy.epsilon_per_run,
         "cap_lifetime": policy.epsilon_lifetime,
         "noise_multiplier": calibration.noise_multiplier if calibration else None,
@@ -216,6 +259,11 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
         "max_records_per_person": train_records_per_person,
         "records_per_person_bounded": bounded,
     }
+    sets = state_dir / TRAINING_SETS_FILE
+    chosen = json.loads(sets.read_text())["runs"].get(run_id) if sets.is_file() else None
+    if chosen is not None:
+        out["training_set"] = {"records": chosen["mode"], "trained_on": len(chosen["keys"]), "new": chosen["new"],
+                               "replay": chosen["replay"]}
     k = train_records_per_person
     if delta and math.isfinite(epsilon) and k >= 1:
         # Group privacy: a person with k records is protected at (k eps, k e^((k-1) eps) delta).
@@ -236,7 +284,11 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample,
                                                                options.preset, Path(options.out) / ".cache",
                                                                progress=reporter.stage))
-    config = _federation_config(options, scenario)
+    continues, start_state = (continuation_of(options.from_run, scenario.student) if options.from_run is not None
+                              else (None, None))
+    if options.from_run is not None:
+        _check_same_sites(options.from_run, scenario)
+    config = _federation_config(options, scenario, continues)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "
                           f"{len(scenario.sites)}; use --sites {config.min_cohort} or more, or --no-secure-aggregation.")
@@ -250,11 +302,15 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         "sites": list(scenario.sites), "seed": options.seed, "subsample": options.subsample,
         "site_caps": options.site_caps, "accountant": options.accountant,
         "fault_injection": {"drop_rate": options.drop_rate, "fail_sites": [list(f) for f in options.fail_sites]},
-        "max_records_per_person": options.max_records_per_person,
+        "max_records_per_person": options.max_records_per_person, "data_share": options.data_share,
+        "from_run": str(Path(options.from_run).resolve()) if options.from_run is not None else None,
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
     coordinator_stage = _coordinator_stage(scenario, config, run_dir, teacher_path, reporter)
+    if options.from_run is not None:
+        keep_start(run_dir, options.from_run)
+        reporter.stage(f"continuing run {continues.run_id}: its student, and its sites' ledgers and budgets")
     state_dirs = []
     for name, splits in scenario.sites.items():
         # A simulated site's policy caps each run at the run's target unless --site-cap says otherwise.
@@ -262,6 +318,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
                             accountant=options.accountant, release_local_metrics=True)
         secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
+        if options.from_run is not None:
+            # The same site, later: its ledger, keys, privacy account and training sets go on; its data and teacher
+            # path are this run's.
+            shutil.copytree(Path(options.from_run) / "sites" / name, run_dir / "sites" / name)
         state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
                                       teacher_declaration=scenario.teacher_declaration).state_dir)
 
@@ -277,7 +337,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         reporter.rounds_started(config.rounds)
         return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished,
                            coordinator_stage=coordinator_stage.record if coordinator_stage else None,
-                           initial_state=coordinator_stage.state if coordinator_stage else None)
+                           initial_state=coordinator_stage.state if coordinator_stage else start_state)
 
     privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
@@ -368,6 +428,15 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     if c.get("public_only") is not None and c["federated"] is not None:
         c["federated_minus_public_only"] = c["federated"] - c["public_only"]
     return _write_summary(run_dir, summary)
+
+
+def _check_same_sites(from_run: Path, scenario) -> None:
+    """A continuing simulation runs the earlier run's scenario with the same sites (their state goes on)."""
+    prior = json.loads((Path(from_run) / "config.json").read_text())
+    if prior.get("scenario") != scenario.name or prior.get("sites") != list(scenario.sites):
+        raise ConfigError(f"--from {from_run}: that run is scenario {prior.get('scenario')} with sites "
+                          f"{', '.join(prior.get('sites', []))}; this one is {scenario.name} with "
+                          f"{', '.join(scenario.sites)}. Continue it with the same --scenario, --sites and --seed.")
 
 
 def _coordinator_stage(scenario, config: FederationConfig, run_dir: Path, teacher_path: Path,
