@@ -14,12 +14,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.curriculum import adopt_stage, stage_state
 from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
 from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_json
 from protocols.config import FederationConfig
-from protocols.errors import ConfigError
+from protocols.curriculum import stage_of
+from protocols.errors import ConfigError, LedgerTampered
+from protocols.ledger import resumable_run
 from protocols.messages import LocalStageRequest
 
 log = logging.getLogger("fedistill.coordinator")
@@ -210,7 +213,8 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     """Deployment: ``fedistill run`` passes the whole federation config (JSON) in the Flower run config.
 
     A new run takes Flower's run id as its own; ``resume-run`` names an earlier run to continue instead,
-    in the same run directory, with the same ledger and the same sites' budgets.
+    in the same run directory, with the same ledger and the same sites' budgets. ``coordinator-stage`` is the folder
+    of the curriculum's coordinator stage, which ``fedistill run`` ran before submitting.
     """
     run_config = context.run_config
     for key in ("federation", "out-dir", "min-sites"):
@@ -224,8 +228,9 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     # attested by `fedistill run` from the coordinator directory; it goes into the signed run ledger.
     transport = json.loads(str(run_config.get("transport") or "{}"))
     run_dir = Path(str(run_config["out-dir"])) / run_id
+    record, state = _coordinator_stage(str(run_config.get("coordinator-stage", "")), config, run_id, run_dir, resume)
     coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None,
-                              transport=transport)
+                              transport=transport, coordinator_stage=record, initial_state=state)
     if resume:
         coordinator.resume()
     else:
@@ -234,6 +239,33 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
                                                                   "wait_for_sites": int(run_config["min-sites"])},
             "federation": config.to_dict(), "config_hash": config.config_hash()})
     return coordinator, int(run_config["min-sites"])
+
+
+def _coordinator_stage(directory: str, config: FederationConfig, run_id: str, run_dir: Path, resume: str
+                       ) -> tuple[dict[str, Any] | None, dict[str, np.ndarray] | None]:
+    """(record, student) of the curriculum's coordinator stage, or (None, None) when it has none.
+
+    A new run copies the stage's student into its run directory (where ``fedistill verify`` hashes it); a resumed run
+    starts from that copy again, with the record its signed run-started event holds (Coordinator.resume then keeps a
+    later round's checkpoint, if there is one). The Coordinator refuses a student whose digest is not the record's.
+    """
+    if stage_of(config.curriculum, "coordinator") is None:
+        if directory:
+            raise ConfigError(f"run config key 'coordinator-stage' names {directory}, but the curriculum has no "
+                              "coordinator stage; launch runs with `fedistill run run.toml`.")
+        return None, None
+    if resume:
+        events = resumable_run(run_dir / "ledger.jsonl", run_id, config.config_hash())
+        started = next(e["payload"] for e in events if e["kind"] == "run-started")
+        if "coordinator_stage" not in started:
+            raise LedgerTampered(f"cannot resume run {run_id}: its config names a coordinator stage, but the signed "
+                                 "run-started event records none.")
+        return started["coordinator_stage"], stage_state(run_dir, config)
+    if not directory:
+        raise ConfigError("run config: the curriculum names a coordinator stage, but key 'coordinator-stage' is empty; "
+                          "launch the run with `fedistill run run.toml` and its [coordinator_stage] table, which runs "
+                          "the stage before submitting.")
+    return adopt_stage(Path(directory), run_dir, config)
 
 
 app = build_server_app(coordinator_from_run_config)

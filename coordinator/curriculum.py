@@ -9,28 +9,41 @@ the digest of the student it produced) goes into the coordinator's signed run-st
 
 A slice of the public set (``PUBLIC_HOLDOUT_SHARE`` of its persons) is held out of the stage: it is the stage's own
 held-out set, on which every later stage is evaluated too (forgetting, docs/curriculum.md).
+
+In deployment ``fedistill run`` runs the stage before it submits the run (the run has no id yet), into a folder of
+the coordinator directory (:func:`save_stage`); the ServerApp copies its student into the run directory, where
+``fedistill verify`` looks for it, and starts from that copy (:func:`adopt_stage`, :func:`stage_state`).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from coordinator.checkpoint import MANIFEST, load_student, save_student
 from distill.data import SplitData
 from distill.models import Teacher, build_student, fragment_parameter_names, student_state
 from distill.train import TrainSettings, distill
-from protocols.canonical import digest_arrays
-from protocols.config import StudentSpec
+from protocols.canonical import atomic_directory, atomic_write_json, digest_arrays
+from protocols.config import FederationConfig, StudentSpec
 from protocols.curriculum import Stage
 from protocols.errors import ConfigError
 from protocols.fragments import stage_parameters
 
 SCHEMA_VERSION = 1
 PUBLIC_HOLDOUT_SHARE = 0.2
+# A stage folder written by save_stage: the student (a checkpoint) and the stage's record beside it.
+STAGE_STUDENT = "student"
+STAGE_RECORD = "record.json"
+# Where a run directory keeps its coordinator stage's student (compliance.verify hashes it there).
+RUN_STAGE_DIR = Path("stages") / "coordinator"
 
 
 @dataclass(frozen=True)
@@ -97,3 +110,43 @@ def run_coordinator_stage(spec: StudentSpec, public: SplitData, teacher: Teacher
         "student_digest": digest_arrays(state),
     }
     return CoordinatorStageResult(model, state, record)
+
+
+def save_stage(result: CoordinatorStageResult, spec: StudentSpec, config: FederationConfig, directory: Path) -> Path:
+    """The stage's student (``student/``, with the manifest the simulation writes) and its record
+    (``record.json``) in one folder, replaced whole: no reader finds one stage's record beside another's student."""
+    with atomic_directory(Path(directory)) as staging:
+        save_student(result.model, spec, staging / STAGE_STUDENT, config,
+                     {"stage": "coordinator", "student_digest": result.record["student_digest"]})
+        atomic_write_json(staging / STAGE_RECORD, result.record)
+    return Path(directory)
+
+
+def adopt_stage(directory: Path, run_dir: Path, config: FederationConfig
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(record, student state) of a stage :func:`save_stage` wrote, with its student copied into the run directory
+    first and read back from that copy: the rounds start from the very files ``fedistill verify`` hashes."""
+    directory = Path(directory)
+    student = directory / STAGE_STUDENT
+    if not (directory / STAGE_RECORD).is_file() or not (student / MANIFEST).is_file():
+        raise ConfigError(f"coordinator stage '{directory}' has no {STAGE_RECORD} and {STAGE_STUDENT}/; launch the "
+                          "run with `fedistill run run.toml`, which runs the stage before submitting.")
+    record = json.loads((directory / STAGE_RECORD).read_text())
+    with atomic_directory(Path(run_dir) / RUN_STAGE_DIR) as staging:
+        shutil.copytree(student, staging, dirs_exist_ok=True)
+    return record, stage_state(run_dir, config)
+
+
+def stage_state(run_dir: Path, config: FederationConfig) -> dict[str, np.ndarray]:
+    """The coordinator stage's student kept in ``run_dir`` (what a resumed run starts from again). One made for
+    another configuration is refused here; the Coordinator checks its digest against the stage's signed record."""
+    directory = Path(run_dir) / RUN_STAGE_DIR
+    if not (directory / MANIFEST).is_file():
+        raise ConfigError(f"{directory}: the coordinator stage's student is missing; the run cannot start from it. "
+                          "Restore the folder from a backup, or start a new run with `fedistill run run.toml`.")
+    model, manifest = load_student(directory)
+    if manifest.get("config_hash") != config.config_hash():
+        raise ConfigError(f"{directory}: this coordinator stage's student was made for configuration "
+                          f"{str(manifest.get('config_hash'))[:12]}..., not this run's {config.config_hash()[:12]}...; "
+                          "run the stage again with `fedistill run run.toml`.")
+    return student_state(model, config.student.family)

@@ -8,6 +8,11 @@ A causal-LM student's ``base`` (``[federation.student.settings] base``) is the c
 base student folder: a relative path is taken relative to run.toml, as every path in it, and the folder is
 checked against ``base_digest`` before anything is submitted. Sites do not use this path: each has its own copy
 (site.toml ``[student] base``).
+
+A curriculum's coordinator stage runs here, before submitting (:func:`prepare_coordinator_stage`): run.toml's
+``[coordinator_stage]`` names the public records and the public teacher on this machine, the stage distils the one
+into the student on the other, and the ServerApp starts the rounds from what it saved (key ``coordinator-stage`` of
+Flower's run config). No site record is read.
 """
 
 from __future__ import annotations
@@ -23,14 +28,23 @@ from typing import Any
 import tomli_w
 
 from coordinator.operator import CoordinatorDir, flwr
+from distill.data import SplitData
 from protocols.config import FederationConfig, load_versioned_toml
-from protocols.errors import ConfigError, FedistillError
+from protocols.curriculum import stage_of
+from protocols.errors import ConfigError, DataError, FedistillError
 from protocols.fields import reject_unknown_fields
 from protocols.ledger import resumable_run
 
 SCHEMA_VERSION = 1
 # run.toml's top-level fields; [federation] is FederationConfig's, which refuses unknown fields itself.
-RUN_FIELDS = ("schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes", "federation")
+RUN_FIELDS = ("schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes", "federation",
+              "coordinator_stage")
+# [coordinator_stage]: the public records table (its columns as a classification site's [data] names them) and the
+# public teacher.
+STAGE_FIELDS = ("records", "label", "classes", "features", "person_id", "teacher")
+# A logits file is aligned with the rows of one table; the stage runs its teacher on held-out splits and
+# interpolations of the public records, so it needs a model.
+LOGITS_FILE_SUFFIXES = (".npy", ".npz")
 POLL_S = 3.0
 FINISHED = "finished"
 
@@ -62,9 +76,23 @@ federation = ""
 out-dir = ""
 min-sites = 3
 resume-run = ""
+coordinator-stage = ""
 signing-key = ""
 transport = ""
 """
+
+
+@dataclass(frozen=True)
+class CoordinatorStageFile:
+    """run.toml's ``[coordinator_stage]``: where the coordinator stage's public records and teacher are, and which
+    columns of the records are the label, the features (in the student's input order) and the person."""
+
+    records: Path
+    label: str
+    classes: tuple[str, ...]
+    features: tuple[str, ...]
+    person_id: str | None
+    teacher: Path
 
 
 @dataclass(frozen=True)
@@ -75,6 +103,7 @@ class RunFile:
     wait_for_sites: int
     timeout_s: float
     federation: FederationConfig
+    coordinator_stage: CoordinatorStageFile | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunFile:
@@ -94,19 +123,151 @@ class RunFile:
             raise ConfigError(f"{where}: table [federation] is missing.")
         federation = FederationConfig.from_dict(_with_absolute_base(raw["federation"], path.parent),
                                                 where=f"{where} [federation]")
+        coordinator_stage = _coordinator_stage(raw, federation, path.parent, where)
         if federation.student.family == "causal_lm":
             _check_student_base(federation, where)
         if federation.secure_aggregation and sites < federation.min_cohort:
             raise ConfigError(f"{where}: wait_for_sites={sites} is below [federation] min_cohort="
                               f"{federation.min_cohort}, which secure aggregation needs.")
         return cls(path, CoordinatorDir.load(path.parent / raw["coordinator"]), (path.parent / raw["out_dir"]).resolve(),
-                   sites, float(minutes) * 60, federation)
+                   sites, float(minutes) * 60, federation, coordinator_stage)
 
-    def run_config(self, resume: str | None) -> dict[str, Any]:
+    @property
+    def stage_dir(self) -> Path:
+        """Where the coordinator stage is saved before submitting: the run has no id yet, so the folder is keyed by
+        the configuration (which holds the stage's settings and seed)."""
+        return self.coordinator.path / "stages" / self.federation.config_hash()[:16]
+
+    def run_config(self, resume: str | None, coordinator_stage: Path | None = None) -> dict[str, Any]:
         return {"federation": json.dumps(self.federation.to_dict(), sort_keys=True), "out-dir": str(self.out_dir),
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
+                "coordinator-stage": str(coordinator_stage or ""),
                 "signing-key": str(self.coordinator.signing_key),
                 "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
+
+
+def _coordinator_stage(raw: dict[str, Any], federation: FederationConfig, directory: Path,
+                       where: str) -> CoordinatorStageFile | None:
+    """``[coordinator_stage]``, required exactly when ``[federation] curriculum`` names a coordinator stage."""
+    table, stage = raw.get("coordinator_stage"), stage_of(federation.curriculum, "coordinator")
+    section = f"{where} [coordinator_stage]"
+    if table is None:
+        if stage is not None:
+            raise ConfigError(f"{where}: [federation] curriculum names a coordinator stage, but table "
+                              "[coordinator_stage] is missing; add it with the public records and the public teacher "
+                              "the stage distils from (docs/deploy.md, 'A curriculum in deployment'), or remove the "
+                              "coordinator stage from the curriculum.")
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: coordinator_stage must be a table ([coordinator_stage]), got {table!r}.")
+    reject_unknown_fields(table, STAGE_FIELDS, section)
+    family = federation.student.family
+    if family == "causal_lm":
+        raise ConfigError(f"{section}: a causal-LM run's coordinator stage is its base student's public stage "
+                          "(`fedistill coordinator base-student ... --public`), pinned by base_digest; remove "
+                          "[coordinator_stage].")
+    if family != "mlp":
+        raise ConfigError(f"{section}: the stage reads a table of numeric features, which only an mlp student takes "
+                          f"(its input_dim); a {family} student has none. Remove [coordinator_stage] and the "
+                          "coordinator stage from the curriculum.")
+    if stage is None:
+        raise ConfigError(f"{section}: the table is given, but [federation] curriculum has no coordinator stage; add "
+                          "one ({where = \"coordinator\", steps = ..., ...}, docs/curriculum.md) or remove "
+                          "[coordinator_stage].")
+    label = _stage_text(table, "label", section)
+    classes = _stage_names(table, "classes", section, 2)
+    features = _stage_names(table, "features", section, 1)
+    if label in features:
+        raise ConfigError(f"{section}: label column '{label}' is also listed in features.")
+    settings = federation.student.settings
+    for key, names, setting in (("features", features, "input_dim"), ("classes", classes, "num_classes")):
+        if len(names) != settings.get(setting):
+            raise ConfigError(f"{section}: {key} lists {len(names)} name(s), but the student's {setting} is "
+                              f"{settings.get(setting)!r} ([federation.student] settings); the stage feeds the "
+                              f"student these {key} in this order, so make the two agree.")
+    records, teacher = (directory / _stage_text(table, key, section) for key in ("records", "teacher"))
+    if not records.is_file():
+        raise ConfigError(f"{section}: records '{records}' is not a file; point records at the public records table "
+                          "(.csv, .jsonl or .parquet; relative paths are relative to run.toml).")
+    if not teacher.exists():
+        raise ConfigError(f"{section}: teacher '{teacher}' does not exist; point teacher at the public teacher "
+                          "(a scikit-learn pickle, a TorchScript .pt or a checkpoint folder; relative to run.toml).")
+    if teacher.suffix.lower() in LOGITS_FILE_SUFFIXES:
+        raise ConfigError(f"{section}: teacher '{teacher}' is a logits file, aligned with the rows of one table; the "
+                          "stage runs its teacher on a split of the public records and on their interpolations, so "
+                          "it needs the model itself (a scikit-learn pickle, a TorchScript .pt, a checkpoint folder).")
+    person_id = table.get("person_id", "")
+    if not isinstance(person_id, str):
+        raise ConfigError(f"{section}: person_id must be a column name (a string; \"\" for none), got {person_id!r}.")
+    return CoordinatorStageFile(records.resolve(), label, classes, features, person_id or None, teacher.resolve())
+
+
+def _stage_text(table: dict[str, Any], key: str, section: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{section}: field '{key}' must be set (a string), got {value!r}.")
+    return value
+
+
+def _stage_names(table: dict[str, Any], key: str, section: str, minimum: int) -> tuple[str, ...]:
+    value = table.get(key)
+    if not isinstance(value, list) or len(value) < minimum or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{section}: field '{key}' must be a list of at least {minimum} name(s), got {value!r}.")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{section}: field '{key}' names something twice: {value!r}.")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class CoordinatorStageRun:
+    """What ``fedistill run`` says of the coordinator stage it ran (counts only, never a record)."""
+
+    directory: Path
+    records: int  # public records the stage trained on
+    held_out: int  # public records of the held-out persons, not trained on
+    synthetic_records: int
+    steps: int
+    seconds: float
+    student_digest: str
+
+
+def prepare_coordinator_stage(run: RunFile, read_records: Callable[[CoordinatorStageFile], SplitData]
+                              ) -> CoordinatorStageRun:
+    """The curriculum's coordinator stage, on this machine and before submitting: the public teacher distilled into
+    the run's student on the [coordinator_stage] records, saved in :attr:`RunFile.stage_dir`.
+
+    ``read_records`` is the sites' own reader (client.records, which this package may not import), so that the same
+    columns mean the same at the coordinator and at every site.
+    """
+    # torch and the training stack, only for a run that has the stage (`fedistill run` stays quick without it).
+    from coordinator.curriculum import run_coordinator_stage, save_stage, split_public
+    from distill.models import load_teacher, teacher_digest
+
+    table, stage = run.coordinator_stage, stage_of(run.federation.curriculum, "coordinator")
+    if table is None or stage is None:
+        raise ConfigError(f"{run.path}: no coordinator stage to run; its curriculum and [coordinator_stage] name none.")
+    started = time.perf_counter()
+    try:
+        public = read_records(table)
+    except DataError as err:  # the reader's hints speak of site.toml
+        raise DataError(f"{run.path} [coordinator_stage]: {err} (For the coordinator stage the columns are those "
+                        "[coordinator_stage] names in run.toml.)") from None
+    config = run.federation
+    transfer, held_out = split_public(public, config.seed)
+    if not len(transfer):
+        raise DataError(f"{run.path} [coordinator_stage]: records '{table.records}' hold {len(public)} record(s) of "
+                        "too few persons: all of them fell into the held-out share. The stage needs more public "
+                        "persons (or no person_id, so that each record is its own).")
+    teacher = load_teacher(table.teacher)
+    width = teacher.logits({"x": transfer.inputs["x"][:8]}).shape[-1]
+    if width != len(table.classes):
+        raise DataError(f"{run.path} [coordinator_stage]: teacher '{table.teacher}' gives {width} logit(s) per record, "
+                        f"but classes names {len(table.classes)}; use the teacher of these classes.")
+    result = run_coordinator_stage(config.student, transfer, teacher, teacher_digest(table.teacher), stage, config.seed,
+                                   config.fragment_patterns)
+    directory = save_stage(result, config.student, config, run.stage_dir)
+    return CoordinatorStageRun(directory, len(transfer), len(held_out), stage.synthetic_records, stage.steps,
+                               time.perf_counter() - started, result.record["student_digest"])
 
 
 def _with_absolute_base(federation: dict[str, Any], directory: Path) -> dict[str, Any]:
@@ -170,11 +331,12 @@ def _check_resumable(run: RunFile, resume: str) -> None:
     resumable_run(ledger, resume, run.federation.config_hash())
 
 
-def submit(run: RunFile, resume: str | None = None) -> int:
-    """Start the run on the coordinator; returns Flower's run id."""
+def submit(run: RunFile, resume: str | None = None, coordinator_stage: Path | None = None) -> int:
+    """Start the run on the coordinator; returns Flower's run id. ``coordinator_stage`` is the folder
+    :func:`prepare_coordinator_stage` saved (a resumed run takes its own copy of the stage instead)."""
     if resume is not None:
         _check_resumable(run, resume)
-    app, overrides = _app_dir(run.coordinator, run.run_config(resume))
+    app, overrides = _app_dir(run.coordinator, run.run_config(resume, coordinator_stage))
     answer = flwr(run.coordinator, "run", str(app), "--run-config", str(overrides), timeout=300)
     if not answer.get("success"):
         raise FedistillError(f"the coordinator did not accept the run: {answer.get('error-message')}")
