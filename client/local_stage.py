@@ -44,7 +44,12 @@ def _accepted_config_hash(site: Site, run_id: str) -> str | None:
 
 
 def _metrics(model: torch.nn.Module, family: str, splits: Mapping[str, Any]) -> dict[str, Any]:
-    """Test metrics at the threshold chosen on the site's own validation split (the evaluator every run uses)."""
+    """Test metrics at the threshold chosen on the site's own validation split (the evaluator every run uses).
+
+    A site that keeps no validation and test split (a deployed classification site trains on its whole table) has
+    nothing to score on: its metrics are empty (``n`` 0), and it still fine-tunes and keeps its copy."""
+    if not {"val", "test"} <= set(splits):
+        return {"threshold": None, **{m: None for m in METRIC_NAMES}, "n": 0}
     evaluation = evaluate_across_sites(lambda split: predict_proba(model, family, split), {"site": splits})
     overall = evaluation["overall"]
     return {"threshold": evaluation["threshold"], **{m: overall.get(m) for m in METRIC_NAMES}, "n": overall["n"]}

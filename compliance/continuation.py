@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from safetensors.numpy import load_file
 
-from compliance.verify import START_DIR, VERIFIED, verify_run
-from protocols.canonical import atomic_write_bytes, digest_arrays
+from compliance.verify import VERIFIED, verify_run
+from protocols.canonical import digest_arrays
 from protocols.config import StudentSpec
 from protocols.curriculum import Continuation
 from protocols.errors import ConfigError, LedgerTampered
 from protocols.ledger import read_events
 
-def continuation_of(run_dir: Path, student: StudentSpec) -> tuple[Continuation, dict[str, np.ndarray]]:
-    """The record a continuing run's config carries, and the student it starts from."""
+
+def continuation_of(run_dir: Path, student: StudentSpec) -> Continuation:
+    """The record a continuing run's config carries; its student is ``RUN_DIR/student/model.safetensors``."""
     run_dir = Path(run_dir)
     if not (run_dir / "ledger.jsonl").is_file():
         raise ConfigError(f"--from {run_dir}: no run ledger there; name the directory of a finished run (it holds "
@@ -42,15 +42,7 @@ def continuation_of(run_dir: Path, student: StudentSpec) -> tuple[Continuation, 
                           f"{student.to_dict()}; a run continues only the same student.")
     events = read_events(run_dir / "ledger.jsonl")
     finished = [e["payload"] for e in events if e["kind"] == "run-finished"][-1]
-    state = load_file(str(run_dir / "student" / "model.safetensors"))
-    if digest_arrays(state) != finished["student_digest"]:  # verify_run checked it; the file may change since
+    if digest_arrays(load_file(str(run_dir / "student" / "model.safetensors"))) != finished["student_digest"]:  # verify_run checked it; the file may change since
         raise LedgerTampered(f"--from {run_dir}: student/model.safetensors changed after it verified.")
     return Continuation(run_id=finished["run_id"], config_hash=finished["config_hash"],
-                        student_digest=finished["student_digest"], ledger_head=events[-1]["hash"]), state
-
-
-def keep_start(run_dir: Path, from_dir: Path) -> None:
-    """Keep the starting student in the new run (``stages/start/``): the evidence verify checks the digest of."""
-    target = Path(run_dir) / START_DIR / "model.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(target, (Path(from_dir) / "student" / "model.safetensors").read_bytes())
+                        student_digest=finished["student_digest"], ledger_head=events[-1]["hash"])

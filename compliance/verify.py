@@ -44,12 +44,11 @@ from safetensors.numpy import load_file
 from compliance.report_signature import verify_report
 from protocols.accounting import PrivacyState, Spend, pld_epsilon
 from protocols.canonical import digest_arrays, digest_json, file_sha256
+from protocols.curriculum import START_STUDENT
 from protocols.errors import LedgerTampered
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
 EPSILON_TOLERANCE = 0.02
-# Where a continuing run (--from) keeps the student it started from.
-START_DIR = Path("stages") / "start"
 
 
 VERIFIED, INCOMPLETE = "verified", "incomplete"
@@ -293,7 +292,7 @@ def _verify_continuation(run_dir: Path, started: dict[str, Any], report: AuditRe
     recorded = started["config"].get("continues")
     if recorded is None:
         return
-    path = run_dir / START_DIR / "model.safetensors"
+    path = run_dir / START_STUDENT
     if not path.is_file():
         raise LedgerTampered(f"{path} is missing (missing evidence): the run config says the run continues run "
                              f"{recorded['run_id']} from student {recorded['student_digest'][:12]}....")
@@ -350,8 +349,11 @@ def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events:
         kept = run_dir / "sites" / site / event["kept_at"] / "model.safetensors"
         if kept.is_file() and digest_arrays(_arrays_of(kept)) != event["local_student_digest"]:
             raise LedgerTampered(f"{kept}: the site's local student does not hash to the digest its ledger records.")
+    missing = sorted(set(stage.get("failures", {})) | set(stage.get("rejected", {})))
     report.checks.append(f"site-local stage: {len(stage['sites'])} site(s)' released metrics match their own "
-                         "ledgers, and every kept copy its recorded digest")
+                         "ledgers, and every kept copy its recorded digest"
+                         + (f"; {len(missing)} node(s) ran no site-local stage, as the coordinator recorded "
+                            f"({', '.join(missing)})" if missing else ""))
 
 
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:

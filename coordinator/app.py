@@ -13,14 +13,15 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from safetensors.numpy import load_file
 
-from coordinator.curriculum import adopt_stage, stage_state
+from coordinator.curriculum import adopt_stage, keep_start, stage_state
 from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
 from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_json
 from protocols.config import FederationConfig
-from protocols.curriculum import stage_of
+from protocols.curriculum import START_STUDENT, stage_of
 from protocols.errors import ConfigError, LedgerTampered
 from protocols.ledger import resumable_run
 from protocols.messages import LocalStageRequest
@@ -229,6 +230,8 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     transport = json.loads(str(run_config.get("transport") or "{}"))
     run_dir = Path(str(run_config["out-dir"])) / run_id
     record, state = _coordinator_stage(str(run_config.get("coordinator-stage", "")), config, run_id, run_dir, resume)
+    if config.continues is not None:
+        state = _start_student(str(run_config.get("start-student", "")), run_dir, resume)
     coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None,
                               transport=transport, coordinator_stage=record, initial_state=state)
     if resume:
@@ -266,6 +269,22 @@ def _coordinator_stage(directory: str, config: FederationConfig, run_id: str, ru
                           "launch the run with `fedistill run run.toml` and its [coordinator_stage] table, which runs "
                           "the stage before submitting.")
     return adopt_stage(Path(directory), run_dir, config)
+
+
+def _start_student(student_file: str, run_dir: Path, resume: str) -> dict[str, np.ndarray]:
+    """A continuing run's starting student: ``fedistill run --from`` names the earlier run's student file, which a
+    new run keeps in its run directory; a resumed run starts from that copy again. The Coordinator refuses one whose
+    digest is not the one the config's ``continues`` names."""
+    if resume:
+        kept = run_dir / START_STUDENT
+        if not kept.is_file():
+            raise LedgerTampered(f"cannot resume run {run_dir.name}: {kept} is missing (missing evidence); the run "
+                                 "continues an earlier run and kept its starting student there.")
+        return load_file(str(kept))
+    if not student_file:
+        raise ConfigError("run config: the federation continues an earlier run, but key 'start-student' is empty; "
+                          "launch the run with `fedistill run run.toml --from RUN_DIR`.")
+    return keep_start(run_dir, Path(student_file))
 
 
 app = build_server_app(coordinator_from_run_config)

@@ -25,15 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 from torch import nn
 
 from coordinator.checkpoint import MANIFEST, load_student, save_student
 from distill.data import SplitData
 from distill.models import Teacher, build_student, fragment_parameter_names, student_state
 from distill.train import TrainSettings, distill
-from protocols.canonical import atomic_directory, atomic_write_json, digest_arrays
+from protocols.canonical import atomic_directory, atomic_write_bytes, atomic_write_json, digest_arrays
 from protocols.config import FederationConfig, StudentSpec
-from protocols.curriculum import Stage
+from protocols.curriculum import START_STUDENT, Stage
 from protocols.errors import ConfigError
 from protocols.fragments import stage_parameters
 
@@ -150,3 +151,12 @@ def stage_state(run_dir: Path, config: FederationConfig) -> dict[str, np.ndarray
                           f"{str(manifest.get('config_hash'))[:12]}..., not this run's {config.config_hash()[:12]}...; "
                           "run the stage again with `fedistill run run.toml`.")
     return student_state(model, config.student.family)
+
+
+def keep_start(run_dir: Path, student_file: Path) -> dict[str, np.ndarray]:
+    """A continuing run's starting student (the earlier run's ``student/model.safetensors``), kept in its own run
+    directory, where ``fedistill verify`` hashes it; returns its tensors as kept."""
+    target = Path(run_dir) / START_STUDENT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, Path(student_file).read_bytes())
+    return load_file(str(target))

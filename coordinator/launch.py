@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import distribution, version
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ import tomli_w
 from coordinator.operator import CoordinatorDir, flwr
 from distill.data import SplitData
 from protocols.config import FederationConfig, load_versioned_toml
-from protocols.curriculum import stage_of
+from protocols.curriculum import Continuation, stage_of
 from protocols.errors import ConfigError, DataError, FedistillError
 from protocols.fields import reject_unknown_fields
 from protocols.ledger import resumable_run
@@ -77,6 +77,7 @@ out-dir = ""
 min-sites = 3
 resume-run = ""
 coordinator-stage = ""
+start-student = ""
 signing-key = ""
 transport = ""
 """
@@ -138,10 +139,15 @@ class RunFile:
         the configuration (which holds the stage's settings and seed)."""
         return self.coordinator.path / "stages" / self.federation.config_hash()[:16]
 
-    def run_config(self, resume: str | None, coordinator_stage: Path | None = None) -> dict[str, Any]:
+    def continuing(self, continues: Continuation) -> RunFile:
+        """This run, continuing a finished run (``--from``): its config names that run and its final student."""
+        return replace(self, federation=replace(self.federation, continues=continues))
+
+    def run_config(self, resume: str | None, coordinator_stage: Path | None = None,
+                   start_student: Path | None = None) -> dict[str, Any]:
         return {"federation": json.dumps(self.federation.to_dict(), sort_keys=True), "out-dir": str(self.out_dir),
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
-                "coordinator-stage": str(coordinator_stage or ""),
+                "coordinator-stage": str(coordinator_stage or ""), "start-student": str(start_student or ""),
                 "signing-key": str(self.coordinator.signing_key),
                 "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
 
@@ -331,12 +337,14 @@ def _check_resumable(run: RunFile, resume: str) -> None:
     resumable_run(ledger, resume, run.federation.config_hash())
 
 
-def submit(run: RunFile, resume: str | None = None, coordinator_stage: Path | None = None) -> int:
+def submit(run: RunFile, resume: str | None = None, coordinator_stage: Path | None = None,
+           start_student: Path | None = None) -> int:
     """Start the run on the coordinator; returns Flower's run id. ``coordinator_stage`` is the folder
-    :func:`prepare_coordinator_stage` saved (a resumed run takes its own copy of the stage instead)."""
+    :func:`prepare_coordinator_stage` saved (a resumed run takes its own copy of the stage instead);
+    ``start_student`` the ``model.safetensors`` a continuing run (``run.federation.continues``) starts from."""
     if resume is not None:
         _check_resumable(run, resume)
-    app, overrides = _app_dir(run.coordinator, run.run_config(resume, coordinator_stage))
+    app, overrides = _app_dir(run.coordinator, run.run_config(resume, coordinator_stage, start_student))
     answer = flwr(run.coordinator, "run", str(app), "--run-config", str(overrides), timeout=300)
     if not answer.get("success"):
         raise FedistillError(f"the coordinator did not accept the run: {answer.get('error-message')}")

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 def run_command(
     run_file: Path = typer.Argument(..., help="The run's run.toml."),
     resume: str = typer.Option(None, "--resume", help="Continue this run from its last completed round."),
+    from_run: Path | None = typer.Option(None, "--from", help="RUN_DIR: start from that finished run's student, once "
+                                                              "it verifies; give it again with --resume."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Submit a run (or resume one after a coordinator crash) and report how it finished.
@@ -33,6 +35,13 @@ def run_command(
     console = make_console(stderr=output_format is OutputFormat.json)
     try:
         run = RunFile.load(run_file)
+        if from_run is not None:
+            from compliance.continuation import continuation_of
+
+            with console.status(f"verifying {from_run} before continuing it"):
+                run = run.continuing(continuation_of(from_run, run.federation.student))
+            console.print(f"continuing run {run.federation.continues.run_id}: it verifies; starting from its student "
+                          f"{run.federation.continues.student_digest[:12]}...")
         stage = None
         if run.coordinator_stage is not None and resume is None:
             with console.status("coordinator stage: distilling the public teacher on the public records"):
@@ -40,7 +49,8 @@ def run_command(
             console.print(f"coordinator stage ran: {stage.records} public records ({stage.held_out} held out), "
                           f"{stage.synthetic_records} synthetic, {stage.steps} steps, {stage.seconds:.1f} s; no site "
                           f"record read, no privacy budget spent; student {stage.student_digest[:12]}...")
-        flower_run_id = submit(run, resume, stage.directory if stage else None)
+        flower_run_id = submit(run, resume, stage.directory if stage else None,
+                               Path(from_run) / "student" / "model.safetensors" if from_run is not None else None)
         console.print(f"run {resume or flower_run_id} submitted (Flower run {flower_run_id}); waiting for it to finish")
         with console.status("running") as status:
             outcome = wait_for(run, flower_run_id, resume,

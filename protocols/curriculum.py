@@ -31,6 +31,8 @@ STAGE_PLACES = ("coordinator", "federated", "site-local")
 # What a federated stage trains on at each site: every training record, or (incremental) only the records the site
 # did not train on in an earlier run, plus its replay buffer (client/replay.py).
 TRAINING_RECORDS = ("all", "new")
+# Where a continuing run (--from) keeps the student it started from, inside its run directory.
+START_STUDENT = "stages/start/model.safetensors"
 STAGE_OPTIMIZERS = ("sgd", "adam")
 # The most teacher-labelled synthetic records a coordinator stage may add: the transfer set stays in memory.
 MAX_SYNTHETIC_RECORDS = 2_000_000

@@ -30,9 +30,9 @@ from safetensors.numpy import load_file
 
 from client.replay import TRAINING_SETS_FILE
 from client.site import create_site
-from compliance.continuation import continuation_of, keep_start
+from compliance.continuation import continuation_of
 from coordinator.checkpoint import save_student
-from coordinator.curriculum import CoordinatorStageResult, run_coordinator_stage, split_public
+from coordinator.curriculum import CoordinatorStageResult, keep_start, run_coordinator_stage, split_public
 from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.data import SplitData
@@ -284,8 +284,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     scenario = load_scenario(options.scenario, ScenarioOptions(options.sites, options.seed, options.subsample,
                                                                options.preset, Path(options.out) / ".cache",
                                                                progress=reporter.stage))
-    continues, start_state = (continuation_of(options.from_run, scenario.student) if options.from_run is not None
-                              else (None, None))
+    continues = continuation_of(options.from_run, scenario.student) if options.from_run is not None else None
     if options.from_run is not None:
         _check_same_sites(options.from_run, scenario)
     config = _federation_config(options, scenario, continues)
@@ -308,8 +307,9 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
     coordinator_stage = _coordinator_stage(scenario, config, run_dir, teacher_path, reporter)
+    start_state = None
     if options.from_run is not None:
-        keep_start(run_dir, options.from_run)
+        start_state = keep_start(run_dir, Path(options.from_run) / "student" / "model.safetensors")
         reporter.stage(f"continuing run {continues.run_id}: its student, and its sites' ledgers and budgets")
     state_dirs = []
     for name, splits in scenario.sites.items():
@@ -545,7 +545,7 @@ CLASSIFICATION_BASELINES = ("teacher", "centralized_distilled", "centralized_lab
                             "public_only")
 
 
-def _reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
+def reusable_baselines(summary: dict[str, Any]) -> dict[str, Any]:
     models = summary["models"]
     if summary.get("task") == "causal-lm":
         return {key: models[key] for key in PRIVACY_FREE_BASELINES if key in models}
@@ -568,7 +568,7 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
         reporter.stage(f"privacy level epsilon = {label}")
         summary = simulate(replace(options, epsilon=epsilon, out=sweep_dir), reporter, baselines,
                            run_name=f"epsilon-{label}")
-        baselines = baselines or _reusable_baselines(summary)
+        baselines = baselines or reusable_baselines(summary)
         federated = summary["models"]["federated"]["overall"]
         rows.append({
             "target_epsilon": label,
