@@ -68,6 +68,15 @@ def _secure_train(site: Site, msg: Message) -> RecordDict:
     return fitres_to_recorddict(result, keep_input=False)
 
 
+def _validation_reply(site: Site, msg: Message) -> RecordDict:
+    from client.validation import ValidationRequest, validate_student
+
+    request = ValidationRequest.from_config(dict(msg.content["config"]))
+    report = validate_student(site, request, from_array_record(msg.content["arrays"]))
+    return RecordDict({"validation": ConfigRecord({"report": json.dumps(report)}),
+                       "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(request.binding())})
+
+
 def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | None = None) -> ClientApp:
     # Outermost: the traffic record sees every message as it arrives and every reply as it leaves, masked.
     app = ClientApp(mods=[traffic_mod(resolve_state_dir), *(mods or []), secure_aggregation_mod])
@@ -111,10 +120,13 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
 
     @app.evaluate()
     def site_local(msg: Message, context: Context) -> Message:
-        """A curriculum's site-local stage: fine-tune a local copy that stays here; only metrics may leave."""
+        """A curriculum's site-local stage: fine-tune a local copy that stays here; only metrics may leave. Or, for a
+        run that keeps its best round, a validation report on one round's student."""
         from client.local_stage import LocalStageRequest, run_site_local_stage
 
         site = Site.load(resolve_state_dir(context))
+        if "validate" in msg.content["config"]:
+            return Message(_validation_reply(site, msg), reply_to=msg)
         request = LocalStageRequest.from_config(dict(msg.content["config"]))
         outcome = run_site_local_stage(site, request, from_array_record(msg.content["arrays"]))
         return Message(RecordDict({"local": ConfigRecord({"released": outcome["released"],

@@ -35,7 +35,7 @@ LOCAL_DIR = "site-local"
 METRIC_NAMES = ("roc_auc", "accuracy", "macro_f1", "kappa")
 
 
-def _accepted_config_hash(site: Site, run_id: str) -> str | None:
+def accepted_config_hash(site: Site, run_id: str) -> str | None:
     path = site.state_dir / "ledger.jsonl"
     for event in read_events(path) if path.is_file() else []:
         if event["kind"] == "run-accepted" and event["payload"].get("run_id") == run_id:
@@ -63,7 +63,7 @@ def run_site_local_stage(site: Site, request: LocalStageRequest, global_state: M
                          ) -> dict[str, Any]:
     """Fine-tune, keep, evaluate and record; returns what may leave (metrics, or that they are withheld)."""
     what = f"site {site.name}, site-local stage of run {request.run_id}"
-    accepted = _accepted_config_hash(site, request.run_id)
+    accepted = accepted_config_hash(site, request.run_id)
     if accepted is None:
         raise UpdateRejected(f"{what}: this site never accepted the run; it fine-tunes only a run it took part in.")
     if accepted != request.config_hash:

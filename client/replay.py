@@ -103,12 +103,13 @@ def training_set(state_dir: Path, site: str, run_id: str, records: str, replay_m
     keys = record_keys(train, secret)
     kept = store["runs"].get(run_id)
     if kept is not None:
+        # A list, not a set: identical records (the same key) may each be in the split, and each was chosen.
         chosen = set(kept["keys"])
         indices = np.array([i for i, key in enumerate(keys) if key in chosen], dtype=np.int64)
-        if len(indices) != len(chosen):
-            raise UpdateRejected(f"site {site}: {len(chosen) - len(indices)} of the records it chose for run {run_id} "
-                                 "are no longer in its training split; the data changed mid-run. Restore it, or "
-                                 "start a new run.")
+        if len(indices) != len(kept["keys"]):
+            raise UpdateRejected(f"site {site}: the training split holds {len(indices)} of the {len(kept['keys'])} "
+                                 f"records it chose for run {run_id}; the data changed mid-run. Restore it, or start "
+                                 "a new run.")
         return TrainingSet(indices, kept["mode"], kept["new"], kept["replay"])
     if records == "all":
         indices, new, replay = np.arange(len(keys), dtype=np.int64), len(keys), 0

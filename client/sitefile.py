@@ -74,6 +74,7 @@ epsilon_lifetime = 30.0          # ... or all runs together past this one
 delta = 1e-5                     # the site states at most this delta (and at most 1/(10 n) for n records)
 accountant = "prv"               # prv or rdp (Opacus accountants)
 release_local_metrics = false    # a run's site-local stage: may this site's test metrics of its own copy leave?
+release_validation_metrics = false  # a run that keeps its best round: may each round's validation ROC-AUC leave?
 
 [node]
 runtime_port = 9094              # local port of the SuperNode's runtime API (127.0.0.1 only); one per site on a host
@@ -88,7 +89,8 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "text", "max_length",
              "order_by"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
-    "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics"),
+    "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics",
+                "release_validation_metrics"),
     "node": ("runtime_port",),
     "student": ("base",),
 }
@@ -277,8 +279,11 @@ class SiteFile:
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
         release = privacy.get("release_local_metrics", False)
-        if not isinstance(release, bool):
-            raise ConfigError(f"{where}: [privacy] release_local_metrics must be true or false, got {release!r}.")
+        release_validation = privacy.get("release_validation_metrics", False)
+        for field_name, value in (("release_local_metrics", release), ("release_validation_metrics",
+                                                                          release_validation)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: [privacy] {field_name} must be true or false, got {value!r}.")
         teacher_declaration = _teacher_declaration(teacher, where)
         schema, student_base = _schema(raw, data, student, base, where, person_id)
         return cls(
@@ -292,7 +297,8 @@ class SiteFile:
             policy=SitePolicy(epsilon_per_run=_number(privacy, "privacy", "epsilon_per_run", where, 0, 1e6),
                               epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
-                              accountant=accountant, release_local_metrics=release),
+                              accountant=accountant, release_local_metrics=release,
+                              release_validation_metrics=release_validation),
             runtime_port=runtime_port, student_base=student_base)
 
     def prepare_state(self) -> Site:

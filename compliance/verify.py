@@ -217,14 +217,50 @@ def _verify_rounds(run_dir: Path, events: list[dict[str, Any]], report: AuditRep
                                  "without finishing; nothing vouches that its last recorded round is its last")
         return last_digest
     done = finished[-1]["payload"]
+    kept_digest = _verify_kept_round(ledger, events, done, final, last_digest, report)
     if done["final_round"] != (max(final) if final else 0) or done["rounds"] != [m["round"] for m in metrics] \
-            or done["student_digest"] != (last_digest or done["student_digest"]):
+            or done["student_digest"] != (kept_digest or done["student_digest"]):
         raise LedgerTampered(f"{ledger}, seq {finished[-1]['seq']}: run-finished names round {done['final_round']} "
-                             "and a student that are not the last round the ledger records.")
+                             "and a student that are not the last round the ledger records (or the round it kept).")
     if any(e["kind"] == "round" and e["seq"] > finished[-1]["seq"] for e in events):
         raise LedgerTampered(f"{ledger}: rounds are recorded after run-finished.")
     report.checks.append(f"run-finished: round {done['final_round']} is the last, student {done['student_digest'][:12]}...")
     return done["student_digest"]
+
+
+def _verify_kept_round(ledger: Path, events: list[dict[str, Any]], done: dict[str, Any],
+                       rounds: dict[int, dict[str, Any]], last_digest: str | None, report: AuditReport) -> str | None:
+    """A run that keeps its best round: the kept round is the one with the best signed pooled validation score
+    (the earliest on a tie; the last round when none was scored), and the final student is that round's.
+    Returns the digest the final student must have (the last round's for a run that keeps the last)."""
+    started = next(e["payload"] for e in events if e["kind"] == "run-started")
+    federated = next((s for s in started["config"].get("curriculum", []) if s["where"] == "federated"), {})
+    validations = {e["payload"]["round"]: e["payload"] for e in events if e["kind"] == "validation"}
+    if not federated.get("keep_best"):
+        if "kept_round" in done or validations:
+            raise LedgerTampered(f"{ledger}: the run config keeps the last round, but the ledger records a kept round "
+                                 "or validation reports.")
+        return last_digest
+    scored = [(v["score"], -round_) for round_, v in validations.items() if v["score"] is not None]
+    for round_, v in validations.items():
+        if round_ >= 1 and (round_ not in rounds or rounds[round_]["student_digest"] != v["student_digest"]):
+            raise LedgerTampered(f"{ledger}: the validation report of round {round_} scores a student that is not the "
+                                 "one the ledger records for that round.")
+        released = [r for r in v["sites"].values() if r.get("released") and r.get("roc_auc") is not None
+                    and r["n"] > 0]
+        pooled = (sum(r["roc_auc"] * r["n"] for r in released) / sum(r["n"] for r in released)) if released else None
+        if (pooled is None) != (v["score"] is None) or (pooled is not None and abs(pooled - v["score"]) > 1e-9):
+            raise LedgerTampered(f"{ledger}: the pooled validation score of round {round_} does not recompute from "
+                                 "the sites' released reports.")
+    expected = -max(scored)[1] if scored else done["final_round"]
+    if done.get("kept_round") != expected:
+        raise LedgerTampered(f"{ledger}: run-finished keeps round {done.get('kept_round')}, but the signed validation "
+                             f"scores make round {expected} the best.")
+    digest = validations[expected]["student_digest"] if expected in validations else last_digest
+    report.checks.append(f"keep-best: round {expected} has the best pooled validation ROC-AUC of "
+                         f"{len(validations)} signed validation report(s) (each recomputes from what the sites "
+                         "released), and the final student is that round's")
+    return digest
 
 
 def _arrays_of(path: Path) -> dict[str, Any]:

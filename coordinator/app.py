@@ -24,7 +24,7 @@ from protocols.config import FederationConfig
 from protocols.curriculum import START_STUDENT, stage_of
 from protocols.errors import ConfigError, LedgerTampered
 from protocols.ledger import resumable_run
-from protocols.messages import LocalStageRequest
+from protocols.messages import LocalStageRequest, TrainInstruction, ValidationRequest
 
 log = logging.getLogger("fedistill.coordinator")
 CoordinatorFactory = Callable[[Context], tuple[Coordinator, int]]
@@ -128,21 +128,73 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
             coordinator.complete_secure_round(server_round, outcome.vectors, outcome.participants, outcome.privacy,
                                               failures | outcome.failures, refusals, started,
                                               rejected | outcome.rejected, outcome.halted)
-            continue
-        arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
-        trained, train_failures = _exchange(grid, nodes, RecordDict({"arrays": arrays, "config": config}),
-                                            MessageType.TRAIN, server_round, timeout)
-        late_answers, trained = _split_refusals(trained)
-        late_answers, late_unreadable = _decoded(late_answers, _answer_of, server_round)
-        _, late_refusals, late_rejected = screen_query_answers(late_answers, instruction)
-        replies, unreadable = _decoded(trained, _reply_of, server_round)
-        coordinator.complete_round(server_round, replies, failures | train_failures, started,
-                                   refusals | late_refusals, rejected | late_unreadable | late_rejected | unreadable,
-                                   expected_sites=accepted)
+        else:
+            _plain_round(grid, coordinator, server_round, instruction, nodes, accepted, failures, refusals, rejected,
+                         started, timeout)
+        if coordinator.keeps_best:
+            run_validation(grid, coordinator, server_round, min_nodes, timeout)
+    coordinator.keep_best_round()
     request = coordinator.site_local_request()
     if request is not None:
         run_site_local_stage(grid, coordinator, request, min_nodes, timeout)
     coordinator.finish()
+
+
+def _plain_round(grid: Grid, coordinator: Coordinator, server_round: int, instruction: TrainInstruction,
+                 nodes: list[int], accepted: dict[str, str], failures: dict[str, str], refusals: dict[str, str],
+                 rejected: dict[str, str], started: float, timeout: float) -> None:
+    """Each accepting site's update arrives on its own and is screened before the average."""
+    config = ConfigRecord(instruction.to_config())
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
+    trained, train_failures = _exchange(grid, nodes, RecordDict({"arrays": arrays, "config": config}),
+                                        MessageType.TRAIN, server_round, timeout)
+    late_answers, trained = _split_refusals(trained)
+    late_answers, late_unreadable = _decoded(late_answers, _answer_of, server_round)
+    _, late_refusals, late_rejected = screen_query_answers(late_answers, instruction)
+    replies, unreadable = _decoded(trained, _reply_of, server_round)
+    coordinator.complete_round(server_round, replies, failures | train_failures, started,
+                               refusals | late_refusals, rejected | late_unreadable | late_rejected | unreadable,
+                               expected_sites=accepted)
+
+
+VALIDATION_KEYS = frozenset({"released", "roc_auc", "n"})
+
+
+def _validation_report_of(msg: Message, request: ValidationRequest) -> tuple[str, dict[str, Any]]:
+    """A site's validation answer: bound to the request, and a released score that is a number in [0, 1]."""
+    content = msg.content
+    if dict(content["binding"]) != request.binding():
+        raise ValueError("the reply does not echo the validation request's run id, round and nonce")
+    report = json.loads(str(content["validation"]["report"]))
+    if not isinstance(report, dict) or not set(report) <= VALIDATION_KEYS or not isinstance(report.get("released"),
+                                                                                           bool):
+        raise ValueError("the validation report holds something other than 'released', 'roc_auc' and 'n'")
+    if report["released"]:
+        roc, n = report.get("roc_auc"), report.get("n")
+        if not (roc is None or (isinstance(roc, float) and math.isfinite(roc) and 0.0 <= roc <= 1.0)):
+            raise ValueError(f"the released ROC-AUC {roc!r} is not a number in [0, 1]")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 10**9:
+            raise ValueError(f"the released validation count {n!r} is not a count")
+    return str(content["site"]["name"]), report
+
+
+def run_validation(grid: Grid, coordinator: Coordinator, server_round: int, min_nodes: int, timeout: float) -> None:
+    """A run that keeps its best round: every site scores the round's student on its validation split."""
+    for request, state in coordinator.validation_requests(server_round):
+        node_ids = wait_for_nodes(grid, min_nodes, timeout)
+        arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in state.items()})
+        replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
+                                                                  "config": ConfigRecord(request.to_config())}),
+                                      MessageType.EVALUATE, server_round, timeout)
+        decoded, rejected = _decoded(replies, lambda reply: (_source(reply), _validation_report_of(reply, request)),
+                                     server_round)
+        reports: dict[str, dict[str, Any]] = {}
+        for source, (site, report) in decoded:
+            if site in reports:
+                rejected[source] = f"site {safe_text(site)} answered the validation request twice"
+                continue
+            reports[site] = report
+        coordinator.record_validation(request, state, reports, failures, rejected)
 
 
 LOCAL_METRIC_KEYS = frozenset({"threshold", "roc_auc", "accuracy", "macro_f1", "kappa", "n"})

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 from torch import nn
 
 from coordinator.aggregate import aggregate_fragments, check_aggregate
@@ -31,7 +32,7 @@ from protocols.curriculum import Stage, stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
-from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction
+from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction, ValidationRequest
 from protocols.secagg import decode_aggregate, site_weight
 
 SCHEMA_VERSION = 1
@@ -75,6 +76,11 @@ class Coordinator:
                     "start again from that run's student/ folder." if continues is not None else "run the stage again."))
             load_student_state(self.model, self.family, initial_state)
         self.state = student_state(self.model, self.family)
+        # Round 0 of a run that keeps its best round: the student the rounds start from.
+        self._start_state = dict(self.state)
+        # Each validated round's pooled score (None: no site released one), and the best round's student.
+        self.validation_scores: dict[int, float | None] = {}
+        self.kept_round: int | None = None
         self.spec = fragment_spec_for(self.family, fragment_parameter_names(self.model, self.family),
                                       config.fragment_patterns)
         self._federated = stage_of(config.curriculum, "federated") or Stage("federated")
@@ -270,6 +276,59 @@ class Coordinator:
             self.on_round(record)
         return record
 
+    @property
+    def keeps_best(self) -> bool:
+        return self._federated.keep_best
+
+    @property
+    def best_path(self) -> Path:
+        """The best validated round's student so far (a run that keeps its best round), for a resumed run."""
+        return self.run_dir / "best" / "model.safetensors"
+
+    def validation_requests(self, server_round: int) -> list[tuple[ValidationRequest, dict[str, np.ndarray]]]:
+        """What to ask the sites after ``server_round`` (after round 1, the starting student too, as round 0: the
+        sites accept a run on its first round, and score only students of runs they accepted)."""
+        students = ([(0, self._start_state)] if server_round == 1 else []) + [(server_round, self.state)]
+        return [(ValidationRequest(self.run_id, self.config_hash, self.config.student, round_, digest_arrays(state),
+                                   secrets.token_hex(16)), state) for round_, state in students]
+
+    def record_validation(self, request: ValidationRequest, state: dict[str, np.ndarray],
+                          reports: dict[str, dict[str, Any]], failures: dict[str, str],
+                          rejected: dict[str, str]) -> dict[str, Any]:
+        """Sign what each site released of its validation score of one round's student, with the pooled score (the
+        mean ROC-AUC weighted by validation records, over the sites that released one); keep the best student."""
+        released = [r for r in reports.values() if r.get("released") and r.get("roc_auc") is not None and r["n"] > 0]
+        score = (float(sum(r["roc_auc"] * r["n"] for r in released) / sum(r["n"] for r in released))
+                 if released else None)
+        payload = {"run_id": self.run_id, "config_hash": self.config_hash, "round": request.round,
+                   "student_digest": request.student_digest, "sites": reports, "failures": failures,
+                   "rejected": rejected, "score": score}
+        self.ledger.append("validation", payload)
+        self.ledger.checkpoint({"run_id": self.run_id, "after": f"validation of round {request.round}"})
+        best = best_validated_round(self.validation_scores)
+        self.validation_scores[request.round] = score
+        if score is not None and (best is None or score > self.validation_scores[best]):
+            atomic_write_bytes(self.best_path, safetensors_bytes(state))
+        return payload
+
+    def keep_best_round(self) -> int | None:
+        """A run that keeps its best round ends with that round's student (by validated score; the last round's
+        when no site released a score). Returns the kept round, or None for a run that keeps the last round."""
+        if not self.keeps_best:
+            return None
+        best = best_validated_round(self.validation_scores)
+        self.kept_round = self.completed_round if best is None else best
+        if best is not None and best != self.completed_round:
+            state = load_file(str(self.best_path))
+            self.state = state
+            load_student_state(self.model, self.family, state)
+            save_student(self.model, self.config.student, self.student_dir, self.config,
+                         {"run_id": self.run_id, "round": best, "kept_round": best,
+                          "student_digest": digest_arrays(state)})
+        log.info("run %s keeps the student of round %d (validation score %s)", self.run_id, self.kept_round,
+                 self.validation_scores.get(self.kept_round))
+        return self.kept_round
+
     def site_local_request(self) -> LocalStageRequest | None:
         """The site-local stage's request for the final student, when the curriculum has that stage."""
         stage = stage_of(self.config.curriculum, "site-local")
@@ -298,7 +357,8 @@ class Coordinator:
         payload = {"run_id": self.run_id, "config_hash": self.config_hash, "final_round": self.completed_round,
                    "rounds": [r["round"] for r in self.records],
                    "ended": "stopped" if self.records and self.records[-1]["status"] == "stopped" else "completed",
-                   "student_digest": digest_arrays(self.state)}
+                   "student_digest": digest_arrays(self.state)} | (
+                       {"kept_round": self.kept_round} if self.kept_round is not None else {})
         event = self.ledger.append("run-finished", payload)
         self.ledger.checkpoint({"run_id": self.run_id, "after": "run-finished"})
         log.info("run %s finished after round %d", self.run_id, self.completed_round)
@@ -338,9 +398,23 @@ class Coordinator:
         self.records = [r for r in load_metrics(self.run_dir) if r["round"] <= kept] if self.metrics_path.is_file() else []
         atomic_write_bytes(self.metrics_path, "".join(canonical_json(r) + "\n" for r in self.records).encode())
         self.completed_round = kept
+        self.validation_scores = {e["payload"]["round"]: e["payload"]["score"] for e in events
+                                  if e["kind"] == "validation" and e["payload"]["round"] <= kept}
         log.info("run %s resumes after round %d%s", self.run_id, kept,
                  f"; round(s) {superseded} are redone" if superseded else "")
         return kept
+
+
+def best_validated_round(scores: dict[int, float | None]) -> int | None:
+    """The round with the best pooled validation score; the earliest on a tie; None when none was scored."""
+    scored = [(score, -round_) for round_, score in scores.items() if score is not None]
+    return -max(scored)[1] if scored else None
+
+
+def safetensors_bytes(state: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save({name: np.ascontiguousarray(value) for name, value in state.items()})
 
 
 def load_metrics(run_dir: Path) -> list[dict[str, Any]]:

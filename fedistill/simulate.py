@@ -116,6 +116,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
             f"{stage['stage']} {_fmt((stage.get('evaluation') or {}).get('roc_auc'))}"
             + (f" ({_fmt(stage['public_holdout']['roc_auc'])})" if stage.get("public_holdout") else "")
             for stage in summary["stages"]))
+    if summary.get("kept_round") is not None:
+        scores = summary["validation_by_round"]
+        console.print(f"kept round {summary['kept_round']} of {summary['rounds']}: the best pooled validation ROC-AUC "
+                      f"the sites released ({_fmt(scores.get(str(summary['kept_round'])))}; round 0 is the start)")
     if "federated_minus_public_only" in comparison:
         console.print(f"federated - public-only ROC-AUC: {comparison['federated_minus_public_only']:+.4f} (the "
                       "free alternative: the same student distilled on the public reference set alone)")
@@ -239,6 +243,8 @@ def simulate_command(
     incremental: bool = typer.Option(False, "--incremental", help="Each site trains only on records it has not "
                                                                   "trained on in an earlier run, plus its replay "
                                                                   "buffer."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="Keep the round whose student scored best on the "
+                                                            "validation ROC-AUC the sites release, not the last."),
     replay_min_entropy: float | None = typer.Option(None, help="With --incremental: replay earlier records whose "
                                                                "teacher entropy is at least this share of its "
                                                                "maximum (0-1); default: no replay."),
@@ -263,7 +269,7 @@ def simulate_command(
                                     secure_aggregation=secure_aggregation, preset=preset,
                                     stages=parse_stages(stages) if stages is not None else None,
                                     from_run=from_run, data_share=data_share, incremental=incremental,
-                                    replay_min_entropy=replay_min_entropy)
+                                    replay_min_entropy=replay_min_entropy, keep_best=keep_best)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

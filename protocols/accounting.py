@@ -62,11 +62,14 @@ class SitePolicy:
     # A curriculum's site-local stage: whether the site's local student's test metrics (aggregate figures on its own
     # records, not DP-protected) may leave the site. Off unless the site says so; the fine-tuned copy never leaves.
     release_local_metrics: bool = False
+    # A run that keeps its best round: whether the site's validation ROC-AUC of each round's student (an aggregate
+    # figure on its own validation records, not DP-protected) may leave the site. Off unless the site says so.
+    release_validation_metrics: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.release_local_metrics, bool):
-            raise ConfigError(f"site policy: field 'release_local_metrics' must be true or false, got "
-                              f"{self.release_local_metrics!r}.")
+        for name in ("release_local_metrics", "release_validation_metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"site policy: field '{name}' must be true or false, got {getattr(self, name)!r}.")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"site policy: field 'accountant' must be one of {', '.join(ACCOUNTANTS)}, "
                               f"got {self.accountant!r}.")
@@ -97,7 +100,8 @@ class SitePolicy:
                    epsilon_lifetime=_cap(raw, "epsilon_lifetime", where),
                    delta=None if delta is None else float(delta),
                    accountant=str(raw.get("accountant", "prv")),
-                   release_local_metrics=raw.get("release_local_metrics", False))
+                   release_local_metrics=raw.get("release_local_metrics", False),
+                   release_validation_metrics=raw.get("release_validation_metrics", False))
 
     def save(self, state_dir: Path) -> None:
         atomic_write_json(Path(state_dir) / POLICY_FILE, self.to_dict())

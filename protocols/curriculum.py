@@ -61,6 +61,9 @@ class Stage:
     # predictive entropy (temperature 1) is at least that share of its maximum, log(classes).
     records: str = "all"
     replay_min_entropy: float | None = None
+    # Federated stage: keep the round (the start included) whose student scored best on the validation ROC-AUC the
+    # sites release, instead of the last round's (coordinator/rounds.py).
+    keep_best: bool = False
 
     @property
     def trains_here(self) -> bool:
@@ -71,7 +74,8 @@ class Stage:
             # The incremental fields only when set, so that an earlier federated stage keeps its config hash.
             return {"where": "federated", "fragments": list(self.fragments)} | (
                 {"records": self.records} if self.records != "all" else {}) | (
-                {"replay_min_entropy": self.replay_min_entropy} if self.replay_min_entropy is not None else {})
+                {"replay_min_entropy": self.replay_min_entropy} if self.replay_min_entropy is not None else {}) | (
+                {"keep_best": True} if self.keep_best else {})
         out: dict[str, Any] = {"where": self.where, "steps": self.steps, "batch_size": self.batch_size,
                                "optimizer": self.optimizer, "learning_rate": self.learning_rate,
                                "alpha": self.alpha, "temperature": self.temperature,
@@ -88,7 +92,7 @@ class Stage:
         if place not in STAGE_PLACES:
             raise ConfigError(f"{where}: field 'where' must be one of {', '.join(STAGE_PLACES)}, got {place!r}.")
         if place == "federated":
-            reject_unknown_fields(raw, ("where", "fragments", "records", "replay_min_entropy"),
+            reject_unknown_fields(raw, ("where", "fragments", "records", "replay_min_entropy", "keep_best"),
                                   f"{where} (federated: its settings are the run config's own rounds, local_steps, "
                                   "learning_rate ...)")
             records = raw.get("records", "all")
@@ -101,7 +105,11 @@ class Stage:
                 raise ConfigError(f"{where}: field 'replay_min_entropy' sets the replay buffer of an incremental run; set "
                                   "'records' to \"new\" as well, or remove it (with every record, there is nothing "
                                   "to replay).")
-            return cls("federated", fragments=_fragments(raw, where), records=records, replay_min_entropy=replay)
+            keep_best = raw.get("keep_best", False)
+            if not isinstance(keep_best, bool):
+                raise ConfigError(f"{where}: field 'keep_best' must be true or false, got {keep_best!r}.")
+            return cls("federated", fragments=_fragments(raw, where), records=records, replay_min_entropy=replay,
+                       keep_best=keep_best)
         allowed = ("where", *_TRAINING_FIELDS) + (("synthetic_records",) if place == "coordinator" else ())
         reject_unknown_fields(raw, allowed, where)
         steps, batch_size = raw.get("steps"), raw.get("batch_size")
@@ -168,6 +176,9 @@ def parse_curriculum(raw: Any, family: str, where: str = "run config") -> tuple[
         raise ConfigError(f"{where}: a site-local stage is built for classification students (mlp, bert) only; "
                           "remove it from the causal-LM run's 'curriculum'.")
     federated = stage_of(stages, "federated")
+    if family == "causal_lm" and federated is not None and federated.keep_best:
+        raise ConfigError(f"{where}: keeping the best round by validation ROC-AUC is built for classification "
+                          "students (mlp, bert) only; remove 'keep_best' from the causal-LM run's federated stage.")
     if family == "causal_lm" and federated is not None and federated.records != "all":
         raise ConfigError(f"{where}: incremental rounds (federated stage 'records' = \"new\") are built for "
                           "classification students (mlp, bert) only; remove 'records' from the causal-LM run's "

@@ -352,3 +352,31 @@ class LocalStageRequest:
 
     def binding(self) -> dict[str, str]:
         return {"run-id": self.run_id, "nonce": self.nonce}
+
+
+@dataclass(frozen=True)
+class ValidationRequest:
+    """What a run that keeps its best round asks after a round: score this student (by digest) on your validation
+    split. ``round`` 0 is the student the rounds started from."""
+
+    run_id: str
+    config_hash: str
+    student: StudentSpec
+    round: int
+    student_digest: str
+    nonce: str
+
+    def to_config(self) -> dict[str, str]:
+        return {"validate": json.dumps({"run_id": self.run_id, "config_hash": self.config_hash,
+                                        "student": self.student.to_dict(), "round": self.round,
+                                        "student_digest": self.student_digest, "nonce": self.nonce}, sort_keys=True)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ValidationRequest:
+        raw = json.loads(str(config["validate"]))
+        return cls(run_id=str(raw["run_id"]), config_hash=str(raw["config_hash"]),
+                   student=StudentSpec.from_dict(raw["student"]), round=int(raw["round"]),
+                   student_digest=str(raw["student_digest"]), nonce=str(raw["nonce"]))
+
+    def binding(self) -> dict[str, str | int]:
+        return {"run-id": self.run_id, "round": self.round, "nonce": self.nonce}

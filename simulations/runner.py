@@ -91,6 +91,8 @@ class SimulationOptions:
     # buffer of earlier records on which the teacher's entropy is at least this share of its maximum.
     incremental: bool = False
     replay_min_entropy: float | None = None
+    # Keep the round whose student scored best on the validation ROC-AUC the sites release, not the last one.
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds is not None and self.rounds < 1:
@@ -197,11 +199,14 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
         # A continuing run starts from the earlier run's student: the scenario's coordinator stage has no place.
         stages = tuple(place for place in scenario.default_stages if place != "coordinator")
     curriculum = scenario.curriculum(stages)
-    if options.incremental:
+    if options.incremental or options.keep_best:
         curriculum = curriculum or [{"where": "federated"}]
         federated = next(stage for stage in curriculum if stage["where"] == "federated")
-        federated |= {"records": "new"} | ({"replay_min_entropy": options.replay_min_entropy}
-                                           if options.replay_min_entropy is not None else {})
+        if options.incremental:
+            federated |= {"records": "new"} | ({"replay_min_entropy": options.replay_min_entropy}
+                                               if options.replay_min_entropy is not None else {})
+        if options.keep_best:
+            federated["keep_best"] = True
     defaults = dict(scenario.federation_defaults)
     if continues is not None or any(stage["where"] == "coordinator" for stage in curriculum):
         # A distilled start, from a coordinator stage or an earlier run, wants the gentler federated steps.
@@ -314,9 +319,11 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     state_dirs = []
     for name, splits in scenario.sites.items():
         # A simulated site's policy caps each run at the run's target unless --site-cap says otherwise.
-        # Simulated sites release their site-local metrics (a real site's policy says; the default is not to).
+        # Simulated sites release their site-local and validation metrics (a real site's policy says; the default is
+        # not to).
         policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
-                            accountant=options.accountant, release_local_metrics=True)
+                            accountant=options.accountant, release_local_metrics=True,
+                            release_validation_metrics=True)
         secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
         if options.from_run is not None:
             # The same site, later: its ledger, keys, privacy account and training sets go on; its data and teacher
@@ -519,6 +526,10 @@ def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, o
         "seed": options.seed,
         "rounds": config.rounds,
         "failed_rounds": [r["round"] for r in coordinator.records if r["status"] == "failed"],
+        # A run that keeps its best round: that round (0: the start), and each round's pooled validation ROC-AUC.
+        **({"kept_round": coordinator.kept_round,
+            "validation_by_round": {str(r): v for r, v in sorted(coordinator.validation_scores.items())}}
+           if coordinator.kept_round is not None else {}),
         "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
         "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
         "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},

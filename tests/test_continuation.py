@@ -63,6 +63,11 @@ def test_a_run_the_site_never_trained_in_does_not_make_its_records_old(tmp_path)
 
 def test_records_that_vanish_mid_run_and_unknown_modes_are_refused(tmp_path):
     data = records(20)
+    # Identical records are each chosen, and each found again on the run's later rounds.
+    twice = SplitData({"x": np.concatenate([data.inputs["x"], data.inputs["x"][:2]])},
+                      np.concatenate([data.labels, data.labels[:2]]))
+    assert len(choose(tmp_path, "run-0", "all", twice, set()).indices) == 22
+    assert len(choose(tmp_path, "run-0", "all", twice, set()).indices) == 22
     choose(tmp_path, "run-1", "all", data, set())
     with pytest.raises(UpdateRejected, match="data changed mid-run"):
         choose(tmp_path, "run-1", "all", data.subset(np.arange(10)), set())
