@@ -1042,6 +1042,16 @@ def _classifier_stages(ev: RunEvidence) -> list[dict[str, Any]]:
                    **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
                    "fragments": federated.get("fragments") or "all",
                    "epsilon": "per site, section 4"})
+    finished = [e["payload"] for e in ev.coordinator.events if e["kind"] == "run-finished"]
+    if finished and "kept_round" in finished[-1]:
+        scores = {e["payload"]["round"]: e["payload"]["score"] for e in ev.coordinator.events
+                  if e["kind"] == "validation"}
+        stages[-1]["kept_round"] = finished[-1]["kept_round"]
+        stages[-1]["validation_by_round"] = {str(r): v for r, v in sorted(scores.items())}
+        stages[-1]["kept_because"] = ("the best pooled validation ROC-AUC the sites released (aggregate figures on "
+                                      "their validation records, not DP-protected; round 0 is the start)"
+                                      if any(v is not None for v in scores.values()) else
+                                      "no site released a validation score, so the last round is kept")
     local = [e["payload"] for e in ev.coordinator.events if e["kind"] == "site-local-stage"]
     if local:
         sites = local[-1]["sites"]

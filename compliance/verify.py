@@ -392,6 +392,29 @@ def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events:
                             f"({', '.join(missing)})" if missing else ""))
 
 
+def _verify_validation(run_dir: Path, events: list[dict[str, Any]], site_events: dict[str, list[dict[str, Any]]],
+                       report: AuditReport) -> None:
+    """A run that keeps its best round: every validation score the coordinator signed is what that site's own
+    ledger recorded releasing, for the same round and student."""
+    recorded = [e["payload"] for e in events if e["kind"] == "validation"]
+    for validation in recorded:
+        for site, released in validation["sites"].items():
+            own = [e["payload"] for e in site_events.get(site, []) if e["kind"] == "validation"
+                   and e["payload"]["run_id"] == validation["run_id"] and e["payload"]["round"] == validation["round"]]
+            where = run_dir / "sites" / site / "ledger.jsonl"
+            if not own:
+                raise LedgerTampered(f"{where}: the coordinator records site {site}'s validation of round "
+                                     f"{validation['round']}, but the site's ledger has none.")
+            event = own[-1]
+            if event["student_digest"] != validation["student_digest"] or event["released"] != released["released"] \
+                    or (event["released"] and (event["roc_auc"], event["n"]) != (released["roc_auc"], released["n"])):
+                raise LedgerTampered(f"{where}: the validation of round {validation['round']} the coordinator "
+                                     "recorded is not what this site scored and released.")
+    if recorded:
+        report.checks.append(f"keep-best: {len(recorded)} validation report(s) match what each site's own ledger "
+                             "scored and released")
+
+
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     path = run_dir / "report" / "report.json"
     if not path.is_file():
@@ -456,6 +479,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
                          "signed by the key every site pinned, and every round a site sent an update for")
     _verify_student(run_dir, _verify_rounds(run_dir, events, report), report)
     _verify_site_local(run_dir, events, site_events, report)
+    _verify_validation(run_dir, events, site_events, report)
     for site_dir in site_dirs:
         report.sites[site_dir.name] |= _verify_site_privacy(site_dir, site_events[site_dir.name], run_id, config_hash)
     report.checks.append("every site's calibration is the one its ledger signed, and its epsilon replays from its "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from client.replay import TRAINING_SETS_FILE, record_keys, teacher_entropy, training_set
 from distill.data import SplitData
@@ -109,7 +110,7 @@ def continued(tmp_path_factory):
     first = run_cli(*BASE, "--data-share", "0.5", "--out", str(out), timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     first_dir = Path(json.loads(first.stdout)["paths"]["run_dir"])
-    second = run_cli(*BASE, "--from", str(first_dir), "--incremental", "--replay-min-entropy", "0.8",
+    second = run_cli(*BASE, "--from", str(first_dir), "--incremental", "--replay-min-entropy", "0.8", "--keep-best",
                      "--out", str(out), timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
     return first_dir, json.loads(first.stdout), json.loads(second.stdout)
@@ -144,8 +145,13 @@ def test_verify_and_report_cover_the_continuation(continued, tmp_path):
     second_dir = Path(second["paths"]["run_dir"])
     verified = run_cli("verify", str(second_dir), "--format", "json")
     assert verified.returncode == 0, verified.stdout + verified.stderr
+    checks = json.loads(verified.stdout)["checks"]
     assert any(f"continues run {continued[1]['run_id']}" in check and "holds the recorded head" in check
-               for check in json.loads(verified.stdout)["checks"])
+               for check in checks)
+    # The continuing run also kept its best round (of the start and its one round), as the sites' reports decide.
+    assert second["kept_round"] in (0, 1) and set(second["validation_by_round"]) == {"0", "1"}
+    assert any(check.startswith(f"keep-best: round {second['kept_round']}") for check in checks)
+    assert any("match what each site's own ledger" in check for check in checks)
     report = run_cli("report", str(second_dir), "--format", "json")
     assert report.returncode == 0, report.stderr[-2000:]
     card = json.loads((second_dir / "report" / "report.json").read_text())
@@ -160,7 +166,7 @@ def test_verify_and_report_cover_the_continuation(continued, tmp_path):
     assert tampered.returncode != 0 and "no longer holds the head" in tampered.stdout + tampered.stderr
     # The starting student swapped: refused as well.
     start = copy / second_dir.name / "stages" / "start" / "model.safetensors"
-    shutil.copy(copy / second_dir.name / "student" / "model.safetensors", start)
+    save_file({name: value + 1.0 for name, value in load_file(str(start)).items()}, str(start))
     swapped = run_cli("verify", str(copy / second_dir.name))
     assert swapped.returncode != 0 and "starting student" in swapped.stdout + swapped.stderr
 
