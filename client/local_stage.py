@@ -82,7 +82,7 @@ def run_site_local_stage(site: Site, request: LocalStageRequest, global_state: M
     outputs = TeacherLogitCache(site.state_dir).outputs(splits["train"], teacher_digest(site.teacher_path),
                                                         lambda: load_teacher(site.teacher_path))
     stage = request.stage
-    trainable = stage_parameters(family, fragment_parameter_names(model, family), stage.fragments)
+    trainable = stage_parameters(family, fragment_parameter_names(model, family), stage.fragments_at(site.name))
     seed = int(sha256_hex(f"{request.seed}:site-local:{site.name}")[:8], 16)
     outcome = distill(model, family, splits["train"], outputs.logits,
                       TrainSettings(steps=stage.steps, batch_size=stage.batch_size, learning_rate=stage.learning_rate,

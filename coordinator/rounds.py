@@ -86,7 +86,8 @@ class Coordinator:
         self._federated = stage_of(config.curriculum, "federated") or Stage("federated")
         self.spec.restricted_to(self._federated.fragments)  # an unknown fragment fails here, before any round
         local = stage_of(config.curriculum, "site-local")
-        self.spec.restricted_to(local.fragments if local else ())
+        for fragments in ([local.fragments, *(f for _, f in local.site_fragments)] if local else []):
+            self.spec.restricted_to(fragments)  # an unknown fragment, at any site, fails before any round
         self.site_local: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0

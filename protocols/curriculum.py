@@ -61,6 +61,8 @@ class Stage:
     # predictive entropy (temperature 1) is at least that share of its maximum, log(classes).
     records: str = "all"
     replay_min_entropy: float | None = None
+    # Site-local stage: parameter isolation per site, (site, fragments) pairs that replace ``fragments`` at that site.
+    site_fragments: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Federated stage: keep the round (the start included) whose student scored best on the validation ROC-AUC the
     # sites release, instead of the last round's (coordinator/rounds.py).
     keep_best: bool = False
@@ -82,7 +84,13 @@ class Stage:
                                "fragments": list(self.fragments)}
         if self.where == "coordinator":
             out["synthetic_records"] = self.synthetic_records
+        if self.site_fragments:
+            out["site_fragments"] = {site: list(fragments) for site, fragments in self.site_fragments}
         return out
+
+    def fragments_at(self, site: str) -> tuple[str, ...]:
+        """The fragments a site-local stage trains at ``site``: its own list when the stage names one."""
+        return dict(self.site_fragments).get(site, self.fragments)
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> Stage:
@@ -110,7 +118,8 @@ class Stage:
                 raise ConfigError(f"{where}: field 'keep_best' must be true or false, got {keep_best!r}.")
             return cls("federated", fragments=_fragments(raw, where), records=records, replay_min_entropy=replay,
                        keep_best=keep_best)
-        allowed = ("where", *_TRAINING_FIELDS) + (("synthetic_records",) if place == "coordinator" else ())
+        allowed = ("where", *_TRAINING_FIELDS) + (("synthetic_records",) if place == "coordinator" else
+                                                  ("site_fragments",))
         reject_unknown_fields(raw, allowed, where)
         steps, batch_size = raw.get("steps"), raw.get("batch_size")
         for name, value in (("steps", steps), ("batch_size", batch_size)):
@@ -134,7 +143,8 @@ class Stage:
                               f" got {synthetic!r}.")
         return cls(place, steps=steps, batch_size=batch_size, optimizer=optimizer, learning_rate=rate,
                    alpha=_number(raw, "alpha", where, 0.5, 0.0, 1.0), temperature=temperature,
-                   fragments=tuple(fragments), synthetic_records=synthetic)
+                   fragments=tuple(fragments), synthetic_records=synthetic,
+                   site_fragments=_site_fragments(raw, where))
 
 
 def _fragments(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
@@ -144,6 +154,15 @@ def _fragments(raw: Mapping[str, Any], where: str) -> tuple[str, ...]:
         raise ConfigError(f"{where}: field 'fragments' must be a list of fragment names (empty: all), "
                           f"got {fragments!r}.")
     return tuple(fragments)
+
+
+def _site_fragments(raw: Mapping[str, Any], where: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    by_site = raw.get("site_fragments", {})
+    if not isinstance(by_site, Mapping) or not all(isinstance(site, str) and site for site in by_site):
+        raise ConfigError(f"{where}: field 'site_fragments' must map site names to lists of fragment names, "
+                          f"got {by_site!r}.")
+    return tuple(sorted((site, _fragments({"fragments": fragments}, f"{where} site_fragments.{site}"))
+                        for site, fragments in by_site.items()))
 
 
 def _number(raw: Mapping[str, Any], name: str, where: str, default: float | None, low: float, high: float) -> float:

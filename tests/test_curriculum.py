@@ -230,3 +230,26 @@ def test_an_unknown_stage_is_refused_naming_the_ones_offered(tmp_path):
                       "--out", str(tmp_path))
     assert unknown.returncode == 2 and "no local stage" in unknown.stderr and "site-local" in unknown.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_site_local_stage_can_isolate_other_parameters_at_each_site(tmp_path):
+    site = make_site(tmp_path, "site-a")
+    stage = LOCAL | {"fragments": [], "site_fragments": {"site-a": ["layers.2"]}}
+    config = federation(curriculum=[{"where": "federated"}, stage])
+    local = config.curriculum[1]
+    assert local.fragments_at("site-a") == ("layers.2",) and local.fragments_at("site-b") == ()
+    assert FederationConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="site_fragments"):
+        federation(curriculum=[{"where": "federated"}, LOCAL | {"site_fragments": ["layers.2"]}])
+    with pytest.raises(ConfigError, match="layers.9"):
+        Coordinator(federation(curriculum=[{"where": "federated"},
+                                           LOCAL | {"site_fragments": {"site-a": ["layers.9"]}}]), "r", tmp_path / "r")
+    state = student_state(build_student(config.student), "mlp")
+    ledger_in(site.state_dir, site.name).append("run-accepted", {"run_id": "run-1",
+                                                                 "config_hash": config.config_hash()})
+    run_site_local_stage(site, LocalStageRequest("run-1", config.config_hash(), config.student, local,
+                                                 digest_arrays(state), 2, 0, "n" * 32), state)
+    kept = load_file(str(site.state_dir / "site-local" / "run-1" / "model.safetensors"))
+    # Only site-a's own fragment moved; every other parameter is the federated student's.
+    changed = {name for name in state if not np.array_equal(kept[name], state[name])}
+    assert changed and all(name.startswith("layers.2") for name in changed)
