@@ -81,6 +81,7 @@ def check_causal_run(summary: dict, top1_improves: bool = True) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     summary = simulate(tmp_path, "--preset", "smoke")
     run_dir = check_causal_run(summary)

@@ -68,6 +68,7 @@ def test_same_seed_gives_the_same_numbers(first_run, tmp_path):
     assert a["federated"] == pytest.approx(b["federated"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_single_class_sites_report_undefined_metrics_instead_of_crashing(tmp_path):
     result = run_cli("simulate", "--stages", "federated", "--sites", "4", "--rounds", "1", "--subsample", "0.1",
                      "--local-steps", "5", "--out", str(tmp_path), "--format", "json")
@@ -76,20 +77,24 @@ def test_single_class_sites_report_undefined_metrics_instead_of_crashing(tmp_pat
     assert per_site["nicu"]["roc_auc"] is None and "single class" in per_site["nicu"]["undefined"]
 
 
+# Each case starts the CLI in a fresh process: three stay in the default suite, the others run with the slow tests.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("args,named", [
     (("--scenario", "moon-base"), "--scenario"),
-    (("--sites", "99"), "--sites"),
+    pytest.param(("--sites", "99"), "--sites", marks=SLOW),
     (("--rounds", "0"), "--rounds"),
-    (("--subsample", "0"), "--subsample"),
-    (("--fragment-plan", "random"), "--fragment-plan"),
-    (("--local-steps", "0"), "--local-steps"),
+    pytest.param(("--subsample", "0"), "--subsample", marks=SLOW),
+    pytest.param(("--fragment-plan", "random"), "--fragment-plan", marks=SLOW),
+    pytest.param(("--local-steps", "0"), "--local-steps", marks=SLOW),
     (("--epsilon", "abc"), "--epsilon"),
-    (("--epsilon", "1,-3"), "--epsilon"),
-    (("--site-cap", "atlantis=3"), "--site-cap"),
-    (("--accountant", "gdp"), "--accountant"),
-    (("--delta", "0.5"), "--delta"),
-    (("--drop-rate", "1.5"), "--drop-rate"),
-    (("--fail-site", "nicu"), "--fail-site"),
+    pytest.param(("--epsilon", "1,-3"), "--epsilon", marks=SLOW),
+    pytest.param(("--site-cap", "atlantis=3"), "--site-cap", marks=SLOW),
+    pytest.param(("--accountant", "gdp"), "--accountant", marks=SLOW),
+    pytest.param(("--delta", "0.5"), "--delta", marks=SLOW),
+    pytest.param(("--drop-rate", "1.5"), "--drop-rate", marks=SLOW),
+    pytest.param(("--fail-site", "nicu"), "--fail-site", marks=SLOW),
 ])
 def test_bad_input_exits_non_zero_naming_the_option(tmp_path, args, named):
     result = run_cli("simulate", *args, "--out", str(tmp_path), timeout=120)
@@ -98,6 +103,7 @@ def test_bad_input_exits_non_zero_naming_the_option(tmp_path, args, named):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_drug_reviews_transformers_path_end_to_end(tmp_path):
     result = run_cli("simulate", "--scenario", "drug-reviews", "--rounds", "1", "--subsample", "0.3",
                      "--local-steps", "2", "--out", str(tmp_path), "--format", "json")
@@ -123,6 +129,7 @@ def site_privacy(summary: dict, site: str) -> tuple[dict, "PrivacyState"]:
     return summary["privacy"]["sites"][site], PrivacyState.load(state_dir)
 
 
+@pytest.mark.slow
 def test_a_site_whose_cap_is_reached_mid_run_refuses_and_the_others_finish(tmp_path):
     from protocols.accounting import epsilon_of
 
@@ -149,6 +156,7 @@ def test_a_site_whose_cap_is_reached_mid_run_refuses_and_the_others_finish(tmp_p
     assert "emergency-dept" in summary["refusals"][str(capped["rounds_refused"][0])]
 
 
+@pytest.mark.slow
 def test_the_run_stops_cleanly_when_too_few_sites_accept(tmp_path):
     result = run_cli("simulate", *QUICK, "--sites", "3", "--epsilon", "8", "--site-cap", "clinical-lab=6",
                      "--min-sites", "3",
@@ -166,6 +174,7 @@ def test_the_run_stops_cleanly_when_too_few_sites_accept(tmp_path):
     assert checkpoint["round"] == stopped - 1
 
 
+@pytest.mark.slow
 def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
     result = run_cli("simulate", "--stages", "federated", "--sites", "3", "--rounds", "2", "--subsample", "0.25",
                      "--local-steps", "10", "--epsilon", "2,inf", "--out", str(tmp_path), "--format", "json")
@@ -182,6 +191,7 @@ def test_epsilon_sweep_reports_utility_against_privacy(tmp_path):
     assert {p.name for p in sweep_dir.iterdir() if p.is_dir()} == {"epsilon-2", "epsilon-inf"}
 
 
+@pytest.mark.slow
 def test_a_site_that_crashes_mid_round_leaves_the_round_to_the_survivors(tmp_path):
     # Four sites: the three survivors still make SecAgg+'s min_cohort, so their sum is used.
     result = run_cli("simulate", "--stages", "federated", "--sites", "4", "--rounds", "2", "--subsample", "0.25",

@@ -116,6 +116,7 @@ def continued(tmp_path_factory):
     return first_dir, json.loads(first.stdout), json.loads(second.stdout)
 
 
+@pytest.mark.slow
 def test_a_continuing_run_starts_from_the_verified_student_and_the_budgets_compose(continued):
     first_dir, first, second = continued
     second_dir = Path(second["paths"]["run_dir"])
@@ -140,6 +141,7 @@ def test_a_continuing_run_starts_from_the_verified_student_and_the_budgets_compo
         assert accepted[0]["calibration"]["records"] == chosen["trained_on"]
 
 
+@pytest.mark.slow
 def test_verify_and_report_cover_the_continuation(continued, tmp_path):
     first_dir, _, second = continued
     second_dir = Path(second["paths"]["run_dir"])
@@ -171,6 +173,7 @@ def test_verify_and_report_cover_the_continuation(continued, tmp_path):
     assert swapped.returncode != 0 and "starting student" in swapped.stdout + swapped.stderr
 
 
+@pytest.mark.slow
 def test_from_a_run_that_does_not_verify_is_refused_before_anything_runs(continued, tmp_path):
     first_dir = continued[0]
     broken = tmp_path / first_dir.name

@@ -136,6 +136,7 @@ def staged_run(tmp_path_factory):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_hospitals_runs_its_three_stages(staged_run):
     summary = staged_run
     run_dir = Path(summary["paths"]["run_dir"])
@@ -170,6 +171,7 @@ def test_hospitals_runs_its_three_stages(staged_run):
     assert any(t["message_type"] == "evaluate" for t in transfers)
 
 
+@pytest.mark.slow
 def test_verify_and_report_cover_the_coordinator_stage(staged_run, tmp_path):
     run_dir = Path(staged_run["paths"]["run_dir"])
     verified = run_cli("verify", str(run_dir), "--format", "json")

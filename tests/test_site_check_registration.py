@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from coordinator.operator import CoordinatorDir, flwr
 from tests.deployment import Processes, fedistill, free_port, make_site
 
@@ -17,6 +19,7 @@ def _check(site_file: Path) -> tuple[int, dict[str, dict]]:
     return done.returncode, {c["name"]: c for c in json.loads(done.stdout)["checks"]}
 
 
+@pytest.mark.slow
 def test_site_check_tells_a_registered_key_from_an_unregistered_one(tmp_path: Path) -> None:
     port = free_port()
     done = fedistill("coordinator", "init", "coordinator", "--host", "127.0.0.1", "--port", str(port), cwd=tmp_path)
