@@ -25,6 +25,7 @@ from distill.models import (build_student, fragment_parameter_names, load_studen
 from distill.train import TrainSettings, distill, predict_proba
 from protocols.accounting import SitePolicy
 from protocols.canonical import atomic_directory, atomic_write_json, digest_arrays, sha256_hex
+from protocols.config import StudentSpec
 from protocols.errors import UpdateRejected
 from protocols.fragments import stage_parameters
 from protocols.ledger import ledger_in, read_events
@@ -55,6 +56,25 @@ def _metrics(model: torch.nn.Module, family: str, splits: Mapping[str, Any]) -> 
     return {"threshold": evaluation["threshold"], **{m: overall.get(m) for m in METRIC_NAMES}, "n": overall["n"]}
 
 
+def requested_student(site: Site, what: str, run_id: str, config_hash: str, spec: StudentSpec, digest: str,
+                      global_state: Mapping[str, np.ndarray]) -> torch.nn.Module:
+    """The student a coordinator sends for a site-local stage or a validation report, built only for a run this site
+    accepted with that config hash, and only when the tensors have the shapes and the digest the request names."""
+    accepted = accepted_config_hash(site, run_id)
+    if accepted is None:
+        raise UpdateRejected(f"{what}: this site never accepted the run; it acts only for a run it took part in.")
+    if accepted != config_hash:
+        raise UpdateRejected(f"{what}: the request names config hash {config_hash[:12]}..., not {accepted[:12]}..., "
+                             "the run this site accepted.")
+    model = build_student(spec)
+    check_tensors(global_state, student_state(model, spec.family), what)
+    if digest_arrays(dict(global_state)) != digest:
+        raise UpdateRejected(f"{what}: the student sent does not hash to {digest[:12]}..., the student the request "
+                             "names.")
+    load_student_state(model, spec.family, global_state)
+    return model
+
+
 def local_student_dir(site: Site, run_id: str):
     return site.state_dir / LOCAL_DIR / run_id
 
@@ -63,20 +83,10 @@ def run_site_local_stage(site: Site, request: LocalStageRequest, global_state: M
                          ) -> dict[str, Any]:
     """Fine-tune, keep, evaluate and record; returns what may leave (metrics, or that they are withheld)."""
     what = f"site {site.name}, site-local stage of run {request.run_id}"
-    accepted = accepted_config_hash(site, request.run_id)
-    if accepted is None:
-        raise UpdateRejected(f"{what}: this site never accepted the run; it fine-tunes only a run it took part in.")
-    if accepted != request.config_hash:
-        raise UpdateRejected(f"{what}: the request names config hash {request.config_hash[:12]}..., not "
-                             f"{accepted[:12]}..., the run this site accepted.")
     torch.manual_seed(request.seed)
-    model = build_student(request.student)
+    model = requested_student(site, what, request.run_id, request.config_hash, request.student,
+                              request.student_digest, global_state)
     family = request.student.family
-    check_tensors(global_state, student_state(model, family), what)
-    if digest_arrays(dict(global_state)) != request.student_digest:
-        raise UpdateRejected(f"{what}: the student sent does not hash to {request.student_digest[:12]}..., the final "
-                             "student the request names.")
-    load_student_state(model, family, global_state)
     splits = site.splits()
     federated_metrics = _metrics(model, family, splits)
     outputs = TeacherLogitCache(site.state_dir).outputs(splits["train"], teacher_digest(site.teacher_path),

@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from client.local_stage import accepted_config_hash
+from client.local_stage import requested_student
 from client.site import Site
 from distill.evaluate import classification_metrics
-from distill.models import build_student, load_student_state, student_state
 from distill.train import predict_proba
 from protocols.accounting import SitePolicy
-from protocols.canonical import digest_arrays
 from protocols.errors import UpdateRejected
 from protocols.ledger import ledger_in, read_events
-from protocols.messages import ValidationRequest, check_tensors
+from protocols.messages import ValidationRequest
 
 
 def _already_scored(site: Site, request: ValidationRequest) -> bool:
@@ -40,22 +38,11 @@ def validate_student(site: Site, request: ValidationRequest, global_state: Mappi
                      ) -> dict[str, Any]:
     """Score, record, and return what may leave: ``{"released": bool, "roc_auc": ..., "n": ...}``."""
     what = f"site {site.name}, validation of round {request.round} of run {request.run_id}"
-    accepted = accepted_config_hash(site, request.run_id)
-    if accepted is None:
-        raise UpdateRejected(f"{what}: this site never accepted the run; it scores students only for a run it takes "
-                             "part in.")
-    if accepted != request.config_hash:
-        raise UpdateRejected(f"{what}: the request names config hash {request.config_hash[:12]}..., not "
-                             f"{accepted[:12]}..., the run this site accepted.")
     if _already_scored(site, request):
         raise UpdateRejected(f"{what}: this site scored round {request.round} already; it answers each round once.")
-    model = build_student(request.student)
+    model = requested_student(site, what, request.run_id, request.config_hash, request.student,
+                              request.student_digest, global_state)
     family = request.student.family
-    check_tensors(global_state, student_state(model, family), what)
-    if digest_arrays(dict(global_state)) != request.student_digest:
-        raise UpdateRejected(f"{what}: the student sent does not hash to {request.student_digest[:12]}..., the "
-                             "digest the request names.")
-    load_student_state(model, family, global_state)
     splits = site.splits()
     validation = splits.get("val")
     roc_auc, n = None, 0

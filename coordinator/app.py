@@ -186,14 +186,8 @@ def run_validation(grid: Grid, coordinator: Coordinator, server_round: int, min_
         replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
                                                                   "config": ConfigRecord(request.to_config())}),
                                       MessageType.EVALUATE, server_round, timeout)
-        decoded, rejected = _decoded(replies, lambda reply: (_source(reply), _validation_report_of(reply, request)),
-                                     server_round)
-        reports: dict[str, dict[str, Any]] = {}
-        for source, (site, report) in decoded:
-            if site in reports:
-                rejected[source] = f"site {safe_text(site)} answered the validation request twice"
-                continue
-            reports[site] = report
+        reports, rejected = _one_report_per_site(
+            replies, lambda reply: _validation_report_of(reply, request), server_round, "validation")
         coordinator.record_validation(request, state, reports, failures, rejected)
 
 
@@ -230,14 +224,23 @@ def run_site_local_stage(grid: Grid, coordinator: Coordinator, request: LocalSta
     replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
                                                               "config": ConfigRecord(request.to_config())}),
                                   MessageType.EVALUATE, group, timeout)
-    decoded, rejected = _decoded(replies, lambda reply: (_source(reply), _local_report_of(reply, request)), group)
+    reports, rejected = _one_report_per_site(replies, lambda reply: _local_report_of(reply, request), group,
+                                             "site-local")
+    coordinator.record_site_local(request, reports, failures, rejected)
+
+
+def _one_report_per_site(replies: list[Message], decode: Callable[[Message], tuple[str, dict[str, Any]]], group: int,
+                         what: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(each site's screened report, rejections by node): an unreadable reply or a second answer from the same
+    site is rejected by name; the others stand."""
+    decoded, rejected = _decoded(replies, lambda reply: (_source(reply), decode(reply)), group)
     reports: dict[str, dict[str, Any]] = {}
     for source, (site, report) in decoded:
         if site in reports:
-            rejected[source] = f"site {safe_text(site)} answered the site-local request twice"
+            rejected[source] = f"site {safe_text(site)} answered the {what} request twice"
             continue
         reports[site] = report
-    coordinator.record_site_local(request, reports, failures, rejected)
+    return reports, rejected
 
 
 def _split_refusals(replies: list[Message]) -> tuple[list[Message], list[Message]]:
