@@ -381,7 +381,9 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         baselines = run_baselines(scenario, from_scratch, cached_logits, progress=reporter.stage)
 
     final = coordinator.records[-1]
-    federated = final["evaluation"] if "evaluation" in final else evaluate(coordinator.model)
+    # The last round's record holds its student's evaluation, unless the run kept an earlier round's student.
+    kept_last = coordinator.kept_round in (None, final["round"])
+    federated = final["evaluation"] if kept_last and "evaluation" in final else evaluate(coordinator.model)
     student_bytes = sum(f.stat().st_size for f in coordinator.student_dir.glob("*.safetensors"))
     teacher_size = scenario.teacher.size()
     student_params = count_parameters(coordinator.model)
