@@ -154,6 +154,9 @@ def test_verify_and_report_cover_the_continuation(continued, tmp_path):
     assert second["kept_round"] in (0, 1) and set(second["validation_by_round"]) == {"0", "1"}
     assert any(check.startswith(f"keep-best: round {second['kept_round']}") for check in checks)
     assert any("match what each site's own ledger" in check for check in checks)
+    if second["kept_round"] == 0:
+        # The kept student is the start, the first run's student, on the same test splits: the same score.
+        assert second["comparison"]["federated"] == pytest.approx(continued[1]["comparison"]["federated"], abs=1e-9)
     report = run_cli("report", str(second_dir), "--format", "json")
     assert report.returncode == 0, report.stderr[-2000:]
     card = json.loads((second_dir / "report" / "report.json").read_text())
