@@ -9,11 +9,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
+from client.knowledge import check_knowledge_inputs, knowledge_release
 from client.privacy import private_distill, private_distill_causal
 from client.replay import TrainingSet, training_set
 from client.site import Site
@@ -33,6 +35,7 @@ from protocols.canonical import atomic_write_bytes, atomic_write_json, digest_ar
 from protocols.config import StudentSpec
 from protocols.errors import BudgetExhausted, ConfigError, UpdateRejected
 from protocols.fragments import fragment_spec_for
+from protocols.knowledge import SOFT_LABELS
 from protocols.ledger import Ledger, key_fingerprint, ledger_in, read_events, verify_signature
 from protocols.messages import TrainInstruction, check_fragment_update, check_tensors, clip_fragment_changes
 from protocols.secagg import EncodedUpdate, encode_update
@@ -364,6 +367,8 @@ def consider_round(site: Site, instruction: TrainInstruction,
     """The site's answer to a round (its query, then its training message): its budget decides, for the records
     the run trains on here. A causal-LM run trains on every text (None: no training set is chosen)."""
     train = site.splits()["train"] if train is None else train
+    if instruction.knowledge is not None:
+        check_knowledge_inputs(site, instruction)
     chosen = None if instruction.student.family == "causal_lm" else site_training_set(site, instruction, train)
     return check_budget(site, instruction, len(train) if chosen is None else len(chosen.indices), chosen), chosen
 
@@ -373,7 +378,7 @@ def site_ledger(site: Site) -> Ledger:
 
 
 def record_update_sent(site: Site, instruction: TrainInstruction, payload_kind: str, payload: dict[str, np.ndarray],
-                       update: SiteUpdate) -> dict[str, float | int | str]:
+                       update: SiteUpdate, knowledge: dict[str, Any] | None = None) -> dict[str, float | int | str]:
     """What left the site this round, in its ledger, then a signed checkpoint; returns the report plus the head.
 
     The tensors are described (names, shapes, bytes, digest), never stored: the ledger holds no record and no
@@ -389,7 +394,8 @@ def record_update_sent(site: Site, instruction: TrainInstruction, payload_kind: 
         "dp": {key: update.privacy[key] for key in ("noise-multiplier", "sample-rate", "steps", "empty-batches",
                                                     "max-grad-norm", "delta", "accountant")},
         "norm_clipped": list(update.norm_clipped), "coordinator_anchor": update.anchor,
-        "epsilon_run": update.privacy["epsilon-run"], "epsilon_lifetime": update.privacy["epsilon-lifetime"]})
+        "epsilon_run": update.privacy["epsilon-run"], "epsilon_lifetime": update.privacy["epsilon-lifetime"]}
+        | ({"knowledge": knowledge} if knowledge is not None else {}))
     ledger.checkpoint({"run_id": instruction.run_id, "round": instruction.server_round})
     seq, head = ledger.head
     return {**update.privacy, "ledger-seq": seq, "ledger-hash": head}
@@ -418,8 +424,16 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
                              f"the student has {len(names)}.")
     global_state = dict(zip(names, global_arrays))
     update = train_round(site, instruction, global_state, student)
-    planned = [name for name in names if name in update.arrays]
-    encoded = encode_update(update.arrays, global_state, planned, update.num_examples, update.train_loss,
+    knowledge = instruction.knowledge
+    planned = [] if knowledge is not None and not knowledge.sends_weights else [
+        name for name in names if name in update.arrays]
+    values, reference, release = dict(update.arrays), dict(global_state), None
+    if knowledge is not None:
+        # The soft labels travel as differences from zero, after the planned tensors: the layout every site shares.
+        values[SOFT_LABELS], release = knowledge_release(site, instruction, student)
+        reference[SOFT_LABELS] = np.zeros(knowledge.soft_label_shape, dtype=np.float64)
+        planned.append(SOFT_LABELS)
+    encoded = encode_update(values, reference, planned, update.num_examples, update.train_loss,
                             instruction.clipping_range, instruction.weight_scale)
     if encoded.clipped_values:
         log.warning("site %s, round %d: %d value(s) of the secure-aggregation payload exceed the clipping range "
@@ -427,8 +441,7 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
                     instruction.clipping_range)
     record_clipping(site.state_dir, instruction.run_id, instruction.server_round, encoded.clipped_values)
     payload = {f"secagg.{index}": vector for index, vector in enumerate(encoded.vectors)}
-    report = record_update_sent(site, instruction, "secagg+ input (masked by Flower)", payload,
-                                update)
+    report = record_update_sent(site, instruction, "secagg+ input (masked by Flower)", payload, update, release)
     return encoded, replace(update, privacy=report)
 
 

@@ -123,7 +123,8 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
         if coordinator.config.secure_aggregation:
             node_sites = {int(source.removeprefix("node-")): site for source, site in accepted.items()}
             outcome = run_secure_round(grid, context, nodes, node_sites, instruction, coordinator.state,
-                                       coordinator.config, list(coordinator.spec.parameters_of_all(instruction.fragments)),
+                                       coordinator.config,
+                                       [tuple(a.shape) for a in coordinator.secure_payload(instruction).values()],
                                        coordinator.reported_ledger_seqs, timeout)
             coordinator.complete_secure_round(server_round, outcome.vectors, outcome.participants, outcome.privacy,
                                               failures | outcome.failures, refusals, started,

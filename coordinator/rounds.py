@@ -23,6 +23,7 @@ from torch import nn
 from coordinator.aggregate import aggregate_fragments, check_aggregate
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
+from coordinator.knowledge import distil_soft_labels
 from distill.causal_lm import base_provenance
 from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
@@ -30,6 +31,7 @@ from protocols.canonical import atomic_write_bytes, canonical_json, digest_array
 from protocols.config import FederationConfig
 from protocols.curriculum import Stage, stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
+from protocols.knowledge import SOFT_LABELS, check_soft_labels, load_proxy
 from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
 from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction, ValidationRequest
@@ -46,11 +48,18 @@ class Coordinator:
     def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None,
                  transport: dict[str, Any] | None = None, coordinator_stage: dict[str, Any] | None = None,
-                 initial_state: dict[str, np.ndarray] | None = None) -> None:
+                 initial_state: dict[str, np.ndarray] | None = None, proxy_path: Path | None = None) -> None:
         """``initial_state`` is the student the rounds start from: the one a coordinator stage produced
         (coordinator.curriculum), with ``coordinator_stage`` that stage's record, or the finished student of the run
-        the config continues (``config.continues``, coordinator.continuation). Its digest must be the one named."""
+        the config continues (``config.continues``, coordinator.continuation). Its digest must be the one named.
+        ``proxy_path`` is a knowledge run's proxy set, checked against the digest the config registers."""
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
+        self.proxy = None
+        if config.knowledge is not None:
+            if proxy_path is None:
+                raise ConfigError("run config: field 'knowledge' names a proxy set, but the coordinator was given no "
+                                  "proxy file; pass the file the sites were shipped.")
+            self.proxy = load_proxy(Path(proxy_path), config.knowledge, "the coordinator")
         self.evaluate, self.on_round = evaluate, on_round
         self.config_hash = config.config_hash()
         torch.manual_seed(config.seed)
@@ -148,7 +157,19 @@ class Coordinator:
             target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
             secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
             max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor(),
-            training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy)
+            training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy,
+            knowledge=c.knowledge)
+
+    def secure_payload(self, instruction: TrainInstruction) -> dict[str, np.ndarray]:
+        """What each site puts into the SecAgg+ sum, by name, as the reference its values are differences from: the
+        planned student tensors (unless only knowledge travels), then a knowledge run's soft labels (from zero)."""
+        knowledge = self.config.knowledge
+        names = [] if knowledge is not None and not knowledge.sends_weights else self.spec.parameters_of_all(
+            instruction.fragments)
+        payload = {name: self.state[name] for name in names}
+        if knowledge is not None:
+            payload[SOFT_LABELS] = np.zeros(knowledge.soft_label_shape, dtype=np.float64)
+        return payload
 
     @property
     def reported_ledger_seqs(self) -> dict[str, int]:
@@ -191,7 +212,6 @@ class Coordinator:
         complete (``halted`` says why): the round is recorded as failed.
         """
         instruction = self.instruction(server_round)
-        names = self.spec.parameters_of_all(instruction.fragments)
         details: dict[str, Any] = {"aggregation": "secagg+", "rejected": rejected or {}, "aggregate_rejected": None,
                                    "failures": failures, "refusals": refusals, "privacy": privacy}
         if vectors is None:
@@ -206,18 +226,40 @@ class Coordinator:
                                              "not used")
             log.error("%s; the global student is unchanged.", details["aggregate_rejected"])
             return self._apply(server_round, None, [], None, details, started)
+        payload = self.secure_payload(instruction)
         try:
-            decoded = decode_aggregate(vectors, names, self.state, self.config.secagg_settings(), server_round)
-            check_aggregate(decoded.state, self.state, self.spec, instruction.fragments, server_round,
-                            self.config.max_update_norm)
+            decoded = decode_aggregate(vectors, list(payload), payload, self.config.secagg_settings(), server_round)
+            weights = {name: value for name, value in decoded.state.items() if name != SOFT_LABELS}
+            if weights:
+                check_aggregate(weights, self.state, self.spec, instruction.fragments, server_round,
+                                self.config.max_update_norm)
+            new_state = self.state | weights
+            if self.config.knowledge is not None:
+                new_state, details["knowledge"] = self._distil_knowledge(server_round, new_state,
+                                                                         decoded.state[SOFT_LABELS])
         except Exception as err:  # an aggregate of any shape or content fails the round, never the run
             log.error("%s The global student is unchanged.", err)
             details["aggregate_rejected"] = str(err) if isinstance(err, UpdateRejected) else (
                 f"round {server_round}: the secure aggregate could not be decoded ({type(err).__name__}: {err})")
+            load_student_state(self.model, self.family, self.state)
             return self._apply(server_round, None, [], None, details, started)
         details["quantization_error_bound"] = decoded.error_bound
-        return self._apply(server_round, self.state | decoded.state, sorted(participants), decoded.train_loss, details,
-                           started)
+        return self._apply(server_round, new_state, sorted(participants), decoded.train_loss, details, started)
+
+    def _distil_knowledge(self, server_round: int, state: dict[str, np.ndarray], soft_labels: np.ndarray
+                          ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The sites' mean soft labels (checked) distilled into ``state`` on the proxy inputs: (new state, record)."""
+        knowledge = self.config.knowledge
+        assert knowledge is not None and self.proxy is not None
+        mean = check_soft_labels(soft_labels, knowledge, f"round {server_round}: the secure mean of the soft labels")
+        load_student_state(self.model, self.family, state)
+        record = distil_soft_labels(self.model, self.family, self.proxy, mean, knowledge,
+                                    seed=self.config.seed * 100_003 + server_round)
+        distilled = student_state(self.model, self.family)
+        if not all(np.all(np.isfinite(value)) for value in distilled.values()):
+            raise UpdateRejected(f"round {server_round}: server-side distillation on the soft labels left non-finite "
+                                 "weights; lower the knowledge 'server_learning_rate'.")
+        return distilled, record
 
     def _apply(self, server_round: int, new_state: dict[str, np.ndarray] | None, participants: list[str],
                train_loss: float | None, details: dict[str, Any], started: float) -> dict[str, Any]:

@@ -109,9 +109,10 @@ class _ScreeningGrid:
                 raise UpdateRejected(f"{what}: masked tensor {index} has {got}; expected shape {shape} of integers.")
 
 
-def masked_layout(global_arrays: Mapping[str, np.ndarray], names: list[str]) -> list[tuple[int, ...]]:
-    """The shapes of a site's masked vector: Flower's weight factor, one per planned tensor, then [w] and [w*loss]."""
-    return [(1,), *(tuple(global_arrays[name].shape) for name in names), (1,), (1,)]
+def masked_layout(payload_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The shapes of a site's masked vector: Flower's weight factor, one per payload tensor (the planned student
+    tensors, then a knowledge run's soft labels), then [w] and [w*loss]."""
+    return [(1,), *(tuple(shape) for shape in payload_shapes), (1,), (1,)]
 
 
 class _OneRoundStrategy(Strategy):
@@ -150,10 +151,12 @@ class _OneRoundStrategy(Strategy):
 
 def run_secure_round(grid: Grid, context: Context, node_ids: list[int], node_sites: Mapping[int, str],
                      instruction: TrainInstruction, global_arrays: Mapping[str, np.ndarray], config: FederationConfig,
-                     planned: list[str], last_seq: Mapping[str, int], timeout: float) -> SecureRoundOutcome:
+                     payload_shapes: list[tuple[int, ...]], last_seq: Mapping[str, int],
+                     timeout: float) -> SecureRoundOutcome:
     """Train ``node_ids`` (which answered as ``node_sites``) on ``instruction``; the mean of the masked vectors that
-    passed screening, or None if the protocol halted or failed."""
-    screening = _ScreeningGrid(grid, node_sites, instruction, masked_layout(global_arrays, planned), last_seq)
+    passed screening, or None if the protocol halted or failed. ``payload_shapes`` are the shapes of what each site
+    puts into the sum (Coordinator.secure_payload)."""
+    screening = _ScreeningGrid(grid, node_sites, instruction, masked_layout(payload_shapes), last_seq)
     strategy = _OneRoundStrategy(grid, node_ids, instruction)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=instruction.total_rounds),
                            strategy=strategy)

@@ -248,6 +248,12 @@ def simulate_command(
     replay_min_entropy: float | None = typer.Option(None, help="With --incremental: replay earlier records whose "
                                                                "teacher entropy is at least this share of its "
                                                                "maximum (0-1); default: no replay."),
+    knowledge_mode: str = typer.Option("weights", help="What travels up each round: weights (fragment updates), "
+                                                       "knowledge (only soft labels on the public proxy set, "
+                                                       "distilled at the coordinator) or hybrid (both)."),
+    knowledge_source: str = typer.Option("local-student", help="Where the sites' soft labels come from: "
+                                                               "local-student (the site's student after its DP-SGD "
+                                                               "steps) or public-teacher."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
                                                         "json, html, pdf; fedistill report) and print where."),
@@ -269,7 +275,8 @@ def simulate_command(
                                     secure_aggregation=secure_aggregation, preset=preset,
                                     stages=parse_stages(stages) if stages is not None else None,
                                     from_run=from_run, data_share=data_share, incremental=incremental,
-                                    replay_min_entropy=replay_min_entropy, keep_best=keep_best)
+                                    replay_min_entropy=replay_min_entropy, keep_best=keep_best,
+                                    knowledge_mode=knowledge_mode, knowledge_source=knowledge_source)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

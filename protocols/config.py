@@ -18,6 +18,7 @@ from protocols.canonical import digest_json
 from protocols.curriculum import Continuation, Stage, parse_curriculum, stage_of
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
+from protocols.knowledge import KnowledgeSettings
 from protocols.secagg import SecureAggregationSettings
 
 SCHEMA_VERSION = 1
@@ -232,8 +233,18 @@ class FederationConfig:
     curriculum: tuple[Stage, ...] = ()
     # The finished run whose student this run starts from (``--from RUN_DIR``); None: a fresh student.
     continues: Continuation | None = None
+    # The knowledge channel (protocols/knowledge.py): soft labels on a registered proxy set travel up, alone or with
+    # the fragment update; None: weights only.
+    knowledge: KnowledgeSettings | None = None
 
     def __post_init__(self) -> None:
+        if self.knowledge is not None:
+            if not self.secure_aggregation:
+                raise ConfigError("run config: field 'knowledge' needs 'secure_aggregation' = true: soft labels reach "
+                                  "the coordinator only as the SecAgg+ sum, never one site's in the clear.")
+            if self.student.family == "causal_lm":
+                raise ConfigError("run config: field 'knowledge' is built for classification students only; a "
+                                  "causal-LM run's top-k knowledge channel is not built yet. Remove 'knowledge'.")
         if self.continues is not None and stage_of(self.curriculum, "coordinator") is not None:
             raise ConfigError("run config: a run that continues an earlier run (--from) starts from that run's "
                               "student, so it has no coordinator stage; remove the coordinator stage from its "
@@ -281,6 +292,9 @@ class FederationConfig:
         data.pop("continues")
         if self.continues is not None:
             data["continues"] = self.continues.to_dict()
+        data.pop("knowledge")
+        if self.knowledge is not None:
+            data["knowledge"] = self.knowledge.to_dict()
         data["schema_version"] = SCHEMA_VERSION
         return data
 
@@ -306,6 +320,9 @@ class FederationConfig:
             student=student,
             curriculum=parse_curriculum(raw.get("curriculum"), student.family, where),
             continues=None if raw.get("continues") is None else Continuation.from_dict(raw["continues"], where),
+            knowledge=None if raw.get("knowledge") is None else (
+                raw["knowledge"] if isinstance(raw["knowledge"], KnowledgeSettings)
+                else KnowledgeSettings.from_dict(raw["knowledge"], f"{where} 'knowledge'")),
             rounds=_int(raw, "rounds", where, 1, cls.rounds),
             fragment_plan=_choice(raw, "fragment_plan", where, FRAGMENT_PLANS, cls.fragment_plan),
             fragment_patterns=patterns,

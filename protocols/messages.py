@@ -20,6 +20,7 @@ from protocols.config import StudentSpec
 from protocols.curriculum import Stage
 from protocols.errors import UpdateRejected
 from protocols.fragments import FragmentSpec
+from protocols.knowledge import KnowledgeSettings
 
 SCHEMA_VERSION = 1
 MAX_EXAMPLES = 10**9
@@ -93,6 +94,8 @@ class TrainInstruction:
     # The federated stage's training records ("all", or "new" for an incremental run) and replay threshold.
     training_records: str = "all"
     replay_min_entropy: float | None = None
+    # The run's knowledge channel (protocols/knowledge.py); None: the site sends its fragment update only.
+    knowledge: KnowledgeSettings | None = None
 
     @property
     def private(self) -> bool:
@@ -102,7 +105,10 @@ class TrainInstruction:
         """Flat scalars and lists, the shape of a Flower ConfigRecord."""
         optional = {key: value for key, value in (("target-epsilon", self.target_epsilon),
                                                   ("target-delta", self.target_delta),
-                                                  ("replay-min-entropy", self.replay_min_entropy)) if value is not None}
+                                                  ("replay-min-entropy", self.replay_min_entropy),
+                                                  ("knowledge", None if self.knowledge is None else json.dumps(
+                                                      self.knowledge.to_dict(), sort_keys=True)))
+                    if value is not None}
         return optional | {
             "training-records": self.training_records,
             "schema-version": SCHEMA_VERSION,
@@ -173,6 +179,8 @@ class TrainInstruction:
             anchor=_anchor_from(config["coordinator-anchor"]),
             training_records=str(config.get("training-records", "all")),
             replay_min_entropy=float(config["replay-min-entropy"]) if "replay-min-entropy" in config else None,
+            knowledge=(KnowledgeSettings.from_dict(json.loads(str(config["knowledge"])), "train instruction 'knowledge'")
+                       if "knowledge" in config else None),
         )
 
 

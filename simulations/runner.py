@@ -40,10 +40,11 @@ from distill.evaluate import classification_metrics, evaluate_across_sites
 from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
-from protocols.canonical import atomic_write_json, sha256_hex
+from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 from protocols.curriculum import Continuation, stage_of
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
 from protocols.errors import ConfigError
+from protocols.knowledge import KNOWLEDGE_MODES, PROXY_FILE, proxy_file_bytes
 from simulations.baselines import run_baselines
 from simulations.causal_runner import (PRIVACY_FREE_BASELINES, UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines,
                                       causal_summary, site_training)
@@ -93,8 +94,14 @@ class SimulationOptions:
     replay_min_entropy: float | None = None
     # Keep the round whose student scored best on the validation ROC-AUC the sites release, not the last one.
     keep_best: bool = False
+    # What travels up each round (protocols/knowledge.py): weights, knowledge or hybrid; and the soft labels' source.
+    knowledge_mode: str = "weights"
+    knowledge_source: str = "local-student"
 
     def __post_init__(self) -> None:
+        if self.knowledge_mode not in ("weights", *KNOWLEDGE_MODES):
+            raise ConfigError(f"--knowledge-mode must be one of weights, {', '.join(KNOWLEDGE_MODES)}, got "
+                              f"{self.knowledge_mode!r}.")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
         if self.seed < 0:
@@ -186,7 +193,19 @@ def _local_only_summary(local: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _federation_config(options: SimulationOptions, scenario, continues: Continuation | None = None) -> FederationConfig:
+def _knowledge(options: SimulationOptions, scenario, proxy_digest: str | None) -> dict[str, Any] | None:
+    """The run config's ``knowledge`` for a knowledge or hybrid run: the scenario's public set is its proxy set."""
+    if options.knowledge_mode == "weights":
+        return None
+    if scenario.public is None:
+        raise ConfigError(f"--knowledge-mode {options.knowledge_mode}: the {scenario.name} scenario has no public "
+                          "proxy set; use --knowledge-mode weights.")
+    return {"mode": options.knowledge_mode, "source": options.knowledge_source, "proxy_digest": proxy_digest,
+            "proxy_records": len(scenario.public), "classes": len(scenario.class_names)}
+
+
+def _federation_config(options: SimulationOptions, scenario, continues: Continuation | None = None,
+                       proxy_digest: str | None = None) -> FederationConfig:
     overrides: dict[str, Any] = {key: value for key, value in (
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
@@ -213,7 +232,8 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
         defaults |= scenario.after_coordinator_stage
     return FederationConfig.from_dict({**defaults, **overrides, "student": scenario.student,
                                        "seed": options.seed, **({"curriculum": curriculum} if curriculum else {}),
-                                       **({"continues": continues.to_dict()} if continues is not None else {})},
+                                       **({"continues": continues.to_dict()} if continues is not None else {}),
+                                       "knowledge": _knowledge(options, scenario, proxy_digest)},
                                       where="simulation options")
 
 
@@ -292,7 +312,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     continues = continuation_of(options.from_run, scenario.student) if options.from_run is not None else None
     if options.from_run is not None:
         _check_same_sites(options.from_run, scenario)
-    config = _federation_config(options, scenario, continues)
+    # A knowledge run's proxy set: the scenario's public inputs, never their labels, registered by the file's SHA-256.
+    proxy = (proxy_file_bytes(scenario.public.inputs) if options.knowledge_mode != "weights"
+             and scenario.public is not None else None)
+    config = _federation_config(options, scenario, continues, sha256_hex(proxy) if proxy is not None else None)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "
                           f"{len(scenario.sites)}; use --sites {config.min_cohort} or more, or --no-secure-aggregation.")
@@ -311,6 +334,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
+    proxy_path = None
+    if proxy is not None:
+        proxy_path = run_dir / PROXY_FILE
+        atomic_write_bytes(proxy_path, proxy)
     coordinator_stage = _coordinator_stage(scenario, config, run_dir, teacher_path, reporter)
     start_state = None
     if options.from_run is not None:
@@ -331,6 +358,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             shutil.copytree(Path(options.from_run) / "sites" / name, run_dir / "sites" / name)
         state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
                                       teacher_declaration=scenario.teacher_declaration).state_dir)
+        if proxy is not None:
+            atomic_write_bytes(state_dirs[-1] / PROXY_FILE, proxy)  # the operator ships the same file to every site
 
     causal = scenario.family == "causal_lm"
     if causal:
@@ -344,7 +373,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         reporter.rounds_started(config.rounds)
         return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished,
                            coordinator_stage=coordinator_stage.record if coordinator_stage else None,
-                           initial_state=coordinator_stage.state if coordinator_stage else start_state)
+                           initial_state=coordinator_stage.state if coordinator_stage else start_state,
+                           proxy_path=proxy_path)
 
     privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")
@@ -377,7 +407,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         reporter.stage("baselines (non-private): teacher, local-only, centralized")
         # The baselines start from scratch, so they train with the single-stage settings (a coordinator stage's
         # gentler federated rate would handicap them), the command line's overrides included.
-        from_scratch = _federation_config(replace(options, stages=("federated",)), scenario)
+        from_scratch = _federation_config(replace(options, stages=("federated",), knowledge_mode="weights"), scenario)
         baselines = run_baselines(scenario, from_scratch, cached_logits, progress=reporter.stage)
 
     final = coordinator.records[-1]

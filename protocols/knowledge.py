@@ -1,0 +1,181 @@
+"""The knowledge channel: sites release soft labels on a registered public proxy set, summed under SecAgg+.
+
+A run's ``knowledge`` settings say what travels up each round (``mode``), where each site's soft labels come from
+(``source``), and which proxy set they are computed on, registered by the SHA-256 of its file (``proxy_digest``):
+every site and the coordinator check that digest before they use the set, and refuse a mismatch by name.
+
+Modes (``weights``, today's behaviour, is the absence of these settings):
+
+- ``knowledge``: only soft labels travel up. Each site trains the round's student locally under DP-SGD, as in
+  weights mode, and releases that local student's temperature-scaled class probabilities on the proxy inputs; the
+  coordinator receives only their secure weighted mean and distils it into the global student on the proxy inputs
+  (server-side KD). What a site sends is ``proxy_records x classes`` values whatever the student's size.
+- ``hybrid``: the fragment update and the soft labels travel in the same masked vector; the coordinator applies the
+  averaged update, then distils the averaged soft labels into the result (FedDF-like).
+
+Sources, each private for a stated reason (:data:`WHY_PRIVATE`):
+
+- ``local-student``: the site's local student after the round's DP-SGD steps. Its outputs on public inputs are
+  post-processing of a DP model and cost nothing further; the site's ledger names the spend they post-process.
+- ``public-teacher``: a teacher that never saw private records (the site's teacher declaration says ``public``).
+
+The outputs of a single teacher trained on private records are never released, with or without noise: one record
+can change all of them. A config that asks for them is refused by name. PATE-style releases of an ensemble of
+private teachers (the third admissible source) are not built yet, and are refused with that reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocols.canonical import file_sha256
+from protocols.errors import ConfigError, UpdateRejected
+from protocols.fields import reject_unknown_fields
+
+KNOWLEDGE_MODES = ("knowledge", "hybrid")
+KNOWLEDGE_SOURCES = ("local-student", "public-teacher")
+# Never admissible: one record of the teacher's training data can change every one of its outputs.
+REFUSED_SOURCES = {
+    "private-teacher": "a single teacher trained on the site's private records: one record can change all of its "
+                       "outputs, so no amount of added noise per output makes the release private",
+    "teacher": "'teacher' does not say what the teacher was trained on; use 'public-teacher' for a teacher that never "
+               "saw private records",
+    "pate": "PATE-style releases of an ensemble of private teachers are not built yet",
+}
+WHY_PRIVATE = {
+    "local-student": "post-processing of the site's local student after its DP-SGD steps of this round, on public "
+                     "inputs: no further privacy cost",
+    "public-teacher": "outputs of a teacher that never saw private records (the site declared its training data "
+                      "public), on public inputs: no privacy cost",
+}
+# The name the soft labels travel under inside the SecAgg+ vector, after the planned student tensors.
+SOFT_LABELS = "knowledge.soft_labels"
+# The proxy set as a site keeps it in its state directory (its inputs only, a safetensors file).
+PROXY_FILE = "proxy.safetensors"
+_HEX_DIGEST_LENGTH = 64
+# Released probabilities may differ from a distribution by SecAgg+'s quantization and its own rounding, no more.
+PROBABILITY_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class KnowledgeSettings:
+    """What travels up, where the soft labels come from, the proxy set, and the server-side distillation."""
+
+    mode: str
+    source: str
+    proxy_digest: str
+    proxy_records: int
+    classes: int
+    # The temperature of the released probabilities; the coordinator distils at the same temperature.
+    temperature: float = 2.0
+    server_steps: int = 200
+    server_batch_size: int = 256
+    server_learning_rate: float = 1e-3
+    server_optimizer: str = "adam"
+
+    def __post_init__(self) -> None:
+        where = "run config 'knowledge'"
+        if self.source in REFUSED_SOURCES:
+            raise ConfigError(f"{where}: field 'source' is {self.source!r}, refused: {REFUSED_SOURCES[self.source]}. "
+                              f"Choose one of {', '.join(KNOWLEDGE_SOURCES)}.")
+        checks = [(self.mode in KNOWLEDGE_MODES, "mode", "one of " + ", ".join(KNOWLEDGE_MODES), self.mode),
+                  (self.source in KNOWLEDGE_SOURCES, "source", "one of " + ", ".join(KNOWLEDGE_SOURCES), self.source),
+                  (isinstance(self.proxy_digest, str) and len(self.proxy_digest) == _HEX_DIGEST_LENGTH
+                   and all(c in "0123456789abcdef" for c in self.proxy_digest), "proxy_digest",
+                   "the SHA-256 of the proxy file (64 lowercase hex digits)", self.proxy_digest),
+                  (_count(self.proxy_records), "proxy_records", "an integer >= 1", self.proxy_records),
+                  (_count(self.classes) and self.classes >= 2, "classes", "an integer >= 2", self.classes),
+                  (_number(self.temperature, 0.0, 100.0), "temperature", "a number in (0, 100]", self.temperature),
+                  (_count(self.server_steps), "server_steps", "an integer >= 1", self.server_steps),
+                  (_count(self.server_batch_size), "server_batch_size", "an integer >= 1", self.server_batch_size),
+                  (_number(self.server_learning_rate, 0.0, 10.0), "server_learning_rate", "a number in (0, 10]",
+                   self.server_learning_rate),
+                  (self.server_optimizer in ("sgd", "adam"), "server_optimizer", "sgd or adam", self.server_optimizer)]
+        for ok, name, expected, got in checks:
+            if not ok:
+                raise ConfigError(f"{where}: field '{name}' must be {expected}, got {got!r}. Fix it and run again.")
+        if self.mode == "knowledge" and self.source == "public-teacher":
+            raise ConfigError(f"{where}: mode 'knowledge' with source 'public-teacher' would make every site spend a "
+                              "round's DP-SGD steps it never releases; a site's public teacher without local training "
+                              "is not built yet. Use mode 'hybrid', or source 'local-student'.")
+
+    @property
+    def sends_weights(self) -> bool:
+        return self.mode == "hybrid"
+
+    @property
+    def soft_label_shape(self) -> tuple[int, int]:
+        return (self.proxy_records, self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "run config 'knowledge'") -> KnowledgeSettings:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with mode, source, proxy_digest, proxy_records and classes.")
+        reject_unknown_fields(raw, tuple(cls.__dataclass_fields__), where)
+        missing = [name for name in ("mode", "source", "proxy_digest", "proxy_records", "classes") if name not in raw]
+        if missing:
+            raise ConfigError(f"{where}: field(s) {', '.join(missing)} missing; a knowledge run names its mode, its "
+                              "source and its proxy set.")
+        return cls(**dict(raw))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low < value <= high)
+
+
+def load_proxy(path: Path, settings: KnowledgeSettings, who: str) -> dict[str, np.ndarray]:
+    """The proxy inputs in ``path``, after checking the file's SHA-256 against the run's registered digest and its
+    record count; ``who`` (a site, the coordinator) is named in the refusal."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UpdateRejected(f"{who}: the run's proxy set is not at {path}; copy the file the operator ships "
+                             f"(SHA-256 {settings.proxy_digest[:16]}...) there.")
+    digest = file_sha256(path)
+    if digest != settings.proxy_digest:
+        raise UpdateRejected(f"{who}: the proxy set {path} has SHA-256 {digest[:16]}..., not the run's registered "
+                             f"{settings.proxy_digest[:16]}...; it is not the set the run names. Nothing is released.")
+    inputs = load_file(str(path))
+    sizes = {len(values) for values in inputs.values()}
+    if sizes != {settings.proxy_records}:
+        raise UpdateRejected(f"{who}: the proxy set {path} holds {sorted(sizes)} records, the run registers "
+                             f"{settings.proxy_records}.")
+    return inputs
+
+
+def proxy_file_bytes(inputs: Mapping[str, np.ndarray]) -> bytes:
+    """A proxy set as the file every site is shipped (inputs only, never labels); its SHA-256 registers it."""
+    from safetensors.numpy import save
+
+    return save({name: np.ascontiguousarray(values) for name, values in inputs.items()})
+
+
+def check_soft_labels(soft_labels: np.ndarray, settings: KnowledgeSettings, what: str) -> np.ndarray:
+    """An aggregate (or a site's own release) that is a ``proxy_records x classes`` matrix of probability rows."""
+    values = np.asarray(soft_labels, dtype=np.float64)
+    if values.shape != settings.soft_label_shape:
+        raise UpdateRejected(f"{what}: the soft labels have shape {values.shape}, the run's proxy set and classes "
+                             f"give {settings.soft_label_shape}.")
+    if not np.all(np.isfinite(values)):
+        raise UpdateRejected(f"{what}: the soft labels hold non-finite values.")
+    if values.min() < -PROBABILITY_TOLERANCE or values.max() > 1 + PROBABILITY_TOLERANCE or np.max(
+            np.abs(values.sum(axis=1) - 1.0)) > PROBABILITY_TOLERANCE * settings.classes:
+        raise UpdateRejected(f"{what}: the soft labels are not probability distributions (values outside [0, 1] or "
+                             "rows that do not sum to 1).")
+    clipped = np.clip(values, 0.0, None)
+    return clipped / clipped.sum(axis=1, keepdims=True)
