@@ -289,8 +289,13 @@ def _wire_bytes(wire: dict[str, Any] | str | None) -> str:
 
 
 def _data_flows(section: dict[str, Any], report: dict[str, Any]) -> str:
+    knowledge = section.get("knowledge")
     out = [kv_table(section, ["recipient", "came_back", "never_leaves", "clear_metadata", "wire_bytes_counted",
                               "necessity_rationale"]),
+           ("<h3>Knowledge releases (soft labels on the proxy set)</h3>"
+            + kv_table(knowledge, ["mode", "source", "proxy_digest", "proxy_records", "classes", "what_travels"])
+            + table(knowledge["releases"], ["site", "round", "source", "shape", "temperature", "digest",
+                                            "why_private"])) if knowledge else "",
            stacked_bars("Bytes sent per round, by site", section["rounds"], section["bytes_per_round"], "round",
                         "bytes")]
     wire = section.get("wire_bytes_per_round") or {}

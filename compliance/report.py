@@ -546,8 +546,10 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
         bytes_per_round[name] = [sent.get(r, 0) for r in rounds]
     secure = bool(ev.federation.get("secure_aggregation"))
     causal = ev.task == CAUSAL_LM
+    knowledge = _knowledge_flow(ev)
     return {
         "sites": sites, "rounds": rounds, "bytes_per_round": bytes_per_round,
+        **({"knowledge": knowledge} if knowledge is not None else {}),
         **({"teacher_cache": _teacher_cache(ev, sites)} if causal else {}),
         "wire_bytes_per_round": wire_per_round,
         "wire_bytes_counted": "per message, as Flower's Fleet API carries it: the header and object tree, and every "
@@ -571,6 +573,30 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
                            "the site's ledger head (seq and hash), recorded in the coordinator's checkpoint"],
         "necessity_rationale": NOT_ASSESSED,
     }
+
+
+def _knowledge_flow(ev: RunEvidence) -> dict[str, Any] | None:
+    """A knowledge run's releases: soft labels on the registered proxy set, per site and round, and why each is
+    private (each site's own ledger says; the values themselves are recorded nowhere, only their digest)."""
+    knowledge = ev.federation.get("knowledge")
+    if knowledge is None:
+        return None
+    releases = []
+    for name, site in ev.sites.items():
+        for event in site.ledger.of_run(ev.run_id, "update-sent"):
+            release = event["payload"].get("knowledge") or {}
+            releases.append({"site": name, "round": event["payload"]["round"], "source": release.get("source"),
+                             "shape": release.get("shape"), "temperature": release.get("temperature"),
+                             "digest": release.get("digest"), "why_private": release.get("why_private")})
+    travels = ("only the soft labels (no weights)" if knowledge["mode"] == "knowledge"
+               else "the fragment update and the soft labels, in one masked vector")
+    return {"mode": knowledge["mode"], "source": knowledge["source"], "proxy_digest": knowledge["proxy_digest"],
+            "proxy_records": knowledge["proxy_records"], "classes": knowledge["classes"],
+            "what_travels": f"each round each site sends {travels}: its temperature-{knowledge['temperature']:g} class "
+                            f"probabilities on the {knowledge['proxy_records']} public proxy inputs (registered by "
+                            "SHA-256, checked by every site), summed under SecAgg+; the coordinator distils the mean "
+                            "into the global student on the proxy inputs",
+            "releases": releases}
 
 
 TOPK_CACHE_STAYS = ("each site's teacher ran once on its own training texts, and its top-k targets (per real token "
@@ -832,6 +858,15 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
                                    "composes across them.")
     else:
         federation["statement"] = "No site sent an update in this run."
+    knowledge = ev.federation.get("knowledge")
+    if knowledge is not None:
+        federation["knowledge_releases"] = (
+            f"Soft labels ({knowledge['mode']} mode, source {knowledge['source']}) on the public proxy set: "
+            + ("post-processing of each site's local student after its DP-SGD steps of the same round, so they add "
+               "nothing to the epsilons above" if knowledge["source"] == "local-student" else
+               "outputs of teachers the sites declared public, so they cost no epsilon")
+            + "; the coordinator received only their SecAgg+ mean.")
+        federation["statement"] += " " + federation["knowledge_releases"]
     if federation["guarantee_void_at"]:
         federation["statement"] += (" The record-level guarantee is void at "
                                     f"{', '.join(federation['guarantee_void_at'])}: a teacher trained on the site's "

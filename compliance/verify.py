@@ -46,6 +46,7 @@ from protocols.accounting import PrivacyState, Spend, pld_epsilon
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.curriculum import START_STUDENT
 from protocols.errors import LedgerTampered
+from protocols.knowledge import PROXY_FILE
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
 EPSILON_TOLERANCE = 0.02
@@ -415,6 +416,51 @@ def _verify_validation(run_dir: Path, events: list[dict[str, Any]], site_events:
                              "scored and released")
 
 
+def _verify_knowledge(run_dir: Path, started: dict[str, Any], site_events: dict[str, list[dict[str, Any]]],
+                      run_id: str, report: AuditReport) -> None:
+    """A knowledge run: the proxy file is the registered one, and every site's release names the run's source, proxy
+    set and layout, with the reason it is private: a public teacher the site declared public, or the DP step of the
+    same round whose parameters the site's epsilon is replayed from (post-processing costs nothing further)."""
+    knowledge = started["config"].get("knowledge")
+    if knowledge is None:
+        return
+    proxy = run_dir / PROXY_FILE
+    if proxy.is_file():
+        if file_sha256(proxy) != knowledge["proxy_digest"]:
+            raise LedgerTampered(f"{proxy}: its SHA-256 is not the proxy digest the run config registers.")
+        report.checks.append(f"{PROXY_FILE}: the proxy set is the one the run config registers by SHA-256")
+    private = started["config"].get("target_epsilon") is not None
+    releases = 0
+    for site, events in site_events.items():
+        accepted = next((e["payload"] for e in events if e["kind"] == "run-accepted"
+                         and e["payload"]["run_id"] == run_id), None)
+        for event in (e for e in events if e["kind"] == "update-sent" and e["payload"]["run_id"] == run_id):
+            where = f"{run_dir / 'sites' / site / 'ledger.jsonl'}, seq {event['seq']}"
+            release = event["payload"].get("knowledge")
+            if release is None:
+                raise LedgerTampered(f"{where}: the run is a knowledge run, but the update records no release.")
+            expected = {"source": knowledge["source"], "proxy_digest": knowledge["proxy_digest"],
+                        "shape": [knowledge["proxy_records"], knowledge["classes"]]}
+            found = {key: release.get(key) for key in expected}
+            if found != expected:
+                raise LedgerTampered(f"{where}: the release records {found}, the run config names {expected}.")
+            if release["source"] == "public-teacher":
+                declared = (accepted or {}).get("teacher") or {}
+                if declared.get("training_data") != "public":
+                    raise LedgerTampered(f"{where}: a public-teacher release from a site whose signed run-accepted "
+                                         f"event declares teacher training data {declared.get('training_data')!r}.")
+            else:
+                done = release.get("post_processes") or {}
+                dp = event["payload"]["dp"]
+                if done.get("run_id") != run_id or done.get("round") != event["payload"]["round"] or (
+                        private and not (int(dp["steps"]) > 0 and float(dp["noise-multiplier"]) > 0)):
+                    raise LedgerTampered(f"{where}: the local-student release does not post-process a DP step of "
+                                         "this round that the ledger records.")
+            releases += 1
+    report.checks.append(f"knowledge ({knowledge['mode']}, source {knowledge['source']}): {releases} site releases "
+                         "name the run's proxy set and layout and why each is private")
+
+
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:
     path = run_dir / "report" / "report.json"
     if not path.is_file():
@@ -480,6 +526,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
     _verify_student(run_dir, _verify_rounds(run_dir, events, report), report)
     _verify_site_local(run_dir, events, site_events, report)
     _verify_validation(run_dir, events, site_events, report)
+    _verify_knowledge(run_dir, started[0]["payload"], site_events, run_id, report)
     for site_dir in site_dirs:
         report.sites[site_dir.name] |= _verify_site_privacy(site_dir, site_events[site_dir.name], run_id, config_hash)
     report.checks.append("every site's calibration is the one its ledger signed, and its epsilon replays from its "
