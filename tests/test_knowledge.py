@@ -191,3 +191,24 @@ def test_a_knowledge_run_sends_the_same_bytes_for_students_ten_times_apart(tmp_p
     (small, small_values), (large, large_values) = sizes
     assert large >= 10 * small
     assert small_values == large_values == 1 + PROXY_RECORDS * 2 + 2
+
+
+def test_a_site_with_another_proxy_set_refuses_the_round_before_it_calibrates_or_spends(tmp_path):
+    from client.train import consider_round
+    from protocols.accounting import PrivacyState
+    from tests.helpers import make_site
+
+    site = make_site(tmp_path)
+    proxy = proxy_file_bytes(tabular_split(PROXY_RECORDS, 5).inputs)
+    (tmp_path / PROXY_FILE).write_bytes(proxy)
+    (site.state_dir / PROXY_FILE).write_bytes(proxy_file_bytes(tabular_split(PROXY_RECORDS, 6).inputs))
+    config = federation(target_epsilon=3.0, knowledge=knowledge_settings(proxy, mode="knowledge",
+                                                                         source="local-student"))
+    coordinator = Coordinator(config, "run-proxy", tmp_path / "run", proxy_path=tmp_path / PROXY_FILE)
+    with pytest.raises(UpdateRejected, match="site site-a, round 1: the proxy set .* not the run's registered"):
+        consider_round(site, coordinator.instruction(1))
+    state = PrivacyState.load(site.state_dir)
+    assert not state.spends and not state.calibrations
+    (site.state_dir / PROXY_FILE).write_bytes(proxy)
+    check, _ = consider_round(site, coordinator.instruction(1))
+    assert check.decision.accept
