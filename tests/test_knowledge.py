@@ -154,7 +154,7 @@ def test_the_coordinator_only_ever_holds_the_secure_mean_of_the_soft_labels(tmp_
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("mode", ["knowledge", "hybrid"])
+@pytest.mark.parametrize("mode", ["knowledge", pytest.param("hybrid", marks=pytest.mark.slow)])
 def test_simulate_runs_each_knowledge_mode_and_verify_passes(tmp_path, mode):
     result = runner.invoke(app, ["simulate", "--scenario", "hospitals", "--subsample", "0.15", "--rounds", "1",
                                  "--local-steps", "3", "--stages", "federated", "--epsilon", "3",
