@@ -13,27 +13,13 @@ import torch
 
 from client.site import Site
 from distill.evaluate import softmax
-from distill.models import load_teacher, student_forward, teacher_digest
+from distill.data import SplitData
+from distill.models import load_teacher, teacher_digest
+from distill.train import predict_proba
 from protocols.canonical import digest_arrays
 from protocols.errors import UpdateRejected
 from protocols.knowledge import PROXY_FILE, WHY_PRIVATE, check_soft_labels, load_proxy
 from protocols.messages import TrainInstruction
-
-RELEASE_BATCH = 1024
-
-
-@torch.no_grad()
-def student_soft_labels(model: torch.nn.Module, family: str, proxy: dict[str, np.ndarray],
-                        temperature: float) -> np.ndarray:
-    """The student's class probabilities at ``temperature`` on every proxy record."""
-    model.eval()
-    count = len(next(iter(proxy.values())))
-    logits = []
-    for start in range(0, count, RELEASE_BATCH):
-        batch = {name: torch.as_tensor(values[start:start + RELEASE_BATCH]) for name, values in proxy.items()}
-        logits.append(student_forward(model, family, batch)[0].float().numpy())
-    return softmax(np.concatenate(logits).astype(np.float64) / temperature)
-
 
 def knowledge_release(site: Site, instruction: TrainInstruction, trained_student: torch.nn.Module
                       ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -50,7 +36,8 @@ def knowledge_release(site: Site, instruction: TrainInstruction, trained_student
         origin: dict[str, Any] = {"teacher_digest": teacher_digest(site.teacher_path),
                                   "teacher_training_data": site.teacher_declaration.training_data}
     else:
-        soft = student_soft_labels(trained_student, instruction.student.family, proxy, knowledge.temperature)
+        records = SplitData(proxy, np.zeros(len(next(iter(proxy.values()))), dtype=np.int64))
+        soft = predict_proba(trained_student, instruction.student.family, records, temperature=knowledge.temperature)
         origin = {"post_processes": {"run_id": instruction.run_id, "round": instruction.server_round,
                                      "local_steps": instruction.local_steps}}
     soft = check_soft_labels(soft, knowledge, f"{who}'s own release")

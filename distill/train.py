@@ -107,7 +107,8 @@ def distill(model: nn.Module, family: str, data: SplitData, teacher_logits: np.n
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, family: str, data: SplitData, batch_size: int = 512) -> np.ndarray:
+def predict_proba(model: nn.Module, family: str, data: SplitData, batch_size: int = 512,
+                  temperature: float = 1.0) -> np.ndarray:
     model.eval()
     outputs = []
     for start in range(0, len(data), batch_size):
@@ -116,4 +117,4 @@ def predict_proba(model: nn.Module, family: str, data: SplitData, batch_size: in
         outputs.append(logits.float().numpy())
     if not outputs:
         return np.zeros((0, 2), dtype=np.float32)
-    return softmax(np.concatenate(outputs))
+    return softmax(np.concatenate(outputs) / temperature)
