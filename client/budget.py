@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from protocols.accounting import Calibration, PrivacyState, SitePolicy, Spend, epsilon_of, json_epsilon
+from protocols.errors import BudgetExhausted
 
 log = logging.getLogger("fedistill.site.budget")
 
@@ -30,18 +32,54 @@ def sample_rate(records: int, batch_size: int) -> float:
     return 1.0 / math.ceil(records / batch_size)
 
 
+# Opacus's own calibration stops within this much of the target epsilon; the composed one does the same.
+CALIBRATION_TOLERANCE = 0.01
+
+
 def calibrate(run_id: str, target_epsilon: float, delta: float, records: int, batch_size: int, planned_steps: int,
-              max_grad_norm: float, accountant: str) -> Calibration:
+              max_grad_norm: float, accountant: str, also_planned: Sequence[Spend] = ()) -> Calibration:
+    """Sigma for the run's planned DP-SGD steps; with ``also_planned`` (a PATE release), sigma such that those
+    events composed with the steps reach ``target_epsilon``. Raises ``BudgetExhausted`` when they alone pass it."""
     from opacus.accountants.utils import get_noise_multiplier
 
     rate = sample_rate(records, batch_size)
-    with np.errstate(divide="ignore"), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
-                                     steps=planned_steps, accountant=accountant)
+    if also_planned:
+        sigma = _composed_noise_multiplier(run_id, target_epsilon, delta, rate, planned_steps, accountant,
+                                           list(also_planned))
+    else:
+        with np.errstate(divide="ignore"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
+                                         steps=planned_steps, accountant=accountant)
     return Calibration(run_id=run_id, target_epsilon=target_epsilon, delta=delta, noise_multiplier=float(sigma),
                        sample_rate=rate, planned_steps=planned_steps, batch_size=batch_size,
                        max_grad_norm=max_grad_norm, records=records, accountant=accountant)
+
+
+def _composed_noise_multiplier(run_id: str, target_epsilon: float, delta: float, rate: float, steps: int,
+                               accountant: str, fixed: list[Spend]) -> float:
+    """The smallest sigma (within Opacus's tolerance) whose DP-SGD steps, composed with ``fixed``, stay at or
+    under the target: bisection on the same accountant every later decision uses."""
+    alone = epsilon_of(fixed, delta, accountant)
+    if alone >= target_epsilon:
+        raise BudgetExhausted(f"the run's other privacy events ({', '.join(s.mechanism for s in fixed)}) alone cost "
+                              f"epsilon {alone:.4g} at delta {delta:.2g}, at or above the run's target "
+                              f"{target_epsilon:g}, leaving nothing for DP-SGD; raise the PATE noise multiplier or the "
+                              "target. Nothing is trained or spent.", {"epsilon_fixed": alone})
+
+    def cost(sigma: float) -> float:
+        return epsilon_of([*fixed, Spend(run_id, 0, sigma, rate, steps)], delta, accountant)
+
+    low, high = 0.0, 10.0
+    while cost(high) > target_epsilon:
+        low, high = high, 2 * high
+    while cost(high) < target_epsilon - CALIBRATION_TOLERANCE and high - low > 1e-6:
+        middle = (low + high) / 2
+        if cost(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
 
 
 @dataclass(frozen=True)
@@ -70,12 +108,14 @@ def planned_spend(run_id: str, server_round: int, steps: int, calibration: Calib
     return Spend(run_id, server_round, calibration.noise_multiplier, calibration.sample_rate, steps)
 
 
-def decide(policy: SitePolicy, state: PrivacyState, spend: Spend, delta: float) -> Decision:
-    """Accept the round only if the epsilon after it stays within every cap of the policy."""
+def decide(policy: SitePolicy, state: PrivacyState, spend: Spend, delta: float,
+           also: Sequence[Spend] = ()) -> Decision:
+    """Accept the round only if the epsilon after it (its DP-SGD ``spend`` and any other event it makes, ``also``:
+    a PATE release) stays within every cap of the policy."""
     run_before = state.epsilon(delta, policy.accountant, spend.run_id)
     life_before = state.epsilon(delta, policy.accountant)
-    run_after = epsilon_of([*state.run_spends(spend.run_id), spend], delta, policy.accountant)
-    life_after = epsilon_of([*state.spends, spend], delta, policy.accountant)
+    run_after = epsilon_of([*state.run_spends(spend.run_id), *also, spend], delta, policy.accountant)
+    life_after = epsilon_of([*state.spends, *also, spend], delta, policy.accountant)
     reason = "within budget"
     accept = True
     if spend.noise_multiplier <= 0 and (policy.epsilon_per_run is not None or policy.epsilon_lifetime is not None):

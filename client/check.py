@@ -169,7 +169,10 @@ def _budget(site: SiteFile) -> str:
                              "would refuse every private round. Raise [privacy] epsilon_lifetime only with your "
                              "privacy officer's approval.")
     left = "unbounded" if policy.epsilon_lifetime is None else f"{policy.epsilon_lifetime - spent:.3f}"
-    return f"{caps}; spent {spent:.3f} over {len(state.spends)} round(s); lifetime budget left {left}"
+    rounds = sum(spend.mechanism == "dp-sgd" for spend in state.spends)
+    releases = len(state.spends) - rounds
+    events = f"{rounds} round(s)" + (f" and {releases} PATE release(s)" if releases else "")
+    return f"{caps}; spent {spent:.3f} over {events}; lifetime budget left {left}"
 
 
 def _node_key(site: SiteFile) -> str:

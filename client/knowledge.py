@@ -1,7 +1,8 @@
 """A site's knowledge release: its soft labels on the run's registered proxy set (protocols/knowledge.py).
 
 The release leaves the site only inside its SecAgg+ vector; the site's ledger records its source, shape,
-temperature and digest, and why it is private: the DP step it post-processes, or the public teacher it comes from.
+temperature and digest, and why it is private: the DP step it post-processes, the public teacher it comes from, or
+the PATE release of its private teacher ensemble that its accountant charged (client/pate.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.pate import check_pate_teacher, kept_pate_release
 from client.site import Site
 from distill.evaluate import softmax
 from distill.data import SplitData
@@ -29,7 +31,9 @@ def knowledge_release(site: Site, instruction: TrainInstruction, trained_student
     assert knowledge is not None
     who = f"site {site.name}, round {instruction.server_round}"
     proxy = load_proxy(site.state_dir / PROXY_FILE, knowledge, who)
-    if knowledge.source == "public-teacher":
+    if knowledge.source == "pate":
+        soft, origin = kept_pate_release(site, instruction)
+    elif knowledge.source == "public-teacher":
         _check_public_teacher(site, who)
         logits = load_teacher(site.teacher_path).logits(proxy)
         soft = softmax(np.asarray(logits, dtype=np.float64) / knowledge.temperature)
@@ -44,8 +48,8 @@ def knowledge_release(site: Site, instruction: TrainInstruction, trained_student
     return soft, {"source": knowledge.source, "mode": knowledge.mode, "shape": list(soft.shape),
                   "temperature": knowledge.temperature, "proxy_digest": knowledge.proxy_digest,
                   "digest": digest_arrays({"soft_labels": soft}),
-                  "why_private": WHY_PRIVATE[knowledge.source] if instruction.private or knowledge.source ==
-                  "public-teacher" else "not private: the run has no privacy target", **origin}
+                  "why_private": WHY_PRIVATE[knowledge.source] if instruction.private or knowledge.source !=
+                  "local-student" else "not private: the run has no privacy target", **origin}
 
 
 def _check_public_teacher(site: Site, who: str) -> None:
@@ -65,3 +69,5 @@ def check_knowledge_inputs(site: Site, instruction: TrainInstruction) -> None:
     load_proxy(site.state_dir / PROXY_FILE, knowledge, who)
     if knowledge.source == "public-teacher":
         _check_public_teacher(site, who)
+    if knowledge.source == "pate":
+        check_pate_teacher(site, who)

@@ -16,6 +16,7 @@ import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
 from client.knowledge import check_knowledge_inputs, knowledge_release
+from client.pate import make_pate_release, pending_pate_spend
 from client.privacy import private_distill, private_distill_causal
 from client.replay import TrainingSet, training_set
 from client.site import Site
@@ -68,6 +69,8 @@ class BudgetCheck:
     spend: Spend
     decision: Decision
     anchor: dict[str, int | str]
+    # The PATE release this round makes and charges besides its DP-SGD steps (client/pate.py), if any.
+    pate: Spend | None = None
 
 
 def derived_seed(*parts: object) -> int:
@@ -141,11 +144,14 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int,
         digest = (causal_lm_digest(site.teacher_path) if instruction.student.family == "causal_lm"
                   else teacher_digest(site.teacher_path))
         teacher = check_teacher_for_run(site.teacher_declaration, instruction.private, site.name, digest)
+    pate = pending_pate_spend(site, instruction)
     calibration = state.calibrations.get(instruction.run_id) if instruction.private else None
     if instruction.private and calibration is None:
+        # A PATE run plans its one release with the DP-SGD steps: sigma is calibrated for their composition.
         calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
                                 instruction.batch_size, instruction.total_rounds * instruction.local_steps,
-                                instruction.max_grad_norm, policy.accountant)
+                                instruction.max_grad_norm, policy.accountant,
+                                also_planned=[] if pate is None else [pate])
         state.calibrations[instruction.run_id] = calibration
         state.save(site.state_dir)
     if accepted is None:
@@ -157,7 +163,7 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int,
     if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
-    decision = decide(policy, state, spend, delta)
+    decision = decide(policy, state, spend, delta, also=[] if pate is None else [pate])
     if not decision.accept:
         if record_refusal(site.state_dir, state, site.name, instruction.run_id, instruction.server_round, decision):
             site_ledger(site).append("refusal", {"run_id": instruction.run_id, "round": instruction.server_round,
@@ -165,7 +171,7 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int,
                                                  "coordinator_anchor": anchor, **decision.to_dict()})
         raise BudgetExhausted(f"site {site.name} refuses round {instruction.server_round}: {decision.reason}.",
                               decision.to_dict())
-    return BudgetCheck(policy, state, calibration, spend, decision, anchor)
+    return BudgetCheck(policy, state, calibration, spend, decision, anchor, pate)
 
 
 def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | str]:
@@ -325,6 +331,10 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
         _check_causal_data(site, instruction, train)
     # The records this run trains on here: all of them, or an incremental run's new ones plus its replay buffer.
     check, chosen = consider_round(site, instruction, train)
+    if check.pate is not None:
+        # The release's noise stream: the site's secret, the run, and nothing the coordinator could choose.
+        make_pate_release(site, instruction, check.state, check.pate,
+                          int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:pate")[:15], 16))
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
     student = student if student is not None else site_student(site, instruction)
     check_tensors(global_state, student_state(student, family),

@@ -763,7 +763,12 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
                 f"{block['unit_of_privacy']} ({mechanism['records']:,} {unit}s), adding or removing one {unit}: "
                 f"{mechanism['total_steps']} steps of Poisson-sampled DP-SGD (sampling rate "
                 f"{mechanism['sample_rate']:.3g}, noise multiplier {mechanism['noise_multiplier']:.3g}, clipping norm "
-                f"{mechanism['clipping_norm']:g}) over {len(block['rounds_joined'])} round(s), accounted with "
+                f"{mechanism['clipping_norm']:g}) over {len(block['rounds_joined'])} round(s)"
+                + "".join(f", composed with the PATE release of round {release['round']} (the mean of "
+                          f"{release['teachers']} teachers trained on disjoint partitions of its {unit}s by person, "
+                          f"Gaussian noise of multiplier {release['noise_multiplier']:g} on an L2 sensitivity of "
+                          f"{release['sensitivity_l2']:.4g})" for release in block.get("pate_releases", []))
+                + ", accounted with "
                 f"{block['accountant']['name'].upper()} ({block['accountant']['library']}).")
     return sentence + _person_sentence(block, unit) + _teacher_sentence(block["teacher"], unit)
 
@@ -776,6 +781,8 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
     calibration = Calibration(**signed) if signed else None
     calibrated = asdict(calibration) if calibration else {}
     spends = site.privacy.run_spends(ev.run_id)
+    steps = [s for s in spends if s.mechanism == "dp-sgd"]
+    pate = [e["payload"] for e in site.ledger.of_run(ev.run_id, "pate-release")]
     # The site's own choice: its policy, else the accountant it calibrated this run with.
     accountant = site.policy.accountant if site.policy else calibrated.get("accountant", "prv")
     delta = calibration.delta if calibration else None
@@ -798,8 +805,8 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
             "grad_sample_mode": ev.federation.get("grad_sample_mode"),
             "noise_multiplier": calibrated.get("noise_multiplier"), "sample_rate": calibrated.get("sample_rate"),
             "expected_batch_size": calibrated.get("batch_size"), "records": calibrated.get("records"),
-            "steps_per_round": ev.federation.get("local_steps"), "total_steps": sum(s.steps for s in spends),
-            "empty_batches": sum(s.empty_batches for s in spends), "secure_mode": False,
+            "steps_per_round": ev.federation.get("local_steps"), "total_steps": sum(s.steps for s in steps),
+            "empty_batches": sum(s.empty_batches for s in steps), "secure_mode": False,
             "calibrated_for": {key: calibrated.get(key) for key in ("target_epsilon", "planned_steps")},
         },
         "accountant": {"name": accountant, "library": f"opacus {opacus}" if opacus else
@@ -809,7 +816,11 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
         "delta_rationale": (None if calibration is None else
                             f"at most 1/(10 n) = {1 / (10 * calibration.records):.2g} for n = {calibration.records} "
                             "records, the site policy's delta and the run's request"),
-        "rounds_joined": [s.round for s in spends],
+        "rounds_joined": [s.round for s in steps],
+        "pate_releases": [{"round": release["round"], "teachers": release["teachers"],
+                           "noise_multiplier": release["dp"]["noise-multiplier"],
+                           "sensitivity_l2": release["sensitivity_l2"], "noise_std": release["noise_std"],
+                           "partition": release["partition"], "digest": release["digest"]} for release in pate],
         "epsilon_per_round": [{"round": e["payload"]["round"], "epsilon": e["payload"]["epsilon_run"],
                                "seq": e["seq"]} for e in sent],
         "epsilon_total": json_epsilon(total),
@@ -864,7 +875,13 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
             f"Soft labels ({knowledge['mode']} mode, source {knowledge['source']}) on the public proxy set: "
             + ("post-processing of each site's local student after its DP-SGD steps of the same round, so they add "
                "nothing to the epsilons above" if knowledge["source"] == "local-student" else
-               "outputs of teachers the sites declared public, so they cost no epsilon")
+               "outputs of teachers the sites declared public, so they cost no epsilon" if knowledge["source"] ==
+               "public-teacher" else
+               f"each site's PATE release, made once: the mean of {knowledge['pate_teachers']} teachers trained on "
+               "disjoint partitions of its records by person, with Gaussian noise of multiplier "
+               f"{knowledge['pate_noise_multiplier']:g} on their summed probabilities (L2 sensitivity "
+               f"{math.sqrt(2 * knowledge['proxy_records']):.4g}), composed with its DP-SGD steps in the epsilons "
+               "above")
             + "; the coordinator received only their SecAgg+ mean.")
         federation["statement"] += " " + federation["knowledge_releases"]
     if federation["guarantee_void_at"]:

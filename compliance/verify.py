@@ -96,10 +96,13 @@ def _config_hash(run_dir: Path) -> str:
 
 
 def _site_spends(events: list[dict[str, Any]], run_id: str) -> list[Spend]:
+    """Every privacy event of the run in the site's ledger, in order: each update's DP-SGD steps, and each PATE
+    release (one Gaussian mechanism, charged when it was made)."""
     return [Spend(run_id, e["payload"]["round"], float(e["payload"]["dp"]["noise-multiplier"]),
                   float(e["payload"]["dp"]["sample-rate"]), int(e["payload"]["dp"]["steps"]),
-                  int(e["payload"]["dp"]["empty-batches"]))
-            for e in events if e["kind"] == "update-sent" and e["payload"]["run_id"] == run_id]
+                  int(e["payload"]["dp"].get("empty-batches", 0)),
+                  "pate" if e["kind"] == "pate-release" else "dp-sgd")
+            for e in events if e["kind"] in ("update-sent", "pate-release") and e["payload"]["run_id"] == run_id]
 
 
 def _verify_calibration(site_dir: Path, events: list[dict[str, Any]], run_id: str) -> None:
@@ -122,8 +125,8 @@ def _verify_site_privacy(site_dir: Path, events: list[dict[str, Any]], run_id: s
                                  f"{event['payload']['config_hash']}, not the run's {config_hash}.")
     spends = _site_spends(events, run_id)
     stored = [s for s in PrivacyState.load(site_dir).run_spends(run_id)]
-    if [(s.round, s.noise_multiplier, s.sample_rate, s.steps) for s in stored] != \
-            [(s.round, s.noise_multiplier, s.sample_rate, s.steps) for s in spends]:
+    if [(s.round, s.noise_multiplier, s.sample_rate, s.steps, s.mechanism) for s in stored] != \
+            [(s.round, s.noise_multiplier, s.sample_rate, s.steps, s.mechanism) for s in spends]:
         raise LedgerTampered(f"{site_dir / 'privacy.json'}: the spends of run {run_id} differ from the DP parameters "
                              "the site's ledger recorded for the updates it sent.")
     summary: dict[str, Any] = {"updates_sent": len(sent), "refusals": sum(
@@ -444,7 +447,9 @@ def _verify_knowledge(run_dir: Path, started: dict[str, Any], site_events: dict[
             found = {key: release.get(key) for key in expected}
             if found != expected:
                 raise LedgerTampered(f"{where}: the release records {found}, the run config names {expected}.")
-            if release["source"] == "public-teacher":
+            if release["source"] == "pate":
+                _verify_pate_release(where, release, events, run_id, event["payload"]["round"], knowledge)
+            elif release["source"] == "public-teacher":
                 declared = (accepted or {}).get("teacher") or {}
                 if declared.get("training_data") != "public":
                     raise LedgerTampered(f"{where}: a public-teacher release from a site whose signed run-accepted "
@@ -459,6 +464,28 @@ def _verify_knowledge(run_dir: Path, started: dict[str, Any], site_events: dict[
             releases += 1
     report.checks.append(f"knowledge ({knowledge['mode']}, source {knowledge['source']}): {releases} site releases "
                          "name the run's proxy set and layout and why each is private")
+
+
+def _verify_pate_release(where: str, release: dict[str, Any], events: list[dict[str, Any]], run_id: str,
+                         server_round: int, knowledge: dict[str, Any]) -> None:
+    """A PATE release re-sent in a round was made (and charged, as the spends replay) in this or an earlier round,
+    with the run's ensemble size and noise, and the sensitivity of the run's proxy layout."""
+    made_in = release.get("released_in_round")
+    made = [e["payload"] for e in events if e["kind"] == "pate-release" and e["payload"]["run_id"] == run_id
+            and e["payload"]["round"] == made_in]
+    if not made or not isinstance(made_in, int) or made_in > server_round:
+        raise LedgerTampered(f"{where}: the PATE release names round {made_in!r}, but the site's ledger records no "
+                             "PATE release of this run charged then.")
+    charged = made[-1]
+    expected = {"teachers": knowledge["pate_teachers"], "noise-multiplier": knowledge["pate_noise_multiplier"],
+                "sample-rate": 1.0, "steps": 1, "sensitivity_l2": math.sqrt(2.0 * knowledge["proxy_records"]),
+                "proxy_digest": knowledge["proxy_digest"]}
+    found = {"teachers": charged.get("teachers"), **{key: charged["dp"].get(key) for key in
+                                                     ("noise-multiplier", "sample-rate", "steps")},
+             "sensitivity_l2": charged.get("sensitivity_l2"), "proxy_digest": charged.get("proxy_digest")}
+    if found != expected or release.get("teachers") != expected["teachers"] or \
+            release.get("noise_multiplier") != expected["noise-multiplier"]:
+        raise LedgerTampered(f"{where}: the PATE release records {found}, the run config gives {expected}.")
 
 
 def _verify_found_report(run_dir: Path, fingerprint: str) -> dict[str, Any] | None:

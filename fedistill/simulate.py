@@ -253,7 +253,15 @@ def simulate_command(
                                                        "distilled at the coordinator) or hybrid (both)."),
     knowledge_source: str = typer.Option("local-student", help="Where the sites' soft labels come from: "
                                                                "local-student (the site's student after its DP-SGD "
-                                                               "steps) or public-teacher."),
+                                                               "steps), public-teacher, or pate (hybrid mode: an "
+                                                               "ensemble of teachers on disjoint partitions of the "
+                                                               "site's records by person, noised once per run)."),
+    proxy_records: int | None = typer.Option(None, help="Knowledge runs: a seeded sample of this many public inputs "
+                                                        "as the proxy set (default: all of them)."),
+    pate_teachers: int | None = typer.Option(None, help="Source pate: teachers in each site's ensemble (default 16)."),
+    pate_noise_multiplier: float | None = typer.Option(None, help="Source pate: Gaussian noise on the ensemble's "
+                                                                  "summed probabilities, as a multiple of their L2 "
+                                                                  "sensitivity (default 4)."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
                                                         "json, html, pdf; fedistill report) and print where."),
@@ -276,7 +284,9 @@ def simulate_command(
                                     stages=parse_stages(stages) if stages is not None else None,
                                     from_run=from_run, data_share=data_share, incremental=incremental,
                                     replay_min_entropy=replay_min_entropy, keep_best=keep_best,
-                                    knowledge_mode=knowledge_mode, knowledge_source=knowledge_source)
+                                    knowledge_mode=knowledge_mode, knowledge_source=knowledge_source,
+                                    proxy_records=proxy_records, pate_teachers=pate_teachers,
+                                    pate_noise_multiplier=pate_noise_multiplier)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

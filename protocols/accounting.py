@@ -115,9 +115,15 @@ class SitePolicy:
         return cls.from_dict(json.loads(path.read_text()), where=str(path))
 
 
+# What a spend was: a round's Poisson-sampled DP-SGD steps, or a PATE release (client/pate.py), one Gaussian
+# mechanism without subsampling (sample_rate 1, one step) whose noise multiplier is relative to its L2 sensitivity.
+MECHANISMS = ("dp-sgd", "pate")
+
+
 @dataclass(frozen=True)
 class Spend:
-    """One round of DP-SGD at this site, as its accountant counted it (noise_multiplier 0: no DP at all)."""
+    """One privacy event at this site, as its accountant counted it (noise_multiplier 0: no DP at all): a round of
+    DP-SGD, or a PATE release. Both are subsampled Gaussian mechanisms, so one accountant composes them."""
 
     run_id: str
     round: int
@@ -125,6 +131,7 @@ class Spend:
     sample_rate: float
     steps: int
     empty_batches: int = 0
+    mechanism: str = "dp-sgd"
 
 
 @dataclass(frozen=True)

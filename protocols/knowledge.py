@@ -19,9 +19,16 @@ Sources, each private for a stated reason (:data:`WHY_PRIVATE`):
   post-processing of a DP model and cost nothing further; the site's ledger names the spend they post-process.
 - ``public-teacher``: a teacher that never saw private records (the site's teacher declaration says ``public``).
 
+- ``pate``: an ensemble of ``pate_teachers`` teachers, each trained on one disjoint partition of the site's records
+  split by person (one person's records all land in one teacher), released PATE-style (Papernot et al., ICLR 2018)
+  as the Gaussian-noised mean of the teachers' probability vectors on the proxy inputs (client/pate.py). One person
+  changes one teacher, hence at most ``sqrt(2 * proxy_records)`` of the summed vector in L2
+  (``KnowledgeSettings.pate_sensitivity``); the noise is ``pate_noise_multiplier`` times that. The release is made once per run
+  and charged once to the site's accountant, composed with its DP-SGD steps; re-sending it in later rounds is
+  post-processing. Only in ``hybrid`` mode: the site trains the round's student under DP-SGD as well.
+
 The outputs of a single teacher trained on private records are never released, with or without noise: one record
-can change all of them. A config that asks for them is refused by name. PATE-style releases of an ensemble of
-private teachers (the third admissible source) are not built yet, and are refused with that reason.
+can change all of them. A config that asks for them is refused by name.
 """
 
 from __future__ import annotations
@@ -39,21 +46,25 @@ from protocols.errors import ConfigError, UpdateRejected
 from protocols.fields import reject_unknown_fields
 
 KNOWLEDGE_MODES = ("knowledge", "hybrid")
-KNOWLEDGE_SOURCES = ("local-student", "public-teacher")
+KNOWLEDGE_SOURCES = ("local-student", "public-teacher", "pate")
 # Never admissible: one record of the teacher's training data can change every one of its outputs.
 REFUSED_SOURCES = {
     "private-teacher": "a single teacher trained on the site's private records: one record can change all of its "
                        "outputs, so no amount of added noise per output makes the release private",
     "teacher": "'teacher' does not say what the teacher was trained on; use 'public-teacher' for a teacher that never "
                "saw private records",
-    "pate": "PATE-style releases of an ensemble of private teachers are not built yet",
 }
 WHY_PRIVATE = {
     "local-student": "post-processing of the site's local student after its DP-SGD steps of this round, on public "
                      "inputs: no further privacy cost",
     "public-teacher": "outputs of a teacher that never saw private records (the site declared its training data "
                       "public), on public inputs: no privacy cost",
+    "pate": "the Gaussian-noised mean of an ensemble of teachers trained on disjoint partitions of the site's records "
+            "split by person (PATE): one person changes one teacher; charged once per run to the site's accountant, "
+            "composed with its DP-SGD steps",
 }
+# The PATE settings that only a ``pate`` source may set (and the config carries only for it).
+PATE_FIELDS = ("pate_teachers", "pate_noise_multiplier")
 # The name the soft labels travel under inside the SecAgg+ vector, after the planned student tensors.
 SOFT_LABELS = "knowledge.soft_labels"
 # The proxy set as a site keeps it in its state directory (its inputs only, a safetensors file).
@@ -78,6 +89,10 @@ class KnowledgeSettings:
     server_batch_size: int = 256
     server_learning_rate: float = 1e-3
     server_optimizer: str = "adam"
+    # Source ``pate``: the ensemble's size (disjoint partitions by person) and the Gaussian noise on the sum of the
+    # teachers' probability vectors, as a multiple of its L2 sensitivity.
+    pate_teachers: int = 16
+    pate_noise_multiplier: float = 4.0
 
     def __post_init__(self) -> None:
         where = "run config 'knowledge'"
@@ -96,7 +111,11 @@ class KnowledgeSettings:
                   (_count(self.server_batch_size), "server_batch_size", "an integer >= 1", self.server_batch_size),
                   (_number(self.server_learning_rate, 0.0, 10.0), "server_learning_rate", "a number in (0, 10]",
                    self.server_learning_rate),
-                  (self.server_optimizer in ("sgd", "adam"), "server_optimizer", "sgd or adam", self.server_optimizer)]
+                  (self.server_optimizer in ("sgd", "adam"), "server_optimizer", "sgd or adam", self.server_optimizer),
+                  (_count(self.pate_teachers) and self.pate_teachers >= 2, "pate_teachers", "an integer >= 2",
+                   self.pate_teachers),
+                  (_number(self.pate_noise_multiplier, 0.0, 1e6), "pate_noise_multiplier", "a positive number",
+                   self.pate_noise_multiplier)]
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"{where}: field '{name}' must be {expected}, got {got!r}. Fix it and run again.")
@@ -104,6 +123,15 @@ class KnowledgeSettings:
             raise ConfigError(f"{where}: mode 'knowledge' with source 'public-teacher' would make every site spend a "
                               "round's DP-SGD steps it never releases; a site's public teacher without local training "
                               "is not built yet. Use mode 'hybrid', or source 'local-student'.")
+        if self.mode == "knowledge" and self.source == "pate":
+            raise ConfigError(f"{where}: mode 'knowledge' with source 'pate' would make every site spend a round's "
+                              "DP-SGD steps it never releases; use mode 'hybrid' (weights, then the PATE release).")
+        if self.source != "pate":
+            defaults = {name: self.__dataclass_fields__[name].default for name in PATE_FIELDS}
+            set_here = [name for name in PATE_FIELDS if getattr(self, name) != defaults[name]]
+            if set_here:
+                raise ConfigError(f"{where}: field(s) {', '.join(set_here)} apply to source 'pate' only, and the "
+                                  f"source is {self.source!r}. Remove them, or use source 'pate'.")
 
     @property
     def sends_weights(self) -> bool:
@@ -113,8 +141,20 @@ class KnowledgeSettings:
     def soft_label_shape(self) -> tuple[int, int]:
         return (self.proxy_records, self.classes)
 
+    @property
+    def pate_sensitivity(self) -> float:
+        """The L2 sensitivity of the ensemble's summed probability vectors to one person: that person's teacher can
+        move from any distribution to any other on every proxy record, ``sqrt(2)`` per record."""
+        return math.sqrt(2.0 * self.proxy_records)
+
+    @property
+    def pate_noise_std(self) -> float:
+        """The Gaussian noise's standard deviation on each entry of the summed probability vectors."""
+        return self.pate_noise_multiplier * self.pate_sensitivity
+
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {name: getattr(self, name) for name in self.__dataclass_fields__
+                if name not in PATE_FIELDS or self.source == "pate"}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "run config 'knowledge'") -> KnowledgeSettings:

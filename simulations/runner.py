@@ -97,8 +97,15 @@ class SimulationOptions:
     # What travels up each round (protocols/knowledge.py): weights, knowledge or hybrid; and the soft labels' source.
     knowledge_mode: str = "weights"
     knowledge_source: str = "local-student"
+    # The proxy set: all of the scenario's public inputs, or a sample of this many (seeded by the run's seed).
+    proxy_records: int | None = None
+    # Source pate: the ensemble's size and its noise multiplier (None: protocols/knowledge.py's defaults).
+    pate_teachers: int | None = None
+    pate_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
+        if self.proxy_records is not None and self.proxy_records < 1:
+            raise ConfigError(f"--proxy-records must be at least 1, got {self.proxy_records}.")
         if self.knowledge_mode not in ("weights", *KNOWLEDGE_MODES):
             raise ConfigError(f"--knowledge-mode must be one of weights, {', '.join(KNOWLEDGE_MODES)}, got "
                               f"{self.knowledge_mode!r}.")
@@ -200,8 +207,22 @@ def _knowledge(options: SimulationOptions, scenario, proxy_digest: str | None) -
     if scenario.public is None:
         raise ConfigError(f"--knowledge-mode {options.knowledge_mode}: the {scenario.name} scenario has no public "
                           "proxy set; use --knowledge-mode weights.")
+    pate = {name: value for name, value in (("pate_teachers", options.pate_teachers),
+                                            ("pate_noise_multiplier", options.pate_noise_multiplier))
+            if value is not None}
     return {"mode": options.knowledge_mode, "source": options.knowledge_source, "proxy_digest": proxy_digest,
-            "proxy_records": len(scenario.public), "classes": len(scenario.class_names)}
+            "proxy_records": len(next(iter(proxy_inputs(scenario, options).values()))),
+            "classes": len(scenario.class_names), **pate}
+
+
+def proxy_inputs(scenario, options: SimulationOptions) -> dict[str, np.ndarray]:
+    """The run's proxy set: the scenario's public inputs (never their labels), all or a seeded sample."""
+    inputs = scenario.public.inputs
+    count = len(next(iter(inputs.values())))
+    if options.proxy_records is None or options.proxy_records >= count:
+        return dict(inputs)
+    chosen = np.sort(np.random.default_rng(options.seed).choice(count, options.proxy_records, replace=False))
+    return {name: values[chosen] for name, values in inputs.items()}
 
 
 def _federation_config(options: SimulationOptions, scenario, continues: Continuation | None = None,
@@ -267,6 +288,7 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
     state = PrivacyState.load(state_dir)
     calibration = state.calibrations.get(run_id)
     spends = state.run_spends(run_id)
+    steps = [s for s in spends if s.mechanism == "dp-sgd"]
     delta = calibration.delta if calibration else None
     epsilon = state.epsilon(delta, policy.accountant, run_id) if delta else (math.inf if spends else 0.0)
     lifetime = state.epsilon(delta, policy.accountant) if delta else (math.inf if state.spends else 0.0)
@@ -278,8 +300,9 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
         "cap_lifetime": policy.epsilon_lifetime,
         "noise_multiplier": calibration.noise_multiplier if calibration else None,
         "sample_rate": calibration.sample_rate if calibration else None,
-        "steps": sum(s.steps for s in spends), "empty_batches": sum(s.empty_batches for s in spends),
-        "rounds_trained": [s.round for s in spends],
+        "steps": sum(s.steps for s in steps), "empty_batches": sum(s.empty_batches for s in steps),
+        "rounds_trained": [s.round for s in steps],
+        "pate_releases": [s.round for s in spends if s.mechanism == "pate"],
         "rounds_refused": [r["round"] for r in state.refusals if r["run_id"] == run_id],
         "max_records_per_person": train_records_per_person,
         "records_per_person_bounded": bounded,
@@ -313,7 +336,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     if options.from_run is not None:
         _check_same_sites(options.from_run, scenario)
     # A knowledge run's proxy set: the scenario's public inputs, never their labels, registered by the file's SHA-256.
-    proxy = (proxy_file_bytes(scenario.public.inputs) if options.knowledge_mode != "weights"
+    proxy = (proxy_file_bytes(proxy_inputs(scenario, options)) if options.knowledge_mode != "weights"
              and scenario.public is not None else None)
     config = _federation_config(options, scenario, continues, sha256_hex(proxy) if proxy is not None else None)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
