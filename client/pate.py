@@ -92,10 +92,14 @@ def project_to_simplex(rows: np.ndarray) -> np.ndarray:
     return np.maximum(rows - shift[:, None], 0.0)
 
 
+def pate_noise(settings: KnowledgeSettings, seed: int) -> np.ndarray:
+    """The Gaussian mechanism's noise on the summed probabilities: std ``pate_noise_std`` on every entry."""
+    return np.random.default_rng(seed).normal(0.0, settings.pate_noise_std, size=settings.soft_label_shape)
+
+
 def pate_noised_mean(probability_sum: np.ndarray, settings: KnowledgeSettings, seed: int) -> np.ndarray:
-    """The Gaussian mechanism on the summed probabilities (std ``pate_noise_std``), as a mean, on the simplex."""
-    noise = np.random.default_rng(seed).normal(0.0, settings.pate_noise_std, size=probability_sum.shape)
-    return project_to_simplex((probability_sum + noise) / settings.pate_teachers)
+    """The noised sum as a mean over the teachers, projected onto the simplex (post-processing)."""
+    return project_to_simplex((probability_sum + pate_noise(settings, seed)) / settings.pate_teachers)
 
 
 def _cache_path(site: Site, run_id: str):
