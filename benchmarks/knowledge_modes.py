@@ -9,6 +9,13 @@ training, what a site sends per round for students of two sizes (10x and more ap
 
     .venv/bin/python benchmarks/knowledge_modes.py --seeds 0 --epsilon 3 --json docs/benchmarks/knowledge_modes.json
     .venv/bin/python benchmarks/knowledge_modes.py --traffic-only
+
+Mode ``hybrid-pate`` is hybrid mode with the PATE source (client/pate.py): each site's ensemble of
+``--pate-teachers`` teachers on disjoint partitions by person, released once on a proxy sample of
+``--proxy-records`` public inputs with noise multiplier ``--pate-noise-multiplier``:
+
+    .venv/bin/python benchmarks/knowledge_modes.py --epsilon 3 --modes hybrid-pate --proxy-records 64 \
+        --pate-teachers 32 --pate-noise-multiplier 4
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("weights", "knowledge", "hybrid")
+RUN_MODES = (*MODES, "hybrid-pate")
 
 
 def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) -> list[dict]:
@@ -54,11 +62,13 @@ def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) ->
     return rows
 
 
-def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None) -> dict:
+def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict) -> dict:
     from simulations.runner import SimulationOptions, simulate
 
-    summary = simulate(SimulationOptions(scenario="hospitals", seed=seed, epsilon=epsilon, out=out,
-                                         knowledge_mode=mode, rounds=rounds))
+    source = {"knowledge_mode": "hybrid", "knowledge_source": "pate", **pate} if mode == "hybrid-pate" else {
+        "knowledge_mode": mode}
+    summary = simulate(SimulationOptions(scenario="hospitals", seed=seed, epsilon=epsilon, out=out, rounds=rounds,
+                                         **source))
     run_dir = Path(summary["paths"]["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     sent = []
@@ -70,14 +80,17 @@ def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None)
             "bytes_per_site_round": statistics.median(sent) if sent else None,
             "seconds_per_round": statistics.median(r["seconds"] for r in records),
             "epsilon_spent_max": max(p["epsilon"] for p in summary["privacy"]["sites"].values()),
-            "run_dir": run_dir.name}
+            "run_dir": run_dir.name, **({"pate": pate} if mode == "hybrid-pate" else {})}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--epsilon", type=float, nargs="*", default=[1.0, 3.0, 8.0])
-    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=RUN_MODES)
+    parser.add_argument("--proxy-records", type=int, default=64, help="hybrid-pate: the proxy sample's size")
+    parser.add_argument("--pate-teachers", type=int, default=32)
+    parser.add_argument("--pate-noise-multiplier", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, help="default: the scenario's")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--traffic-only", action="store_true")
@@ -97,7 +110,9 @@ def main() -> None:
         small, large = [r for r in traffic if r["mode"] == mode]
         print(f"{mode}: student size x{large['student_parameters'] / small['student_parameters']:.1f} -> bytes "
               f"x{large['secagg_input_bytes'] / small['secagg_input_bytes']:.2f}")
-    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds)
+    pate = {"proxy_records": args.proxy_records, "pate_teachers": args.pate_teachers,
+            "pate_noise_multiplier": args.pate_noise_multiplier}
+    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds, pate)
                                          for seed in args.seeds for epsilon in args.epsilon for mode in args.modes]
     for row in runs:
         print(f"seed {row['seed']}, epsilon {row['epsilon']:g}, {row['mode']}: ROC-AUC {row['roc_auc']:.4f} "
@@ -105,7 +120,7 @@ def main() -> None:
               f"{row['seconds_per_round']:.2f} s per round, epsilon spent {row['epsilon_spent_max']:.3f}")
     for epsilon in args.epsilon:
         weights = [r["roc_auc"] for r in runs if r["epsilon"] == epsilon and r["mode"] == "weights"]
-        for mode in ("knowledge", "hybrid"):
+        for mode in RUN_MODES[1:]:
             other = [r["roc_auc"] for r in runs if r["epsilon"] == epsilon and r["mode"] == mode]
             if weights and other and len(weights) == len(other):
                 print(f"epsilon {epsilon:g}: {mode} minus weights ROC-AUC, mean over {len(other)} seed(s): "

@@ -29,6 +29,7 @@ from client.teacher import check_teacher_for_run
 from distill.data import SplitData
 from distill.models import load_teacher, path_digest
 from protocols.accounting import PrivacyState
+from protocols.canonical import file_sha256
 from protocols.errors import FedistillError, UpdateRejected
 from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
 
@@ -136,6 +137,23 @@ def _student_base(site: SiteFile) -> str:
     model_type = check_student_base(site.student_base)
     return (f"{site.student_base}: {model_type}, digest {path_digest(site.student_base)}; compare it with the "
             "base_digest of the run's student (from the operator): a run pinning another digest cannot train here")
+
+
+def _proxy_set(site: SiteFile) -> str:
+    """A knowledge run's proxy set ([knowledge] proxy_set): readable, its records and the digest to compare."""
+    from safetensors.numpy import load_file
+
+    path = site.proxy_set
+    if path is None or not path.is_file():
+        raise FedistillError(f"[knowledge] proxy_set '{path}' is not a file; copy the proxy set the consortium "
+                             "operator shipped there, or remove the [knowledge] table.")
+    try:
+        sizes = sorted({len(values) for values in load_file(str(path)).values()})
+    except Exception as err:  # safetensors raises its own error types for a malformed file
+        raise FedistillError(f"[knowledge] proxy_set '{path}' is not a safetensors file ({err}).") from None
+    return (f"{path}: {', '.join(map(str, sizes))} record(s), SHA-256 {file_sha256(path)}; compare it with the "
+            "proxy_digest of the run's knowledge settings (from the operator): a run registering another cannot "
+            "train here")
 
 
 def _declaration(site: SiteFile) -> tuple[str, bool]:
@@ -282,6 +300,8 @@ def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, 
         _text_checks(site, items, attempt)
     else:
         _classification_checks(site, items, attempt)
+    if site.proxy_set is not None:
+        attempt("proxy set", lambda: _proxy_set(site))
     attempt("privacy budget", lambda: _budget(site))
     node_key = attempt("node key", lambda: _node_key(site))
     certificate = attempt("CA certificate", lambda: _certificate(site))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from distill.data import SplitData
-from protocols.canonical import digest_json
+from protocols.canonical import digest_json, sha256_hex
 from protocols.errors import DataError
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
@@ -56,17 +56,15 @@ def read_table(path: Path) -> pd.DataFrame:
         raise DataError(f"data file '{path}' cannot be read as {fmt}: {err}") from None
 
 
-def load_records(path: Path, schema: RecordSchema) -> SplitData:
-    """The whole table as one split: inputs ``{"x": float32 [n, features]}``, class-index labels, person ids."""
-    frame = read_table(path)
-    if frame.empty:
-        raise DataError(f"data file '{path}' has no records.")
-    wanted = [schema.label, *schema.features] + ([schema.person_id] if schema.person_id else [])
+def _check_columns(frame: pd.DataFrame, path: Path, wanted: list[str], fix: str) -> None:
     missing = [column for column in wanted if column not in frame.columns]
     if missing:
         raise DataError(f"data file '{path}' has no column(s) {', '.join(repr(c) for c in missing)}; its columns are "
-                        f"{', '.join(map(str, frame.columns))}. Fix [data] in site.toml or the file.")
-    for column in schema.features:
+                        f"{', '.join(map(str, frame.columns))}. {fix}")
+
+
+def _check_features(frame: pd.DataFrame, path: Path, features: tuple[str, ...]) -> None:
+    for column in features:
         values = frame[column]
         if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
             raise DataError(f"data file '{path}': feature column '{column}' is {values.dtype}, not numeric; encode it "
@@ -74,6 +72,16 @@ def load_records(path: Path, schema: RecordSchema) -> SplitData:
         if values.isna().any():
             raise DataError(f"data file '{path}': feature column '{column}' has {int(values.isna().sum())} missing "
                             "value(s); impute them the way the teacher was trained, or drop those records.")
+
+
+def load_records(path: Path, schema: RecordSchema) -> SplitData:
+    """The whole table as one split: inputs ``{"x": float32 [n, features]}``, class-index labels, person ids."""
+    frame = read_table(path)
+    if frame.empty:
+        raise DataError(f"data file '{path}' has no records.")
+    wanted = [schema.label, *schema.features] + ([schema.person_id] if schema.person_id else [])
+    _check_columns(frame, path, wanted, "Fix [data] in site.toml or the file.")
+    _check_features(frame, path, schema.features)
     labels = frame[schema.label]
     if labels.isna().any():
         raise DataError(f"data file '{path}': label column '{schema.label}' has {int(labels.isna().sum())} missing "
@@ -84,10 +92,27 @@ def load_records(path: Path, schema: RecordSchema) -> SplitData:
         raise DataError(f"data file '{path}': label column '{schema.label}' holds value(s) "
                         f"{', '.join(repr(u) for u in unknown[:5])} not in [data] classes {list(schema.classes)}.")
     index = {name: i for i, name in enumerate(schema.classes)}
-    groups = (pd.factorize(frame[schema.person_id].astype(str))[0].astype(np.int64) if schema.person_id
-              else np.zeros(0, dtype=np.int64))
+    groups = person_ids(frame[schema.person_id]) if schema.person_id else np.zeros(0, dtype=np.int64)
     return SplitData({"x": frame[list(schema.features)].to_numpy(dtype=np.float32)},
                      names.map(index).to_numpy(dtype=np.int64), groups)
+
+
+def load_inputs(path: Path, features: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """A table's feature columns only, as a model's inputs ``{"x": float32 [n, features]}``: a knowledge run's
+    proxy set is made from public records this way, without their labels."""
+    frame = read_table(path)
+    if frame.empty:
+        raise DataError(f"data file '{path}' has no records.")
+    _check_columns(frame, path, list(features), "Name the feature columns in the sites' [data] features order.")
+    _check_features(frame, path, features)
+    return {"x": frame[list(features)].to_numpy(dtype=np.float32)}
+
+
+def person_ids(column: pd.Series) -> np.ndarray:
+    """Each record's person as a 63-bit id that depends on that person's value alone (a SHA-256 prefix), not on
+    the order or presence of the others, as a numbering of the column would: a PATE partition by person
+    (client/pate.py) must not move anyone else when one person is added or removed."""
+    return np.array([int(sha256_hex(value)[:15], 16) for value in column.astype(str)], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------- text sites
@@ -119,7 +144,7 @@ class TextSchema:
 class Documents:
     """A text site's documents in split order (by ``order_by``, else the file's order), with their persons.
 
-    ``persons`` are per-document person indices (``pd.factorize`` of the person column), or empty when the table
+    ``persons`` are per-document person ids (:func:`person_ids` of the person column), or empty when the table
     names no person: each document is then its own unit of privacy.
     """
 
@@ -192,7 +217,7 @@ def load_documents(path: Path, schema: TextSchema) -> Documents:
         raise DataError(f"data file '{path}': person column '{schema.person_id}' has "
                         f"{int(frame[schema.person_id].isna().sum())} missing value(s); every document needs its "
                         "person, or group privacy cannot count them.")
-    persons = (pd.factorize(frame[schema.person_id].astype(str))[0].astype(np.int64) if schema.person_id
+    persons = (person_ids(frame[schema.person_id]) if schema.person_id
                else np.zeros(0, dtype=np.int64))
     texts = tuple(values.where(~empty, "").tolist())
     return Documents(texts, persons, sum(1 for text in texts if not text.strip()))

@@ -19,9 +19,11 @@ from client.records import RecordSchema, TextData, TextSchema, load_documents, l
 from client.site import Site, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
 from protocols.accounting import ACCOUNTANTS, SitePolicy
+from protocols.canonical import atomic_write_bytes
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
+from protocols.knowledge import PROXY_FILE
 
 SCHEMA_VERSION = 1
 SITE_FILE_NAME = "site.toml"
@@ -78,6 +80,11 @@ release_validation_metrics = false  # a run that keeps its best round: may each 
 
 [node]
 runtime_port = 9094              # local port of the SuperNode's runtime API (127.0.0.1 only); one per site on a host
+
+# Knowledge runs (docs/knowledge.md): the proxy set the consortium operator ships (public inputs only). Every round
+# the site checks it against the run's registered SHA-256 before it trains. Uncomment when you received one:
+# [knowledge]
+# proxy_set = "proxy.safetensors"
 """
 
 
@@ -93,8 +100,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
                 "release_validation_metrics"),
     "node": ("runtime_port",),
     "student": ("base",),
+    "knowledge": ("proxy_set",),
 }
-OPTIONAL_TABLES = ("node", "student")
+OPTIONAL_TABLES = ("node", "student", "knowledge")
 # A classification site's [data] fields, and a text (causal-LM) site's: a site is one or the other.
 CLASSIFICATION_FIELDS = ("label", "classes", "features")
 TEXT_ONLY_FIELDS = ("max_length", "order_by")
@@ -243,6 +251,8 @@ class SiteFile:
     runtime_port: int
     # A text site's copy of the run's base student folder ([student] base); None for a classification site.
     student_base: Path | None = None
+    # The proxy set of knowledge runs ([knowledge] proxy_set), copied into the state directory by prepare_state.
+    proxy_set: Path | None = None
 
     @property
     def text_site(self) -> bool:
@@ -286,6 +296,7 @@ class SiteFile:
                 raise ConfigError(f"{where}: [privacy] {field_name} must be true or false, got {value!r}.")
         teacher_declaration = _teacher_declaration(teacher, where)
         schema, student_base = _schema(raw, data, student, base, where, person_id)
+        proxy_set = _text(tables["knowledge"], "knowledge", "proxy_set", where, required=False)
         return cls(
             path=path, name=name, state_dir=base / _text(site, "site", "state_dir", where),
             node_key=base / _text(site, "site", "node_key", where), coordinator_address=address,
@@ -299,7 +310,8 @@ class SiteFile:
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
                               accountant=accountant, release_local_metrics=release,
                               release_validation_metrics=release_validation),
-            runtime_port=runtime_port, student_base=student_base)
+            runtime_port=runtime_port, student_base=student_base,
+            proxy_set=base / proxy_set if proxy_set else None)
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
@@ -307,8 +319,18 @@ class SiteFile:
         Budget history (privacy.json), the ledger and the noise secret are kept: only the records, the teacher
         path and declaration and the policy are refreshed, so restarting a site never resets what it has spent.
         A text site loads its teacher for its tokenizer, tokenizes its documents once (train, validation and test,
-        in order) and records its base student folder, which must be there.
+        in order) and records its base student folder, which must be there. A ``[knowledge] proxy_set`` is copied in
+        as the site's proxy set (checked against each knowledge run's registered digest before the site trains).
         """
+        if self.proxy_set is not None and not self.proxy_set.is_file():
+            raise ConfigError(f"{self.path}: [knowledge] proxy_set '{self.proxy_set}' is not a file; copy the proxy "
+                              "set the consortium operator shipped there, or remove the [knowledge] table.")
+        site = self._create_site()
+        if self.proxy_set is not None:
+            atomic_write_bytes(site.state_dir / PROXY_FILE, self.proxy_set.read_bytes())
+        return site
+
+    def _create_site(self) -> Site:
         if isinstance(self.schema, TextSchema):
             from distill.causal_lm import load_causal_lm_teacher
 

@@ -19,10 +19,11 @@ from coordinator.curriculum import adopt_stage, keep_start, stage_state
 from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
 from coordinator.secure_round import run_secure_round
-from protocols.canonical import atomic_write_json
+from protocols.canonical import atomic_write_bytes, atomic_write_json
 from protocols.config import FederationConfig
 from protocols.curriculum import START_STUDENT, stage_of
 from protocols.errors import ConfigError, LedgerTampered
+from protocols.knowledge import PROXY_FILE
 from protocols.ledger import resumable_run
 from protocols.messages import LocalStageRequest, TrainInstruction, ValidationRequest
 
@@ -288,8 +289,9 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     record, state = _coordinator_stage(str(run_config.get("coordinator-stage", "")), config, run_id, run_dir, resume)
     if config.continues is not None:
         state = _start_student(str(run_config.get("start-student", "")), run_dir, resume)
+    proxy = _proxy_set(str(run_config.get("proxy-set", "")), config, run_dir, resume)
     coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None,
-                              transport=transport, coordinator_stage=record, initial_state=state)
+                              transport=transport, coordinator_stage=record, initial_state=state, proxy_path=proxy)
     if resume:
         coordinator.resume()
     else:
@@ -325,6 +327,25 @@ def _coordinator_stage(directory: str, config: FederationConfig, run_id: str, ru
                           "launch the run with `fedistill run run.toml` and its [coordinator_stage] table, which runs "
                           "the stage before submitting.")
     return adopt_stage(Path(directory), run_dir, config)
+
+
+def _proxy_set(named: str, config: FederationConfig, run_dir: Path, resume: str) -> Path | None:
+    """A knowledge run's proxy set: a new run keeps a copy of run.toml's file in its run directory (where
+    ``fedistill verify`` checks its digest); a resumed run uses that copy. The Coordinator checks the digest."""
+    if config.knowledge is None:
+        return None
+    kept = run_dir / PROXY_FILE
+    if resume:
+        if not kept.is_file():
+            raise LedgerTampered(f"cannot resume run {run_dir.name}: {kept} is missing (missing evidence); the run is a "
+                                 "knowledge run and kept its proxy set there.")
+        return kept
+    if not named:
+        raise ConfigError("run config: the federation is a knowledge run, but key 'proxy-set' is empty; launch the "
+                          "run with `fedistill run run.toml` and its proxy_set field.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(kept, Path(named).read_bytes())
+    return kept
 
 
 def _start_student(student_file: str, run_dir: Path, resume: str) -> dict[str, np.ndarray]:

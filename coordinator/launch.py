@@ -13,6 +13,10 @@ A curriculum's coordinator stage runs here, before submitting (:func:`prepare_co
 ``[coordinator_stage]`` names the public records and the public teacher on this machine, the stage distils the one
 into the student on the other, and the ServerApp starts the rounds from what it saved (key ``coordinator-stage`` of
 Flower's run config). No site record is read.
+
+A knowledge run (``[federation.knowledge]``, docs/knowledge.md) names its proxy set with run.toml's ``proxy_set``:
+the file the operator ships to every site (public inputs only). Its SHA-256 and record count are filled into the
+config here (or checked, when the table states them), and the ServerApp keeps a copy in the run directory.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from protocols.ledger import resumable_run
 SCHEMA_VERSION = 1
 # run.toml's top-level fields; [federation] is FederationConfig's, which refuses unknown fields itself.
 RUN_FIELDS = ("schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes", "federation",
-              "coordinator_stage")
+              "coordinator_stage", "proxy_set")
 # [coordinator_stage]: the public records table (its columns as a classification site's [data] names them) and the
 # public teacher.
 STAGE_FIELDS = ("records", "label", "classes", "features", "person_id", "teacher")
@@ -78,6 +82,7 @@ min-sites = 3
 resume-run = ""
 coordinator-stage = ""
 start-student = ""
+proxy-set = ""
 signing-key = ""
 transport = ""
 """
@@ -105,6 +110,8 @@ class RunFile:
     timeout_s: float
     federation: FederationConfig
     coordinator_stage: CoordinatorStageFile | None = None
+    # A knowledge run's proxy set (run.toml proxy_set), registered in the config by its SHA-256.
+    proxy_set: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunFile:
@@ -122,7 +129,8 @@ class RunFile:
             raise ConfigError(f"{where}: field 'timeout_minutes' must be a positive number, got {minutes!r}.")
         if not isinstance(raw.get("federation"), dict):
             raise ConfigError(f"{where}: table [federation] is missing.")
-        federation = FederationConfig.from_dict(_with_absolute_base(raw["federation"], path.parent),
+        proxy_set, federation_table = _proxy_set(raw, path.parent, where)
+        federation = FederationConfig.from_dict(_with_absolute_base(federation_table, path.parent),
                                                 where=f"{where} [federation]")
         coordinator_stage = _coordinator_stage(raw, federation, path.parent, where)
         if federation.student.family == "causal_lm":
@@ -131,7 +139,7 @@ class RunFile:
             raise ConfigError(f"{where}: wait_for_sites={sites} is below [federation] min_cohort="
                               f"{federation.min_cohort}, which secure aggregation needs.")
         return cls(path, CoordinatorDir.load(path.parent / raw["coordinator"]), (path.parent / raw["out_dir"]).resolve(),
-                   sites, float(minutes) * 60, federation, coordinator_stage)
+                   sites, float(minutes) * 60, federation, coordinator_stage, proxy_set)
 
     @property
     def stage_dir(self) -> Path:
@@ -148,8 +156,47 @@ class RunFile:
         return {"federation": json.dumps(self.federation.to_dict(), sort_keys=True), "out-dir": str(self.out_dir),
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
                 "coordinator-stage": str(coordinator_stage or ""), "start-student": str(start_student or ""),
-                "signing-key": str(self.coordinator.signing_key),
+                "proxy-set": str(self.proxy_set or ""), "signing-key": str(self.coordinator.signing_key),
                 "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
+
+
+def _proxy_set(raw: dict[str, Any], directory: Path, where: str) -> tuple[Path | None, dict[str, Any]]:
+    """(run.toml's ``proxy_set`` file, the [federation] table with the set's digest and record count filled in):
+    required exactly when [federation.knowledge] is given; digests the table states must be the file's."""
+    from safetensors import safe_open
+
+    from protocols.canonical import file_sha256
+
+    federation, named = raw["federation"], raw.get("proxy_set")
+    knowledge = federation.get("knowledge")
+    if knowledge is None:
+        if named is not None:
+            raise ConfigError(f"{where}: field 'proxy_set' names a proxy set, but [federation] has no knowledge "
+                              "table; add [federation.knowledge] (mode, source: docs/knowledge.md) or remove it.")
+        return None, federation
+    if not isinstance(named, str) or not named:
+        raise ConfigError(f"{where}: [federation.knowledge] needs a proxy set: set proxy_set = \"FILE\" to the "
+                          "safetensors file of public inputs you ship to every site (relative to run.toml).")
+    path = (directory / named).resolve()
+    if not path.is_file():
+        raise ConfigError(f"{where}: proxy_set '{path}' is not a file; point it at the proxy set you ship to every "
+                          "site (a safetensors file of public inputs, docs/knowledge.md).")
+    try:
+        with safe_open(str(path), framework="numpy") as opened:
+            sizes = {opened.get_slice(name).get_shape()[0] for name in opened.keys()}
+    except Exception as err:  # safetensors raises its own error types for a malformed header
+        raise ConfigError(f"{where}: proxy_set '{path}' is not a safetensors file ({err}).") from None
+    if len(sizes) != 1:
+        raise ConfigError(f"{where}: proxy_set '{path}' holds tensors of different record counts {sorted(sizes)}.")
+    found = {"proxy_digest": file_sha256(path), "proxy_records": sizes.pop()}
+    if not isinstance(knowledge, dict):
+        raise ConfigError(f"{where}: [federation] knowledge must be a table, got {knowledge!r}.")
+    for key, value in found.items():
+        if key in knowledge and knowledge[key] != value:
+            raise ConfigError(f"{where}: [federation.knowledge] {key} is {knowledge[key]!r}, but proxy_set '{path}' "
+                              f"gives {value!r}; it is not the set the config registers. Remove {key} (it is filled "
+                              "in from the file) or ship the registered file.")
+    return path, {**federation, "knowledge": {**knowledge, **found}}
 
 
 def _coordinator_stage(raw: dict[str, Any], federation: FederationConfig, directory: Path,

@@ -107,6 +107,48 @@ def _layer_list(text: str) -> list[int]:
                                  f"{text!r}.") from None
 
 
+@coordinator_app.command("proxy-set")
+def proxy_set_command(
+    records: Path = typer.Argument(..., help="Public records (.csv, .jsonl or .parquet): never a site's."),
+    out: Path = typer.Argument(..., help="The proxy set file to write (safetensors; ship it to every site)."),
+    features: str = typer.Option(..., "--features", help="The feature columns, comma-separated, in the order the "
+                                                         "sites' [data] features give them."),
+    sample: int = typer.Option(None, "--sample", help="Keep a seeded sample of this many records (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds --sample."),
+    output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Write a knowledge run's proxy set: the feature columns of public records, without labels. Name it in
+    run.toml (proxy_set) and send it to every site (site.toml [knowledge] proxy_set); its SHA-256 registers it."""
+    import numpy as np
+
+    from client.records import load_inputs
+    from protocols.canonical import atomic_write_bytes, sha256_hex
+    from protocols.knowledge import proxy_file_bytes
+
+    try:
+        columns = tuple(name.strip() for name in features.split(",") if name.strip())
+        if not columns:
+            raise ConfigError("--features: name at least one feature column.")
+        inputs = load_inputs(records, columns)
+        count = len(inputs["x"])
+        if sample is not None:
+            if not 1 <= sample <= count:
+                raise ConfigError(f"--sample must be between 1 and the {count} records of {records}, got {sample}.")
+            chosen = np.sort(np.random.default_rng(seed).choice(count, sample, replace=False))
+            inputs = {name: values[chosen] for name, values in inputs.items()}
+        data = proxy_file_bytes(inputs)
+        atomic_write_bytes(out, data)
+    except FedistillError as err:
+        raise _fail(err) from None
+    record = {"schema_version": 1, "proxy_set": str(out), "records": len(inputs["x"]), "features": list(columns),
+              "sha256": sha256_hex(data)}
+    if output_format is OutputFormat.json:
+        sys.stdout.write(json.dumps(record, indent=2) + "\n")
+        return
+    make_console().print(f"proxy set {out}: {record['records']} records x {len(columns)} features, SHA-256 "
+                         f"{record['sha256']} (name it in run.toml proxy_set; send it to every site)")
+
+
 @coordinator_app.command("base-student")
 def base_student_command(
     out: Path = typer.Argument(..., help="The base student folder to write (save_pretrained, with the tokenizer)."),
