@@ -62,11 +62,12 @@ def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) ->
     return rows
 
 
-def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict) -> dict:
+def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict, server: dict) -> dict:
     from simulations.runner import SimulationOptions, simulate
 
     source = {"knowledge_mode": "hybrid", "knowledge_source": "pate", **pate} if mode == "hybrid-pate" else {
         "knowledge_mode": mode}
+    source |= server if mode != "weights" else {}
     summary = simulate(SimulationOptions(scenario="hospitals", seed=seed, epsilon=epsilon, out=out, rounds=rounds,
                                          **source))
     run_dir = Path(summary["paths"]["run_dir"])
@@ -80,7 +81,8 @@ def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None,
             "bytes_per_site_round": statistics.median(sent) if sent else None,
             "seconds_per_round": statistics.median(r["seconds"] for r in records),
             "epsilon_spent_max": max(p["epsilon"] for p in summary["privacy"]["sites"].values()),
-            "run_dir": run_dir.name, **({"pate": pate} if mode == "hybrid-pate" else {})}
+            "run_dir": run_dir.name, **({"pate": pate} if mode == "hybrid-pate" else {}),
+            **({"server": server} if server and mode != "weights" else {})}
 
 
 def main() -> None:
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--proxy-records", type=int, default=64, help="hybrid-pate: the proxy sample's size")
     parser.add_argument("--pate-teachers", type=int, default=32)
     parser.add_argument("--pate-noise-multiplier", type=float, default=4.0)
+    parser.add_argument("--server-steps", type=int, help="the coordinator's distillation steps (default 200)")
+    parser.add_argument("--server-learning-rate", type=float, help="its learning rate (default 1e-3)")
     parser.add_argument("--rounds", type=int, help="default: the scenario's")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--traffic-only", action="store_true")
@@ -112,7 +116,10 @@ def main() -> None:
               f"x{large['secagg_input_bytes'] / small['secagg_input_bytes']:.2f}")
     pate = {"proxy_records": args.proxy_records, "pate_teachers": args.pate_teachers,
             "pate_noise_multiplier": args.pate_noise_multiplier}
-    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds, pate)
+    server = {name: value for name, value in (("server_steps", args.server_steps),
+                                              ("server_learning_rate", args.server_learning_rate))
+              if value is not None}
+    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds, pate, server)
                                          for seed in args.seeds for epsilon in args.epsilon for mode in args.modes]
     for row in runs:
         print(f"seed {row['seed']}, epsilon {row['epsilon']:g}, {row['mode']}: ROC-AUC {row['roc_auc']:.4f} "

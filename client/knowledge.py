@@ -7,18 +7,23 @@ the PATE release of its private teacher ensemble that its accountant charged (cl
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from client.pate import check_pate_teacher, kept_pate_release
 from client.site import Site
-from distill.evaluate import softmax
 from distill.data import SplitData
-from distill.models import load_teacher, teacher_digest
-from distill.train import predict_proba
-from protocols.canonical import digest_arrays
+from distill.evaluate import softmax
+from distill.models import (build_student, count_parameters, load_numpy_state, load_student_state, load_teacher,
+                            state_to_numpy, teacher_digest)
+from distill.train import distil_to_probabilities, predict_proba, proxy_distillation
+from protocols.canonical import atomic_write_bytes, digest_arrays, sha256_hex
+from protocols.config import StudentSpec
 from protocols.errors import UpdateRejected
 from protocols.knowledge import PROXY_FILE, WHY_PRIVATE, check_soft_labels, load_proxy
 from protocols.messages import TrainInstruction
@@ -71,3 +76,48 @@ def check_knowledge_inputs(site: Site, instruction: TrainInstruction) -> None:
         _check_public_teacher(site, who)
     if knowledge.source == "pate":
         check_pate_teacher(site, who)
+
+
+# A site's own knowledge-mode student, kept between the rounds of a run (never sent).
+OWN_STUDENT_FILE = "own-student-{run}.safetensors"
+
+
+def own_student_spec(site: Site, instruction: TrainInstruction) -> StudentSpec | None:
+    """The student this site trains instead of the run's: its own MLP widths, in a ``knowledge``-mode run only (in
+    the other modes its weights travel, so they must be the run's). None: the run's student."""
+    knowledge = instruction.knowledge
+    if (site.knowledge_student_hidden is None or knowledge is None or knowledge.mode != "knowledge"
+            or instruction.student.family != "mlp"):
+        return None
+    return StudentSpec("mlp", {**instruction.student.settings, "hidden": list(site.knowledge_student_hidden)})
+
+
+def own_student_path(site: Site, run_id: str) -> Path:
+    return site.state_dir / OWN_STUDENT_FILE.format(run=sha256_hex(run_id)[:16])
+
+
+def prepare_own_student(site: Site, instruction: TrainInstruction, spec: StudentSpec,
+                        global_state: Mapping[str, np.ndarray], seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """This site's own student for the round: as it kept it after its last round of the run (a fresh one seeded by
+    the run on its first), then distilled from the global student on the public proxy inputs (free: public inputs,
+    and the global student is what every site received), FedMD's digest step."""
+    knowledge = instruction.knowledge
+    assert knowledge is not None
+    who = f"site {site.name}, round {instruction.server_round}"
+    student = build_student(spec)
+    kept = own_student_path(site, instruction.run_id)
+    if kept.is_file():
+        load_numpy_state(student, load_file(str(kept)))
+    global_student = build_student(instruction.student)
+    load_student_state(global_student, instruction.student.family, global_state)
+    proxy = load_proxy(site.state_dir / PROXY_FILE, knowledge, who)
+    records = SplitData(proxy, np.zeros(len(next(iter(proxy.values()))), dtype=np.int64))
+    targets = predict_proba(global_student, instruction.student.family, records, temperature=knowledge.temperature)
+    outcome = distil_to_probabilities(student, spec.family, proxy, targets, proxy_distillation(knowledge, seed))
+    return student, {"spec": spec.to_dict(), "parameters": count_parameters(student),
+                     "continued": kept.is_file(), "digest_steps": outcome.steps}
+
+
+def keep_own_student(site: Site, instruction: TrainInstruction, student: torch.nn.Module) -> None:
+    """Written atomically: a crash leaves the previous round's copy."""
+    atomic_write_bytes(own_student_path(site, instruction.run_id), save(state_to_numpy(student)))

@@ -3,7 +3,8 @@
 Deployment runs every message in a fresh process, so nothing lives in module globals::
 
     <state-dir>/site.json            name, teacher path, teacher declaration (client.teacher), schema_version;
-                                     a text (causal-LM) site also student_base, the run's base student folder
+                                     a text (causal-LM) site also student_base, the run's base student folder;
+                                     a site with its own knowledge-mode student, its knowledge_student_hidden
     <state-dir>/data.npz             the site's private splits (train / val / test)
     <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
     <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
@@ -41,6 +42,10 @@ class Site:
     # the run config's base path is the coordinator's, so the site builds its student from this folder, after
     # checking it against the spec's base_digest. None for a classification site.
     student_base: Path | None = None
+    # The hidden widths of this site's own MLP student in knowledge-mode runs (site.toml [knowledge] student_hidden);
+    # None: the site trains the run's student. In knowledge mode only soft labels leave a site, so its student's
+    # architecture is its own business (client/knowledge.py).
+    knowledge_student_hidden: tuple[int, ...] | None = None
 
     @property
     def data_path(self) -> Path:
@@ -84,12 +89,25 @@ class Site:
             raise ConfigError(f"{path}: field 'student_base' must be the path of the base student folder, "
                               f"got {base!r}.")
         student_base = None if base is None else Path(base)
+        hidden = raw.get("knowledge_student_hidden")
+        if hidden is not None:
+            hidden = check_student_hidden(hidden, f"{path}: field 'knowledge_student_hidden'")
         return cls(name=str(raw["name"]), state_dir=state_dir,
                    teacher_path=teacher if teacher.is_absolute() else state_dir / teacher,
                    teacher_declaration=TeacherDeclaration.from_dict(raw["teacher_declaration"],
                                                                     f"{path} teacher_declaration"),
                    student_base=(student_base if student_base is None or student_base.is_absolute()
-                                 else state_dir / student_base))
+                                 else state_dir / student_base),
+                   knowledge_student_hidden=hidden)
+
+
+def check_student_hidden(value: object, where: str) -> tuple[int, ...]:
+    """A site's own MLP student's hidden widths: a list of positive integers (empty: a linear student)."""
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= 65536 for width in value):
+        raise ConfigError(f"{where} must be a list of hidden layer widths (integers from 1 to 65536; [] for a linear "
+                          f"student), got {value!r}.")
+    return tuple(value)
 
 
 def write_noise_secret(state_dir: Path, secret: bytes) -> None:
@@ -102,7 +120,8 @@ def write_noise_secret(state_dir: Path, secret: bytes) -> None:
 
 def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path,
                 policy: SitePolicy | None = None, noise_secret: bytes | None = None, *,
-                teacher_declaration: TeacherDeclaration, student_base: Path | None = None) -> Site:
+                teacher_declaration: TeacherDeclaration, student_base: Path | None = None,
+                knowledge_student_hidden: tuple[int, ...] | None = None) -> Site:
     """Write a site's state directory (the simulation harness does this for every virtual site).
 
     ``teacher_declaration`` says what the teacher was trained on; it has no default, since a DP run refuses a
@@ -122,5 +141,8 @@ def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teache
               "teacher_declaration": teacher_declaration.to_dict()}
     if student_base is not None:
         record["student_base"] = str(Path(student_base).resolve())
+    if knowledge_student_hidden is not None:
+        record["knowledge_student_hidden"] = list(check_student_hidden(
+            knowledge_student_hidden, f"site '{name}': knowledge_student_hidden"))
     atomic_write_json(state_dir / SITE_FILE, record)
     return Site.load(state_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.records import RecordSchema, TextData, TextSchema, load_documents, load_records, tokenize_documents
-from client.site import Site, create_site
+from client.site import Site, check_student_hidden, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
 from protocols.accounting import ACCOUNTANTS, SitePolicy
 from protocols.canonical import atomic_write_bytes
@@ -85,6 +85,8 @@ runtime_port = 9094              # local port of the SuperNode's runtime API (12
 # the site checks it against the run's registered SHA-256 before it trains. Uncomment when you received one:
 # [knowledge]
 # proxy_set = "proxy.safetensors"
+# student_hidden = [64, 64]      # optional, knowledge mode only: train this site's own MLP (these hidden widths)
+#                                # instead of the run's student; only its soft labels leave the site
 """
 
 
@@ -100,7 +102,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
                 "release_validation_metrics"),
     "node": ("runtime_port",),
     "student": ("base",),
-    "knowledge": ("proxy_set",),
+    "knowledge": ("proxy_set", "student_hidden"),
 }
 OPTIONAL_TABLES = ("node", "student", "knowledge")
 # A classification site's [data] fields, and a text (causal-LM) site's: a site is one or the other.
@@ -253,6 +255,8 @@ class SiteFile:
     student_base: Path | None = None
     # The proxy set of knowledge runs ([knowledge] proxy_set), copied into the state directory by prepare_state.
     proxy_set: Path | None = None
+    # This site's own MLP student in knowledge-mode runs ([knowledge] student_hidden); None: the run's student.
+    knowledge_student_hidden: tuple[int, ...] | None = None
 
     @property
     def text_site(self) -> bool:
@@ -297,6 +301,12 @@ class SiteFile:
         teacher_declaration = _teacher_declaration(teacher, where)
         schema, student_base = _schema(raw, data, student, base, where, person_id)
         proxy_set = _text(tables["knowledge"], "knowledge", "proxy_set", where, required=False)
+        own_hidden = tables["knowledge"].get("student_hidden")
+        if own_hidden is not None:
+            if isinstance(schema, TextSchema):
+                raise ConfigError(f"{where}: [knowledge] student_hidden is an MLP student's hidden widths, for a "
+                                  "classification site; a text site trains the run's causal-LM student. Remove it.")
+            own_hidden = check_student_hidden(own_hidden, f"{where}: [knowledge] student_hidden")
         return cls(
             path=path, name=name, state_dir=base / _text(site, "site", "state_dir", where),
             node_key=base / _text(site, "site", "node_key", where), coordinator_address=address,
@@ -311,7 +321,7 @@ class SiteFile:
                               accountant=accountant, release_local_metrics=release,
                               release_validation_metrics=release_validation),
             runtime_port=runtime_port, student_base=student_base,
-            proxy_set=base / proxy_set if proxy_set else None)
+            proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden)
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
@@ -342,7 +352,8 @@ class SiteFile:
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
         return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy,
-                           teacher_declaration=self.teacher_declaration)
+                           teacher_declaration=self.teacher_declaration,
+                           knowledge_student_hidden=self.knowledge_student_hidden)
 
     def text_data(self, tokenizer: Any) -> TextData:
         """A text site's documents, tokenized with its teacher's tokenizer and split in order."""

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
-from client.knowledge import check_knowledge_inputs, knowledge_release
+from client.knowledge import (check_knowledge_inputs, keep_own_student, knowledge_release, own_student_spec,
+                              prepare_own_student)
 from client.pate import make_pate_release, pending_pate_spend
 from client.privacy import private_distill, private_distill_causal
 from client.replay import TrainingSet, training_set
@@ -27,7 +28,7 @@ from distill.causal_train import (CausalTrainSettings, distill_causal, split_seq
                                   teacher_targets)
 from distill.data import SplitData
 from distill.models import (build_student, fragment_parameter_names, load_student_state, load_teacher,
-                            student_state, teacher_digest)
+                            parameter_names, student_state, teacher_digest)
 from distill.token_kd import TopKTargets
 from distill.train import TrainOutcome, TrainSettings, distill
 from distill.vocabulary import VocabularySubset, vocabulary_of
@@ -320,14 +321,13 @@ def _check_causal_data(site: Site, instruction: TrainInstruction, data: SplitDat
                              "`fedistill site start` again.")
 
 
-def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
-                student: torch.nn.Module | None = None) -> SiteUpdate:
-    """One round's local training; ``student`` is the freshly built student when the caller built it already."""
+def _begin_round(site: Site, instruction: TrainInstruction) -> tuple[SplitData, BudgetCheck, TrainingSet | None]:
+    """What every round does before training: the data checks, the budget's decision, and (the run's first accepted
+    round of a PATE run) the PATE release, charged before it is made."""
     train = site.splits()["train"]
     if len(train) == 0:
         raise UpdateRejected(f"site {site.name}: the training split is empty; nothing to train on.")
-    family = instruction.student.family
-    if family == "causal_lm":
+    if instruction.student.family == "causal_lm":
         _check_causal_data(site, instruction, train)
     # The records this run trains on here: all of them, or an incremental run's new ones plus its replay buffer.
     check, chosen = consider_round(site, instruction, train)
@@ -335,6 +335,14 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
         # The release's noise stream: the site's secret, the run, and nothing the coordinator could choose.
         make_pate_release(site, instruction, check.state, check.pate,
                           int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:pate")[:15], 16))
+    return train, check, chosen
+
+
+def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
+                student: torch.nn.Module | None = None) -> SiteUpdate:
+    """One round's local training; ``student`` is the freshly built student when the caller built it already."""
+    train, check, chosen = _begin_round(site, instruction)
+    family = instruction.student.family
     torch.manual_seed(derived_seed(instruction.seed, "init", site.name))
     student = student if student is not None else site_student(site, instruction)
     check_tensors(global_state, student_state(student, family),
@@ -359,6 +367,26 @@ def train_round(site: Site, instruction: TrainInstruction, global_state: Mapping
     record_spend(site.state_dir, check.state, spend)
     return SiteUpdate(update, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend),
                       clipped, check.anchor)
+
+
+def train_own_student_round(site: Site, instruction: TrainInstruction, global_state: Mapping[str, np.ndarray],
+                            spec: StudentSpec) -> tuple[SiteUpdate, torch.nn.Module, dict[str, Any]]:
+    """A knowledge-mode round on this site's own student (client/knowledge.py): it digests the global student on
+    the proxy inputs, trains every one of its parameters under DP-SGD as the run's student would be, and is kept
+    for the next round. No weight leaves the site (the update is empty); only its soft labels do."""
+    train, check, chosen = _begin_round(site, instruction)
+    check_tensors(global_state, student_state(build_student(instruction.student), instruction.student.family),
+                  f"round {instruction.server_round} global student received by {site.name}")
+    torch.manual_seed(derived_seed(instruction.seed, "own-init", site.name))
+    student, record = prepare_own_student(site, instruction, spec, global_state,
+                                          derived_seed(instruction.seed, instruction.server_round, site.name, "digest"))
+    assert chosen is not None, "an own student is an mlp: it trains on a chosen training set"
+    outcome, spend = _distill_classifier(site, instruction, student, train, tuple(parameter_names(student)), check,
+                                         chosen)
+    keep_own_student(site, instruction, student)
+    record_spend(site.state_dir, check.state, spend)
+    return (SiteUpdate({}, outcome.examples, outcome.mean_loss, outcome.steps, privacy_report(check, spend), (),
+                       check.anchor), student, record)
 
 
 def site_training_set(site: Site, instruction: TrainInstruction, train: SplitData) -> TrainingSet:
@@ -427,13 +455,18 @@ def state_names(instruction: TrainInstruction, student: torch.nn.Module | None =
 def secure_train_round(site: Site, instruction: TrainInstruction,
                        global_arrays: list[np.ndarray]) -> tuple[EncodedUpdate, SiteUpdate]:
     """A round whose update leaves only through SecAgg+: train, then encode weight and update together."""
+    own = own_student_spec(site, instruction)
     student = site_student(site, instruction)
     names = state_names(instruction, student)
     if len(global_arrays) != len(names):
         raise UpdateRejected(f"round {instruction.server_round}: {site.name} received {len(global_arrays)} tensors, "
                              f"the student has {len(names)}.")
     global_state = dict(zip(names, global_arrays))
-    update = train_round(site, instruction, global_state, student)
+    own_record = None
+    if own is None:
+        update = train_round(site, instruction, global_state, student)
+    else:
+        update, student, own_record = train_own_student_round(site, instruction, global_state, own)
     knowledge = instruction.knowledge
     planned = [] if knowledge is not None and not knowledge.sends_weights else [
         name for name in names if name in update.arrays]
@@ -441,6 +474,8 @@ def secure_train_round(site: Site, instruction: TrainInstruction,
     if knowledge is not None:
         # The soft labels travel as differences from zero, after the planned tensors: the layout every site shares.
         values[SOFT_LABELS], release = knowledge_release(site, instruction, student)
+        if own_record is not None:
+            release["own_student"] = own_record
         reference[SOFT_LABELS] = np.zeros(knowledge.soft_label_shape, dtype=np.float64)
         planned.append(SOFT_LABELS)
     encoded = encode_update(values, reference, planned, update.num_examples, update.train_loss,

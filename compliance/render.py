@@ -294,7 +294,7 @@ def _data_flows(section: dict[str, Any], report: dict[str, Any]) -> str:
                               "necessity_rationale"]),
            ("<h3>Knowledge releases (soft labels on the proxy set)</h3>"
             + kv_table(knowledge, ["mode", "source", "proxy_digest", "proxy_records", "classes", "what_travels"])
-            + table(knowledge["releases"], ["site", "round", "source", "shape", "temperature", "digest",
+            + table(knowledge["releases"], ["site", "round", "source", "student", "shape", "temperature", "digest",
                                             "why_private"])) if knowledge else "",
            stacked_bars("Bytes sent per round, by site", section["rounds"], section["bytes_per_round"], "round",
                         "bytes")]

@@ -585,9 +585,13 @@ def _knowledge_flow(ev: RunEvidence) -> dict[str, Any] | None:
     for name, site in ev.sites.items():
         for event in site.ledger.of_run(ev.run_id, "update-sent"):
             release = event["payload"].get("knowledge") or {}
+            own = release.get("own_student")
+            student = ("the run's" if own is None else f"its own {own['spec']['family']} "
+                       f"{own['spec']['settings'].get('hidden')} ({own['parameters']:,} parameters)")
             releases.append({"site": name, "round": event["payload"]["round"], "source": release.get("source"),
-                             "shape": release.get("shape"), "temperature": release.get("temperature"),
-                             "digest": release.get("digest"), "why_private": release.get("why_private")})
+                             "student": student, "shape": release.get("shape"),
+                             "temperature": release.get("temperature"), "digest": release.get("digest"),
+                             "why_private": release.get("why_private")})
     travels = ("only the soft labels (no weights)" if knowledge["mode"] == "knowledge"
                else "the fragment update and the soft labels, in one masked vector")
     return {"mode": knowledge["mode"], "source": knowledge["source"], "proxy_digest": knowledge["proxy_digest"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from distill.data import SplitData
 from distill.evaluate import softmax
 from distill.losses import distillation_loss, hidden_alignment_loss
 from distill.models import student_forward
+from protocols.knowledge import KnowledgeSettings
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,29 @@ def distill(model: nn.Module, family: str, data: SplitData, teacher_logits: np.n
         total += float(loss.detach())
     freeze_except(model, None)
     return TrainOutcome(mean_loss=total / max(settings.steps, 1), steps=settings.steps, examples=len(data))
+
+
+# Probabilities below this are floored before their logarithm: the target's log-probabilities stay finite.
+PROBABILITY_FLOOR = 1e-8
+
+
+def distil_to_probabilities(model: nn.Module, family: str, inputs: dict[str, np.ndarray], probabilities: np.ndarray,
+                            settings: TrainSettings) -> TrainOutcome:
+    """KD of ``model`` towards given class probabilities on unlabelled ``inputs`` (alpha is forced to 0: there are
+    no labels). The targets enter the loss as logits ``T * log p``, so that at temperature T the teacher
+    distribution the student matches is exactly ``p``."""
+    floored = np.clip(np.asarray(probabilities, dtype=np.float64), PROBABILITY_FLOOR, None)
+    logits = (settings.temperature * np.log(floored)).astype(np.float32)
+    data = SplitData(dict(inputs), floored.argmax(axis=1).astype(np.int64))
+    return distill(model, family, data, logits, replace(settings, alpha=0.0))
+
+
+def proxy_distillation(settings: KnowledgeSettings, seed: int) -> TrainSettings:
+    """A knowledge run's distillation on its proxy set: its server steps, batch, rate and optimizer, at its
+    temperature (the coordinator's each round; a site with its own student digests the global one the same way)."""
+    return TrainSettings(steps=settings.server_steps, batch_size=settings.server_batch_size,
+                         learning_rate=settings.server_learning_rate, temperature=settings.temperature, alpha=0.0,
+                         seed=seed, optimizer=settings.server_optimizer)
 
 
 @torch.no_grad()

@@ -200,6 +200,18 @@ def parse_caps(entries: list[str]) -> dict[str, float]:
     return caps
 
 
+def parse_site_students(entries: list[str]) -> dict[str, tuple[int, ...]]:
+    students = {}
+    for entry in entries:
+        name, _, widths = entry.partition("=")
+        try:
+            students[name.strip()] = tuple(int(width) for width in widths.split(",") if width.strip())
+        except ValueError:
+            raise FedistillError(f"--site-student {entry!r}: expected SITE=W1,W2 (hidden widths), e.g. "
+                                 "--site-student nicu=64,64.") from None
+    return students
+
+
 def parse_stages(text: str) -> tuple[str, ...]:
     stages = tuple(part.strip() for part in text.split(",") if part.strip())
     if not stages:
@@ -262,6 +274,13 @@ def simulate_command(
     pate_noise_multiplier: float | None = typer.Option(None, help="Source pate: Gaussian noise on the ensemble's "
                                                                   "summed probabilities, as a multiple of their L2 "
                                                                   "sensitivity (default 4)."),
+    site_student: list[str] = typer.Option([], help="SITE=W1,W2: in knowledge mode that site trains its own MLP "
+                                                    "student with these hidden widths (repeatable; SITE= for a "
+                                                    "linear one)."),
+    server_steps: int | None = typer.Option(None, help="Knowledge runs: the coordinator's distillation steps per "
+                                                       "round on the proxy set (default 200)."),
+    server_learning_rate: float | None = typer.Option(None, help="Knowledge runs: the coordinator's distillation "
+                                                                 "learning rate (default 1e-3, Adam)."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
                                                         "json, html, pdf; fedistill report) and print where."),
@@ -286,7 +305,9 @@ def simulate_command(
                                     replay_min_entropy=replay_min_entropy, keep_best=keep_best,
                                     knowledge_mode=knowledge_mode, knowledge_source=knowledge_source,
                                     proxy_records=proxy_records, pate_teachers=pate_teachers,
-                                    pate_noise_multiplier=pate_noise_multiplier)
+                                    pate_noise_multiplier=pate_noise_multiplier,
+                                    site_students=parse_site_students(site_student), server_steps=server_steps,
+                                    server_learning_rate=server_learning_rate)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

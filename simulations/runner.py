@@ -102,6 +102,11 @@ class SimulationOptions:
     # Source pate: the ensemble's size and its noise multiplier (None: protocols/knowledge.py's defaults).
     pate_teachers: int | None = None
     pate_noise_multiplier: float | None = None
+    # Knowledge mode: sites that train their own MLP student (these hidden widths) instead of the run's.
+    site_students: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # The coordinator's server-side distillation per round (None: protocols/knowledge.py's defaults).
+    server_steps: int | None = None
+    server_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         if self.proxy_records is not None and self.proxy_records < 1:
@@ -207,12 +212,14 @@ def _knowledge(options: SimulationOptions, scenario, proxy_digest: str | None) -
     if scenario.public is None:
         raise ConfigError(f"--knowledge-mode {options.knowledge_mode}: the {scenario.name} scenario has no public "
                           "proxy set; use --knowledge-mode weights.")
-    pate = {name: value for name, value in (("pate_teachers", options.pate_teachers),
-                                            ("pate_noise_multiplier", options.pate_noise_multiplier))
-            if value is not None}
+    chosen = {name: value for name, value in (("pate_teachers", options.pate_teachers),
+                                              ("pate_noise_multiplier", options.pate_noise_multiplier),
+                                              ("server_steps", options.server_steps),
+                                              ("server_learning_rate", options.server_learning_rate))
+              if value is not None}
     return {"mode": options.knowledge_mode, "source": options.knowledge_source, "proxy_digest": proxy_digest,
             "proxy_records": len(next(iter(proxy_inputs(scenario, options).values()))),
-            "classes": len(scenario.class_names), **pate}
+            "classes": len(scenario.class_names), **chosen}
 
 
 def proxy_inputs(scenario, options: SimulationOptions) -> dict[str, np.ndarray]:
@@ -259,7 +266,12 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
 
 
 def _prepare_sites(scenario, options: SimulationOptions) -> None:
-    for option, names in (("--site-cap", set(options.site_caps)), ("--fail-site", {s for s, _ in options.fail_sites})):
+    if options.site_students and (options.knowledge_mode != "knowledge" or scenario.family != "mlp"):
+        raise ConfigError("--site-student: a site's own student trains in --knowledge-mode knowledge only, where only "
+                          f"soft labels travel, and only as an MLP (this run: mode {options.knowledge_mode}, student "
+                          f"{scenario.family}).")
+    for option, names in (("--site-cap", set(options.site_caps)), ("--fail-site", {s for s, _ in options.fail_sites}),
+                          ("--site-student", set(options.site_students))):
         unknown = sorted(names - set(scenario.sites))
         if unknown:
             raise ConfigError(f"{option} names unknown site(s) {', '.join(unknown)}; the sites are "
@@ -380,7 +392,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             # path are this run's.
             shutil.copytree(Path(options.from_run) / "sites" / name, run_dir / "sites" / name)
         state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
-                                      teacher_declaration=scenario.teacher_declaration).state_dir)
+                                      teacher_declaration=scenario.teacher_declaration,
+                                      knowledge_student_hidden=options.site_students.get(name)).state_dir)
         if proxy is not None:
             atomic_write_bytes(state_dirs[-1] / PROXY_FILE, proxy)  # the operator ships the same file to every site
 

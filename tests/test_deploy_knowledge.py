@@ -97,8 +97,9 @@ def test_the_server_app_keeps_the_proxy_set_in_the_run_directory_and_resumes_fro
 def test_a_site_receives_the_proxy_set_through_site_toml(root: Path) -> None:
     site_file = make_site(root, "hospital-k", root / "coordinator", "127.0.0.1:9559", 0, free_port())
     text = site_file.read_text()
-    site_file.write_text(text + '\n[knowledge]\nproxy_set = "../proxy.safetensors"\n')
+    site_file.write_text(text + '\n[knowledge]\nproxy_set = "../proxy.safetensors"\nstudent_hidden = [64, 64]\n')
     site = SiteFile.load(site_file).prepare_state()
+    assert site.knowledge_student_hidden == (64, 64)  # its own student in knowledge-mode runs
     settings = load(root, run_toml()).federation.knowledge
     assert load_proxy(site.state_dir / PROXY_FILE, settings, "the site")["x"].shape == (120, len(FEATURES))
     checked = fedistill("site", "check", str(site_file), "--offline", "--format", "json", cwd=root)
@@ -108,6 +109,9 @@ def test_a_site_receives_the_proxy_set_through_site_toml(root: Path) -> None:
     site_file.write_text(text + '\n[knowledge]\nproxy_set = "nowhere.safetensors"\n')
     with pytest.raises(ConfigError, match=r"\[knowledge\] proxy_set '.*nowhere.safetensors' is not a file"):
         SiteFile.load(site_file).prepare_state()
+    site_file.write_text(text + '\n[knowledge]\nstudent_hidden = [64, "wide"]\n')
+    with pytest.raises(ConfigError, match=r"\[knowledge\] student_hidden must be a list of hidden layer widths"):
+        SiteFile.load(site_file)
     site_file.write_text(text + '\n[knowledge]\nproxy = "x"\n')
     with pytest.raises(ConfigError, match="proxy_set"):
         SiteFile.load(site_file)

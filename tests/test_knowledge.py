@@ -210,3 +210,37 @@ def test_a_site_with_another_proxy_set_refuses_the_round_before_it_calibrates_or
     (site.state_dir / PROXY_FILE).write_bytes(proxy)
     check, _ = consider_round(site, coordinator.instruction(1))
     assert check.decision.accept
+
+
+def test_in_knowledge_mode_sites_train_their_own_students_and_only_the_proxy_layout_leaves(tmp_path):
+    """Heterogeneous students: picu trains a 64-64 MLP and nicu a linear one, each kept between rounds and digesting
+    the global student on the proxy set first; what every site sends is the same proxy layout."""
+    from safetensors.numpy import load_file
+
+    result = runner.invoke(app, ["simulate", "--scenario", "hospitals", "--subsample", "0.15", "--rounds", "2",
+                                 "--local-steps", "3", "--stages", "federated", "--epsilon", "3",
+                                 "--knowledge-mode", "knowledge", "--site-student", "picu=64,64",
+                                 "--site-student", "nicu=", "--out", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    run_dir = tmp_path / summary["paths"]["run_dir"]
+    assert summary["failed_rounds"] == [] and summary["site_failures"] == {}
+    sent = {}
+    for site in summary["privacy"]["sites"]:
+        events = [json.loads(line) for line in open(run_dir / "sites" / site / "ledger.jsonl")]
+        sent[site] = [e["payload"] for e in events if e["kind"] == "update-sent"]
+    assert {payload["bytes"] for updates in sent.values() for payload in updates} == {sent["picu"][0]["bytes"]}
+    own = [payload["knowledge"]["own_student"] for payload in sent["picu"]]
+    assert [o["continued"] for o in own] == [False, True] and own[0]["spec"]["settings"]["hidden"] == [64, 64]
+    assert own[0]["parameters"] == 31 * 64 + 64 + 64 * 64 + 64 + 64 * 2 + 2 and own[0]["digest_steps"] > 0
+    assert sent["nicu"][0]["knowledge"]["own_student"]["parameters"] == 31 * 2 + 2
+    assert "own_student" not in sent["laboratory"][0]["knowledge"]
+    kept = next((run_dir / "sites" / "picu").glob("own-student-*.safetensors"))
+    assert load_file(str(kept))["layers.2.weight"].shape == (64, 64)
+    assert load_file(str(run_dir / "student" / "model.safetensors"))["layers.2.weight"].shape == (32, 32)
+    verified = runner.invoke(app, ["verify", str(run_dir), "--format", "json"])
+    assert verified.exit_code == 0, verified.output
+
+    refused = runner.invoke(app, ["simulate", "--scenario", "hospitals", "--subsample", "0.15", "--rounds", "1",
+                                  "--knowledge-mode", "hybrid", "--site-student", "picu=64", "--out", str(tmp_path)])
+    assert refused.exit_code != 0 and "--knowledge-mode knowledge only" in refused.output
