@@ -16,6 +16,12 @@ Mode ``hybrid-pate`` is hybrid mode with the PATE source (client/pate.py): each 
 
     .venv/bin/python benchmarks/knowledge_modes.py --epsilon 3 --modes hybrid-pate --proxy-records 64 \
         --pate-teachers 32 --pate-noise-multiplier 4
+
+Mode ``knowledge-own`` is knowledge mode with heterogeneous students: each ``--site-student SITE=W1,W2`` site trains
+its own MLP of those hidden widths (client/knowledge.py), the others the run's:
+
+    .venv/bin/python benchmarks/knowledge_modes.py --epsilon 3 --modes knowledge-own \
+        --site-student picu=128,128 --site-student nicu=16 --site-student laboratory=
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("weights", "knowledge", "hybrid")
-RUN_MODES = (*MODES, "hybrid-pate")
+RUN_MODES = (*MODES, "hybrid-pate", "knowledge-own")
 
 
 def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) -> list[dict]:
@@ -62,12 +68,15 @@ def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) ->
     return rows
 
 
-def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict, server: dict) -> dict:
+def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict, server: dict,
+            own: dict) -> dict:
     from simulations.runner import SimulationOptions, simulate
 
     source = {"knowledge_mode": "hybrid", "knowledge_source": "pate", **pate} if mode == "hybrid-pate" else {
         "knowledge_mode": mode}
     source |= server if mode != "weights" else {}
+    if mode == "knowledge-own":
+        source = {**source, "knowledge_mode": "knowledge", "site_students": own}
     summary = simulate(SimulationOptions(scenario="hospitals", seed=seed, epsilon=epsilon, out=out, rounds=rounds,
                                          **source))
     run_dir = Path(summary["paths"]["run_dir"])
@@ -82,7 +91,9 @@ def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None,
             "seconds_per_round": statistics.median(r["seconds"] for r in records),
             "epsilon_spent_max": max(p["epsilon"] for p in summary["privacy"]["sites"].values()),
             "run_dir": run_dir.name, **({"pate": pate} if mode == "hybrid-pate" else {}),
-            **({"server": server} if server and mode != "weights" else {})}
+            **({"server": server} if server and mode != "weights" else {}),
+            **({"site_students": {site: list(widths) for site, widths in own.items()}}
+               if mode == "knowledge-own" else {})}
 
 
 def main() -> None:
@@ -93,6 +104,7 @@ def main() -> None:
     parser.add_argument("--proxy-records", type=int, default=64, help="hybrid-pate: the proxy sample's size")
     parser.add_argument("--pate-teachers", type=int, default=32)
     parser.add_argument("--pate-noise-multiplier", type=float, default=4.0)
+    parser.add_argument("--site-student", action="append", default=[], help="knowledge-own: SITE=W1,W2")
     parser.add_argument("--server-steps", type=int, help="the coordinator's distillation steps (default 200)")
     parser.add_argument("--server-learning-rate", type=float, help="its learning rate (default 1e-3)")
     parser.add_argument("--rounds", type=int, help="default: the scenario's")
@@ -119,7 +131,10 @@ def main() -> None:
     server = {name: value for name, value in (("server_steps", args.server_steps),
                                               ("server_learning_rate", args.server_learning_rate))
               if value is not None}
-    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds, pate, server)
+    from fedistill.simulate import parse_site_students
+
+    own = parse_site_students(args.site_student)
+    runs = [] if args.traffic_only else [measure(seed, epsilon, mode, args.out, args.rounds, pate, server, own)
                                          for seed in args.seeds for epsilon in args.epsilon for mode in args.modes]
     for row in runs:
         print(f"seed {row['seed']}, epsilon {row['epsilon']:g}, {row['mode']}: ROC-AUC {row['roc_auc']:.4f} "

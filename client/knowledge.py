@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save
 
 from client.pate import check_pate_teacher, kept_pate_release
 from client.site import Site
+from distill.causal_knowledge import next_token_release, proxy_prompts, real_positions, shared_token_ids
 from distill.data import SplitData
 from distill.evaluate import softmax
 from distill.models import (build_student, count_parameters, load_numpy_state, load_student_state, load_teacher,
@@ -25,7 +26,7 @@ from distill.train import distil_to_probabilities, predict_proba, proxy_distilla
 from protocols.canonical import atomic_write_bytes, digest_arrays, sha256_hex
 from protocols.config import StudentSpec
 from protocols.errors import UpdateRejected
-from protocols.knowledge import PROXY_FILE, WHY_PRIVATE, check_soft_labels, load_proxy
+from protocols.knowledge import PROXY_FILE, WHY_PRIVATE, KnowledgeSettings, check_soft_labels, load_proxy
 from protocols.messages import TrainInstruction
 
 def knowledge_release(site: Site, instruction: TrainInstruction, trained_student: torch.nn.Module
@@ -36,7 +37,11 @@ def knowledge_release(site: Site, instruction: TrainInstruction, trained_student
     assert knowledge is not None
     who = f"site {site.name}, round {instruction.server_round}"
     proxy = load_proxy(site.state_dir / PROXY_FILE, knowledge, who)
-    if knowledge.source == "pate":
+    if knowledge.token_level:
+        soft, origin = _token_release(trained_student, proxy, knowledge, who), {
+            "post_processes": {"run_id": instruction.run_id, "round": instruction.server_round,
+                               "local_steps": instruction.local_steps}}
+    elif knowledge.source == "pate":
         soft, origin = kept_pate_release(site, instruction)
     elif knowledge.source == "public-teacher":
         _check_public_teacher(site, who)
@@ -55,6 +60,19 @@ def knowledge_release(site: Site, instruction: TrainInstruction, trained_student
                   "digest": digest_arrays({"soft_labels": soft}),
                   "why_private": WHY_PRIVATE[knowledge.source] if instruction.private or knowledge.source !=
                   "local-student" else "not private: the run has no privacy target", **origin}
+
+
+def _token_release(student: torch.nn.Module, proxy: Mapping[str, np.ndarray], knowledge: KnowledgeSettings,
+                   who: str) -> np.ndarray:
+    """A causal-LM site's release: its local student's next-token distributions on the proxy prompts' real positions,
+    folded onto the run's shared tokens and one bucket for the rest (distill/causal_knowledge.py)."""
+    prompts = proxy_prompts(student, proxy)
+    if real_positions(prompts.inputs) != knowledge.proxy_positions:
+        raise UpdateRejected(f"{who}: the proxy prompts hold {real_positions(prompts.inputs)} real token positions, "
+                             f"the run registers {knowledge.proxy_positions}.")
+    vocab_size = student.get_output_embeddings().weight.shape[0]
+    shared = shared_token_ids(prompts, knowledge.shared_tokens, vocab_size)
+    return next_token_release(student, prompts, shared, knowledge.temperature)
 
 
 def _check_public_teacher(site: Site, who: str) -> None:

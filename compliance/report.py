@@ -596,10 +596,14 @@ def _knowledge_flow(ev: RunEvidence) -> dict[str, Any] | None:
                else "the fragment update and the soft labels, in one masked vector")
     return {"mode": knowledge["mode"], "source": knowledge["source"], "proxy_digest": knowledge["proxy_digest"],
             "proxy_records": knowledge["proxy_records"], "classes": knowledge["classes"],
-            "what_travels": f"each round each site sends {travels}: its temperature-{knowledge['temperature']:g} class "
-                            f"probabilities on the {knowledge['proxy_records']} public proxy inputs (registered by "
-                            "SHA-256, checked by every site), summed under SecAgg+; the coordinator distils the mean "
-                            "into the global student on the proxy inputs",
+            "what_travels": f"each round each site sends {travels}: its temperature-{knowledge['temperature']:g} "
+                            + (f"next-token probabilities of its {knowledge['classes'] - 1} shared tokens and one "
+                               f"bucket for every other token at the {knowledge['proxy_positions']} real token "
+                               f"positions of the {knowledge['proxy_records']} public proxy prompts"
+                               if knowledge.get("proxy_positions") else
+                               f"class probabilities on the {knowledge['proxy_records']} public proxy inputs")
+                            + " (registered by SHA-256, checked by every site), summed under SecAgg+; the coordinator "
+                            "distils the mean into the global student on the proxy inputs",
             "releases": releases}
 
 

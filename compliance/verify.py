@@ -443,7 +443,8 @@ def _verify_knowledge(run_dir: Path, started: dict[str, Any], site_events: dict[
             if release is None:
                 raise LedgerTampered(f"{where}: the run is a knowledge run, but the update records no release.")
             expected = {"source": knowledge["source"], "proxy_digest": knowledge["proxy_digest"],
-                        "shape": [knowledge["proxy_records"], knowledge["classes"]]}
+                        "shape": [knowledge.get("proxy_positions") or knowledge["proxy_records"],
+                                  knowledge["classes"]]}
             found = {key: release.get(key) for key in expected}
             if found != expected:
                 raise LedgerTampered(f"{where}: the release records {found}, the run config names {expected}.")

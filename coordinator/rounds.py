@@ -23,7 +23,7 @@ from torch import nn
 from coordinator.aggregate import aggregate_fragments, check_aggregate
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
-from coordinator.knowledge import distil_soft_labels
+from coordinator.knowledge import distil_soft_labels, distil_token_soft_labels
 from distill.causal_lm import base_provenance
 from distill.losses import temperature_at
 from distill.models import build_student, fragment_parameter_names, load_student_state, student_state
@@ -253,8 +253,14 @@ class Coordinator:
         assert knowledge is not None and self.proxy is not None
         mean = check_soft_labels(soft_labels, knowledge, f"round {server_round}: the secure mean of the soft labels")
         load_student_state(self.model, self.family, state)
-        record = distil_soft_labels(self.model, self.family, self.proxy, mean, knowledge,
-                                    seed=self.config.seed * 100_003 + server_round)
+        seed = self.config.seed * 100_003 + server_round
+        if knowledge.token_level:
+            spec = self.config.student.causal_lm()
+            record = distil_token_soft_labels(self.model, self.proxy, mean, knowledge,
+                                              self.spec.parameters_of_all(self.instruction(server_round).fragments),
+                                              spec.divergence, spec.beta, seed)
+        else:
+            record = distil_soft_labels(self.model, self.family, self.proxy, mean, knowledge, seed)
         distilled = student_state(self.model, self.family)
         if not all(np.all(np.isfinite(value)) for value in distilled.values()):
             raise UpdateRejected(f"round {server_round}: server-side distillation on the soft labels left non-finite "

@@ -277,6 +277,9 @@ def simulate_command(
     site_student: list[str] = typer.Option([], help="SITE=W1,W2: in knowledge mode that site trains its own MLP "
                                                     "student with these hidden widths (repeatable; SITE= for a "
                                                     "linear one)."),
+    shared_tokens: int = typer.Option(63, help="Causal-LM knowledge runs: the tokens each release gives a "
+                                               "probability (the most frequent in the proxy prompts), besides one "
+                                               "bucket for every other token."),
     server_steps: int | None = typer.Option(None, help="Knowledge runs: the coordinator's distillation steps per "
                                                        "round on the proxy set (default 200)."),
     server_learning_rate: float | None = typer.Option(None, help="Knowledge runs: the coordinator's distillation "
@@ -306,7 +309,8 @@ def simulate_command(
                                     knowledge_mode=knowledge_mode, knowledge_source=knowledge_source,
                                     proxy_records=proxy_records, pate_teachers=pate_teachers,
                                     pate_noise_multiplier=pate_noise_multiplier,
-                                    site_students=parse_site_students(site_student), server_steps=server_steps,
+                                    site_students=parse_site_students(site_student), shared_tokens=shared_tokens,
+                                    server_steps=server_steps,
                                     server_learning_rate=server_learning_rate)
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it

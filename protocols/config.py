@@ -242,9 +242,16 @@ class FederationConfig:
             if not self.secure_aggregation:
                 raise ConfigError("run config: field 'knowledge' needs 'secure_aggregation' = true: soft labels reach "
                                   "the coordinator only as the SecAgg+ sum, never one site's in the clear.")
-            if self.student.family == "causal_lm":
-                raise ConfigError("run config: field 'knowledge' is built for classification students only; a "
-                                  "causal-LM run's top-k knowledge channel is not built yet. Remove 'knowledge'.")
+            causal, token_level = self.student.family == "causal_lm", self.knowledge.proxy_positions > 0
+            if causal != token_level:
+                raise ConfigError("run config 'knowledge': field 'proxy_positions' is the real token positions of a "
+                                  "causal-LM run's proxy prompts (> 0), and must be 0 for a classification student; "
+                                  f"this run's student is {self.student.family} and proxy_positions is "
+                                  f"{self.knowledge.proxy_positions}.")
+            if causal and self.knowledge.source != "local-student":
+                raise ConfigError(f"run config 'knowledge': source {self.knowledge.source!r} is built for "
+                                  "classification students only; a causal-LM run releases its local student's "
+                                  "next-token distributions (source 'local-student').")
         if self.continues is not None and stage_of(self.curriculum, "coordinator") is not None:
             raise ConfigError("run config: a run that continues an earlier run (--from) starts from that run's "
                               "student, so it has no coordinator stage; remove the coordinator stage from its "

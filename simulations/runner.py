@@ -102,6 +102,8 @@ class SimulationOptions:
     # Source pate: the ensemble's size and its noise multiplier (None: protocols/knowledge.py's defaults).
     pate_teachers: int | None = None
     pate_noise_multiplier: float | None = None
+    # A causal-LM knowledge run's shared tokens (its release's other columns: one bucket for every other token).
+    shared_tokens: int = 63
     # Knowledge mode: sites that train their own MLP student (these hidden widths) instead of the run's.
     site_students: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # The coordinator's server-side distillation per round (None: protocols/knowledge.py's defaults).
@@ -111,6 +113,8 @@ class SimulationOptions:
     def __post_init__(self) -> None:
         if self.proxy_records is not None and self.proxy_records < 1:
             raise ConfigError(f"--proxy-records must be at least 1, got {self.proxy_records}.")
+        if self.shared_tokens < 1:
+            raise ConfigError(f"--shared-tokens must be at least 1, got {self.shared_tokens}.")
         if self.knowledge_mode not in ("weights", *KNOWLEDGE_MODES):
             raise ConfigError(f"--knowledge-mode must be one of weights, {', '.join(KNOWLEDGE_MODES)}, got "
                               f"{self.knowledge_mode!r}.")
@@ -209,7 +213,7 @@ def _knowledge(options: SimulationOptions, scenario, proxy_digest: str | None) -
     """The run config's ``knowledge`` for a knowledge or hybrid run: the scenario's public set is its proxy set."""
     if options.knowledge_mode == "weights":
         return None
-    if scenario.public is None:
+    if scenario.public is None and scenario.proxy is None:
         raise ConfigError(f"--knowledge-mode {options.knowledge_mode}: the {scenario.name} scenario has no public "
                           "proxy set; use --knowledge-mode weights.")
     chosen = {name: value for name, value in (("pate_teachers", options.pate_teachers),
@@ -217,14 +221,20 @@ def _knowledge(options: SimulationOptions, scenario, proxy_digest: str | None) -
                                               ("server_steps", options.server_steps),
                                               ("server_learning_rate", options.server_learning_rate))
               if value is not None}
+    proxy = proxy_inputs(scenario, options)
+    # A causal-LM run's layout: the prompts' real token positions by the shared tokens and one bucket for the rest.
+    # Released at the scenario's own distillation temperature (T = 1 for the text path: at a higher one most of the
+    # mass leaves the shared tokens for the bucket, docs/causal_lm.md).
+    token_level = {"proxy_positions": int(proxy["attention_mask"].sum()), "classes": options.shared_tokens + 1,
+                   "temperature": float(scenario.federation_defaults["temperature_start"])} if (
+        scenario.family == "causal_lm") else {"classes": len(scenario.class_names)}
     return {"mode": options.knowledge_mode, "source": options.knowledge_source, "proxy_digest": proxy_digest,
-            "proxy_records": len(next(iter(proxy_inputs(scenario, options).values()))),
-            "classes": len(scenario.class_names), **chosen}
+            "proxy_records": len(next(iter(proxy.values()))), **token_level, **chosen}
 
 
 def proxy_inputs(scenario, options: SimulationOptions) -> dict[str, np.ndarray]:
     """The run's proxy set: the scenario's public inputs (never their labels), all or a seeded sample."""
-    inputs = scenario.public.inputs
+    inputs = scenario.proxy if scenario.proxy is not None else scenario.public.inputs
     count = len(next(iter(inputs.values())))
     if options.proxy_records is None or options.proxy_records >= count:
         return dict(inputs)
@@ -349,7 +359,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         _check_same_sites(options.from_run, scenario)
     # A knowledge run's proxy set: the scenario's public inputs, never their labels, registered by the file's SHA-256.
     proxy = (proxy_file_bytes(proxy_inputs(scenario, options)) if options.knowledge_mode != "weights"
-             and scenario.public is not None else None)
+             and (scenario.public is not None or scenario.proxy is not None) else None)
     config = _federation_config(options, scenario, continues, sha256_hex(proxy) if proxy is not None else None)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.teacher import TeacherDeclaration
 from distill.data import SplitData
 from distill.causal_lm import CausalLMTeacher
@@ -50,6 +52,9 @@ class Scenario:
     # The public reference set a classification teacher was fitted on (features and labels, no site record):
     # what the public-only baseline and a coordinator stage distil on. None: the scenario has none.
     public: SplitData | None = None
+    # A knowledge run's proxy inputs when they are not the public set's (a causal-LM scenario: public prompts as the
+    # teacher tokenizes them, input_ids and attention_mask). None: the public set's inputs, if any.
+    proxy: dict[str, np.ndarray] | None = None
     # The settings of each non-federated stage this scenario offers (protocols/curriculum.py), by place, and the
     # stages a run goes through unless told otherwise.
     stage_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
