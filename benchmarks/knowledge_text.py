@@ -9,6 +9,7 @@ server-side distillation included). In ``knowledge`` mode a site sends only its 
 prompts (distill/causal_knowledge.py), whatever the student:
 
     .venv/bin/python benchmarks/knowledge_text.py --preset smoke --epsilon 1 3 8 --json docs/benchmarks/knowledge_text.json
+    .venv/bin/python benchmarks/knowledge_text.py --preset tiny --epsilon 8 --server-steps 30
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from pathlib import Path
 MODES = ("weights", "knowledge", "hybrid")
 
 
-def measure(preset: str, seed: int, epsilon: float, mode: str, out: Path, shared_tokens: int) -> dict:
+def measure(preset: str, seed: int, epsilon: float, mode: str, out: Path, shared_tokens: int,
+            server_steps: int | None) -> dict:
     from simulations.runner import SimulationOptions, simulate
 
+    server = {"server_steps": server_steps} if server_steps is not None and mode != "weights" else {}
     summary = simulate(SimulationOptions(scenario="health-tweets", preset=preset, seed=seed, epsilon=epsilon, out=out,
-                                         knowledge_mode=mode, shared_tokens=shared_tokens))
+                                         knowledge_mode=mode, shared_tokens=shared_tokens, **server))
     run_dir = Path(summary["paths"]["run_dir"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     sent = []
@@ -34,7 +37,7 @@ def measure(preset: str, seed: int, epsilon: float, mode: str, out: Path, shared
         sent += [e["payload"]["bytes"] for e in events if e["kind"] == "update-sent"]
     models = summary["models"]
     knowledge = json.loads((run_dir / "config.json").read_text())["federation"].get("knowledge")
-    return {"preset": preset, "seed": seed, "epsilon": epsilon, "mode": mode,
+    return {"preset": preset, "seed": seed, "epsilon": epsilon, "mode": mode, **server,
             "perplexity": models["federated"]["overall"]["perplexity"],
             "public_only_perplexity": models["public_only"]["overall"]["perplexity"],
             "top1_agreement": models["federated"]["overall"]["top1_agreement"],
@@ -52,6 +55,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--shared-tokens", type=int, default=63)
+    parser.add_argument("--server-steps", type=int, help="the coordinator's KD steps per round (default 200)")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -59,7 +63,7 @@ def main() -> None:
     for seed in args.seeds:
         for epsilon in args.epsilon:
             for mode in args.modes:
-                row = measure(args.preset, seed, epsilon, mode, args.out, args.shared_tokens)
+                row = measure(args.preset, seed, epsilon, mode, args.out, args.shared_tokens, args.server_steps)
                 runs.append(row)
                 print(f"{args.preset}, seed {seed}, epsilon {epsilon:g}, {mode}: perplexity {row['perplexity']:.2f} "
                       f"(public-only {row['public_only_perplexity']:.2f}), {row['bytes_per_site_round']:,.0f} bytes "
