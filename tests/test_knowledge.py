@@ -244,3 +244,19 @@ def test_in_knowledge_mode_sites_train_their_own_students_and_only_the_proxy_lay
     refused = runner.invoke(app, ["simulate", "--scenario", "hospitals", "--subsample", "0.15", "--rounds", "1",
                                   "--knowledge-mode", "hybrid", "--site-student", "picu=64", "--out", str(tmp_path)])
     assert refused.exit_code != 0 and "--knowledge-mode knowledge only" in refused.output
+
+
+@pytest.mark.slow
+def test_the_drug_reviews_text_path_distils_soft_labels_on_its_public_reviews_and_verifies(tmp_path):
+    result = runner.invoke(app, ["simulate", "--scenario", "drug-reviews", "--knowledge-mode", "hybrid", "--rounds", "1",
+                                 "--local-steps", "2", "--subsample", "0.3", "--out", str(tmp_path), "--format",
+                                 "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    run_dir = summary["paths"]["run_dir"]
+    knowledge = json.loads(open(f"{run_dir}/config.json").read())["federation"]["knowledge"]
+    assert knowledge["classes"] == 3 and knowledge["proxy_records"] > 0
+    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    assert records[-1]["status"] == "aggregated" and records[-1]["knowledge"]["server_steps"] > 0
+    verified = runner.invoke(app, ["verify", run_dir, "--format", "json"])
+    assert verified.exit_code == 0, verified.output
