@@ -184,11 +184,15 @@ def _proxy_set(raw: dict[str, Any], directory: Path, where: str) -> tuple[Path |
     try:
         with safe_open(str(path), framework="numpy") as opened:
             sizes = {opened.get_slice(name).get_shape()[0] for name in opened.keys()}
+            mask = opened.get_tensor("attention_mask") if "attention_mask" in opened.keys() else None
     except Exception as err:  # safetensors raises its own error types for a malformed header
         raise ConfigError(f"{where}: proxy_set '{path}' is not a safetensors file ({err}).") from None
     if len(sizes) != 1:
         raise ConfigError(f"{where}: proxy_set '{path}' holds tensors of different record counts {sorted(sizes)}.")
     found = {"proxy_digest": file_sha256(path), "proxy_records": sizes.pop()}
+    student = federation.get("student")
+    if isinstance(student, Mapping) and student.get("family") == "causal_lm" and mask is not None:
+        found["proxy_positions"] = int(mask.sum())  # a causal-LM run's release has a row per real position
     if not isinstance(knowledge, dict):
         raise ConfigError(f"{where}: [federation] knowledge must be a table, got {knowledge!r}.")
     for key, value in found.items():

@@ -111,26 +111,50 @@ def _layer_list(text: str) -> list[int]:
 def proxy_set_command(
     records: Path = typer.Argument(..., help="Public records (.csv, .jsonl or .parquet): never a site's."),
     out: Path = typer.Argument(..., help="The proxy set file to write (safetensors; ship it to every site)."),
-    features: str = typer.Option(..., "--features", help="The feature columns, comma-separated, in the order the "
-                                                         "sites' [data] features give them."),
+    features: str = typer.Option(None, "--features", help="A classification run: the feature columns, "
+                                                          "comma-separated, in the order the sites' [data] features "
+                                                          "give them."),
+    text: str = typer.Option(None, "--text", help="A causal-LM run: the column of public prompts, tokenized by "
+                                                  "--tokenizer to --max-length (the run's student max_length)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="With --text: the run's teacher (a checkpoint folder or "
+                                                             "a GGUF file), whose tokenizer every site uses."),
+    max_length: int = typer.Option(None, "--max-length", help="With --text: tokens per prompt."),
     sample: int = typer.Option(None, "--sample", help="Keep a seeded sample of this many records (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Seeds --sample."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
-    """Write a knowledge run's proxy set: the feature columns of public records, without labels. Name it in
-    run.toml (proxy_set) and send it to every site (site.toml [knowledge] proxy_set); its SHA-256 registers it."""
+    """Write a knowledge run's proxy set: the feature columns of public records, without labels (--features), or
+    public prompts as the run's teacher tokenizes them (--text). Name it in run.toml (proxy_set) and send it to every
+    site (site.toml [knowledge] proxy_set); its SHA-256 registers it."""
     import numpy as np
 
-    from client.records import load_inputs
+    from client.records import load_inputs, read_table
     from protocols.canonical import atomic_write_bytes, sha256_hex
     from protocols.knowledge import proxy_file_bytes
 
     try:
-        columns = tuple(name.strip() for name in features.split(",") if name.strip())
-        if not columns:
-            raise ConfigError("--features: name at least one feature column.")
-        inputs = load_inputs(records, columns)
-        count = len(inputs["x"])
+        if (features is None) == (text is None):
+            raise ConfigError("give --features (a classification run's feature columns) or --text (a causal-LM "
+                              "run's prompt column), one of the two.")
+        if text is not None:
+            if tokenizer is None or max_length is None:
+                raise ConfigError("--text needs --tokenizer (the run's teacher) and --max-length (the student's).")
+            from coordinator.public_stage import public_split
+            from distill.causal_lm import load_causal_lm_teacher
+
+            frame = read_table(records)
+            if text not in frame.columns:
+                raise ConfigError(f"--text: {records} has no column '{text}'; its columns are "
+                                  f"{', '.join(map(str, frame.columns))}.")
+            columns = (text,)
+            inputs = public_split(load_causal_lm_teacher(tokenizer).tokenizer,
+                                  frame[text].astype(str).tolist(), max_length).inputs
+        else:
+            columns = tuple(name.strip() for name in features.split(",") if name.strip())
+            if not columns:
+                raise ConfigError("--features: name at least one feature column.")
+            inputs = load_inputs(records, columns)
+        count = len(next(iter(inputs.values())))
         if sample is not None:
             if not 1 <= sample <= count:
                 raise ConfigError(f"--sample must be between 1 and the {count} records of {records}, got {sample}.")
@@ -140,13 +164,17 @@ def proxy_set_command(
         atomic_write_bytes(out, data)
     except FedistillError as err:
         raise _fail(err) from None
-    record = {"schema_version": 1, "proxy_set": str(out), "records": len(inputs["x"]), "features": list(columns),
-              "sha256": sha256_hex(data)}
+    record = {"schema_version": 1, "proxy_set": str(out), "records": len(next(iter(inputs.values()))),
+              "columns": list(columns), "sha256": sha256_hex(data)}
+    if "attention_mask" in inputs:
+        record["proxy_positions"] = int(inputs["attention_mask"].sum())
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
         return
-    make_console().print(f"proxy set {out}: {record['records']} records x {len(columns)} features, SHA-256 "
-                         f"{record['sha256']} (name it in run.toml proxy_set; send it to every site)")
+    shape = (f"{record['records']} prompts, {record['proxy_positions']} real token positions" if text is not None
+             else f"{record['records']} records x {len(columns)} features")
+    make_console().print(f"proxy set {out}: {shape}, SHA-256 {record['sha256']} (name it in run.toml proxy_set; "
+                         "send it to every site)")
 
 
 @coordinator_app.command("base-student")

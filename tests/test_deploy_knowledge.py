@@ -117,6 +117,38 @@ def test_a_site_receives_the_proxy_set_through_site_toml(root: Path) -> None:
         SiteFile.load(site_file)
 
 
+def test_a_causal_lm_run_registers_public_prompts_with_their_real_positions(tmp_path: Path) -> None:
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from coordinator.operator import init_coordinator
+    from distill.models import path_digest
+    from tests.deployment import CAUSAL_RUN_TOML, write_base_student, write_causal_lm_teacher
+
+    write_causal_lm_teacher(tmp_path / "teacher")
+    base = write_base_student(tmp_path / "teacher", tmp_path / "base-student")
+    init_coordinator(tmp_path / "coordinator", ["127.0.0.1"], free_port())
+    pd.DataFrame({"prompt": ["the patient is well today", "the patient is ill", "w1 w2 w3", "w4"]}).to_csv(
+        tmp_path / "prompts.csv", index=False)
+    done = fedistill("coordinator", "proxy-set", "prompts.csv", "prompts.safetensors", "--text", "prompt",
+                     "--tokenizer", "teacher", "--max-length", "12", "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(done.stdout)
+    kept = load_file(str(tmp_path / "prompts.safetensors"))
+    assert sorted(kept) == ["attention_mask", "input_ids"] and kept["input_ids"].shape == (3, 12)  # "w4" predicts nothing
+    assert written["records"] == 3 and written["proxy_positions"] == int(kept["attention_mask"].sum()) == 12
+
+    text = CAUSAL_RUN_TOML.format(minutes=5, base="base-student", digest=path_digest(base), max_length=12)
+    head, federation = text.split("[federation]\n", 1)
+    (tmp_path / "run.toml").write_text(head + 'proxy_set = "prompts.safetensors"\n\n[federation]\n' + federation
+                                       + '\n[federation.knowledge]\nmode = "knowledge"\nsource = "local-student"\n'
+                                       'classes = 9\ntemperature = 1.0\n')
+    knowledge = RunFile.load(tmp_path / "run.toml").federation.knowledge
+    assert knowledge.proxy_positions == 12 and knowledge.soft_label_shape == (12, 9)
+    refused = fedistill("coordinator", "proxy-set", "prompts.csv", "x.safetensors", "--text", "prompt", cwd=tmp_path)
+    assert refused.returncode == 1 and "--text needs --tokenizer" in refused.stderr
+
+
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
