@@ -68,6 +68,16 @@ def traffic_by_student_size(proxy_records: int, classes: int, input_dim: int) ->
     return rows
 
 
+def traffic_and_round_time(run_dir: Path) -> tuple[list[int], float]:
+    """Every update's bytes as the sites' ledgers record them, and the coordinator's median round time."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    sent = []
+    for ledger in sorted((run_dir / "sites").glob("*/ledger.jsonl")):
+        events = [json.loads(line) for line in ledger.read_text().splitlines()]
+        sent += [e["payload"]["bytes"] for e in events if e["kind"] == "update-sent"]
+    return sent, statistics.median(r["seconds"] for r in records)
+
+
 def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None, pate: dict, server: dict,
             own: dict) -> dict:
     from simulations.runner import SimulationOptions, simulate
@@ -80,15 +90,11 @@ def measure(seed: int, epsilon: float, mode: str, out: Path, rounds: int | None,
     summary = simulate(SimulationOptions(scenario="hospitals", seed=seed, epsilon=epsilon, out=out, rounds=rounds,
                                          **source))
     run_dir = Path(summary["paths"]["run_dir"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sent = []
-    for ledger in sorted((run_dir / "sites").glob("*/ledger.jsonl")):
-        events = [json.loads(line) for line in ledger.read_text().splitlines()]
-        sent += [e["payload"]["bytes"] for e in events if e["kind"] == "update-sent"]
+    sent, seconds = traffic_and_round_time(run_dir)
     return {"seed": seed, "epsilon": epsilon, "mode": mode, "roc_auc": summary["comparison"]["federated"],
             "public_only": summary["comparison"].get("public_only"),
             "bytes_per_site_round": statistics.median(sent) if sent else None,
-            "seconds_per_round": statistics.median(r["seconds"] for r in records),
+            "seconds_per_round": seconds,
             "epsilon_spent_max": max(p["epsilon"] for p in summary["privacy"]["sites"].values()),
             "run_dir": run_dir.name, **({"pate": pate} if mode == "hybrid-pate" else {}),
             **({"server": server} if server and mode != "weights" else {}),

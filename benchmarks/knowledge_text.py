@@ -19,6 +19,8 @@ import json
 import statistics
 from pathlib import Path
 
+from knowledge_modes import traffic_and_round_time  # this folder: the scripts run from it
+
 MODES = ("weights", "knowledge", "hybrid")
 
 
@@ -30,11 +32,7 @@ def measure(preset: str, seed: int, epsilon: float, mode: str, out: Path, shared
     summary = simulate(SimulationOptions(scenario="health-tweets", preset=preset, seed=seed, epsilon=epsilon, out=out,
                                          knowledge_mode=mode, shared_tokens=shared_tokens, **server))
     run_dir = Path(summary["paths"]["run_dir"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sent = []
-    for ledger in sorted((run_dir / "sites").glob("*/ledger.jsonl")):
-        events = [json.loads(line) for line in ledger.read_text().splitlines()]
-        sent += [e["payload"]["bytes"] for e in events if e["kind"] == "update-sent"]
+    sent, seconds = traffic_and_round_time(run_dir)
     models = summary["models"]
     knowledge = json.loads((run_dir / "config.json").read_text())["federation"].get("knowledge")
     return {"preset": preset, "seed": seed, "epsilon": epsilon, "mode": mode, **server,
@@ -43,7 +41,7 @@ def measure(preset: str, seed: int, epsilon: float, mode: str, out: Path, shared
             "top1_agreement": models["federated"]["overall"]["top1_agreement"],
             "bytes_per_site_round": statistics.median(sent) if sent else None,
             "release_layout": None if knowledge is None else [knowledge["proxy_positions"], knowledge["classes"]],
-            "seconds_per_round": statistics.median(r["seconds"] for r in records),
+            "seconds_per_round": seconds,
             "epsilon_spent_max": max(p["epsilon"] for p in summary["privacy"]["sites"].values()),
             "run_dir": run_dir.name}
 
