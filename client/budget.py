@@ -37,9 +37,11 @@ CALIBRATION_TOLERANCE = 0.01
 
 
 def calibrate(run_id: str, target_epsilon: float, delta: float, records: int, batch_size: int, planned_steps: int,
-              max_grad_norm: float, accountant: str, also_planned: Sequence[Spend] = ()) -> Calibration:
+              max_grad_norm: float, accountant: str, also_planned: Sequence[Spend] = (),
+              unit: str = "record") -> Calibration:
     """Sigma for the run's planned DP-SGD steps; with ``also_planned`` (a PATE release), sigma such that those
-    events composed with the steps reach ``target_epsilon``. Raises ``BudgetExhausted`` when they alone pass it."""
+    events composed with the steps reach ``target_epsilon``. Raises ``BudgetExhausted`` when they alone pass it.
+    ``records`` counts the units of privacy (``unit``: persons or records), which the sampling rate is over."""
     from opacus.accountants.utils import get_noise_multiplier
 
     rate = sample_rate(records, batch_size)
@@ -53,7 +55,7 @@ def calibrate(run_id: str, target_epsilon: float, delta: float, records: int, ba
                                          steps=planned_steps, accountant=accountant)
     return Calibration(run_id=run_id, target_epsilon=target_epsilon, delta=delta, noise_multiplier=float(sigma),
                        sample_rate=rate, planned_steps=planned_steps, batch_size=batch_size,
-                       max_grad_norm=max_grad_norm, records=records, accountant=accountant)
+                       max_grad_norm=max_grad_norm, records=records, accountant=accountant, unit=unit)
 
 
 def _composed_noise_multiplier(run_id: str, target_epsilon: float, delta: float, rate: float, steps: int,

@@ -7,6 +7,11 @@ noise multiplier comes from the run's calibration (:func:`client.budget.calibrat
 per round. Sampling and noise draw from generators seeded by a secret only the site knows.
 :func:`private_distill` trains the classification families (mlp, bert), :func:`private_distill_causal` a
 causal-LM student; both run the same loop (:func:`_private_steps`).
+
+The unit of privacy is one person where the site's records name their person (:class:`PersonUnits`): Poisson
+sampling draws persons, every record of a drawn person is in the batch, and the gradient Opacus clips is the sum
+of that person's per-record gradients, so adding or removing one person changes the noised sum by at most the
+clipping norm, however many records they have. Otherwise it is one record.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +42,64 @@ log = logging.getLogger("fedistill.site.privacy")
 BatchLoss = Callable[[nn.Module, Callable, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class PersonUnits:
+    """A training split's records grouped by person: the units person-level DP-SGD samples and clips."""
+
+    order: torch.Tensor  # record indices, each person's records contiguous
+    offsets: torch.Tensor  # person p owns order[offsets[p]:offsets[p + 1]]
+
+    @classmethod
+    def of(cls, groups: np.ndarray) -> PersonUnits:
+        """From each record's person id (distill.data.SplitData.groups)."""
+        _, owner, counts = np.unique(groups, return_inverse=True, return_counts=True)
+        order = np.argsort(owner, kind="stable")
+        return cls(torch.as_tensor(order, dtype=torch.long),
+                   torch.as_tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def most_records(self) -> int:
+        return int((self.offsets[1:] - self.offsets[:-1]).max()) if len(self) else 0
+
+    def records_of(self, persons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The records of the sampled ``persons`` and, for each record, its person's position in ``persons``."""
+        starts, ends = self.offsets[persons], self.offsets[persons + 1]
+        counts = ends - starts
+        slots = torch.repeat_interleave(torch.arange(len(persons)), counts)
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return self.order[starts[slots] + within], slots
+
+
+def units_of_privacy(data: SplitData, requested: str) -> tuple[str, int]:
+    """The unit a site calibrates for, and how many there are: persons when the run asks for person-level privacy
+    and the records name their persons; otherwise records (a site without a person column cannot count persons)."""
+    if requested == "person" and len(data.groups):
+        return "person", int(len(np.unique(data.groups)))
+    return "record", len(data)
+
+
+def person_units(groups: np.ndarray, unit: str) -> PersonUnits | None:
+    """The persons to sample for a person-level run whose records name persons; None when each record is its own
+    unit (a record-level run, records without person ids, or every person with one record: the same mechanism)."""
+    if unit != "person" or not len(groups):
+        return None
+    units = PersonUnits.of(groups)
+    return units if units.most_records > 1 else None
+
+
+def _sum_per_person(parameters: Sequence[nn.Parameter], slots: torch.Tensor, persons: int) -> None:
+    """Replace each per-record gradient row by its person's sum (what the optimizer then clips per row)."""
+    for parameter in parameters:
+        per_record = parameter.grad_sample
+        if isinstance(per_record, list):
+            per_record = torch.cat(per_record)
+        parameter.grad_sample = torch.zeros((persons, *per_record.shape[1:]), dtype=per_record.dtype).index_add_(
+            0, slots, per_record)
+
+
 def _restored_engine(accountant: str, prior: Sequence[Spend]):
     from opacus import PrivacyEngine
 
@@ -53,19 +117,26 @@ def _counted_steps(history: Sequence[tuple[float, float, int]]) -> int:
 def _private_steps(model: nn.Module, parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
                    criterion: Callable, records: int, steps: int, calibration: Calibration, grad_sample_mode: str,
                    prior: Sequence[Spend], run_id: str, server_round: int, secret_seed: int,
-                   batch_loss: BatchLoss) -> tuple[float, Spend]:
+                   batch_loss: BatchLoss, persons: PersonUnits | None = None) -> tuple[float, Spend]:
     """``steps`` Poisson-sampled DP-SGD steps over ``records`` records; returns the mean loss and the spend counted.
 
     ``parameters`` are the trainable ones (the only ones requiring grad). ``prior`` is the site's spend history:
     the engine's accountant continues from it. An empty Poisson batch still takes an accounted noise-only step,
-    which is the mechanism the accountant analyses.
+    which is the mechanism the accountant analyses. With ``persons`` the sampled units are persons: each step's
+    batch is every record of the sampled persons, and each person's gradient is clipped as one (Opacus's hooks
+    give per-record gradients, which are summed per person before the optimizer clips them).
     """
-    if records != calibration.records:
-        raise RuntimeError(f"the training split has {records} records but run {run_id} was calibrated for "
-                           f"{calibration.records}; a site's data must not change during a run.")
+    units = records if persons is None else len(persons)
+    expected_unit = "person" if persons is not None else calibration.unit
+    if units != calibration.records or calibration.unit != expected_unit:
+        raise RuntimeError(f"the training split has {units} {expected_unit}s but run {run_id} was calibrated for "
+                           f"{calibration.records} {calibration.unit}s; a site's data must not change during a run.")
+    if persons is not None:
+        # Ghost clipping never materialises a record's gradient, so it cannot sum a person's: hooks do.
+        grad_sample_mode = "hooks"
     sampling = torch.Generator().manual_seed(secret_seed)
     noise = torch.Generator().manual_seed(secret_seed + 1)
-    loader = DataLoader(TensorDataset(torch.arange(records)), batch_size=calibration.batch_size, generator=sampling)
+    loader = DataLoader(TensorDataset(torch.arange(units)), batch_size=calibration.batch_size, generator=sampling)
     with warnings.catch_warnings():
         # Opacus warns that a non-secure RNG is used (torchcsprng is unavailable); docs/privacy.md says so.
         warnings.simplefilter("ignore")
@@ -97,9 +168,15 @@ def _private_steps(model: nn.Module, parameters: Sequence[nn.Parameter], optimiz
                             parameter.grad = torch.zeros_like(parameter)
                         else:
                             parameter.grad_sample = torch.zeros((0, *parameter.shape))
-                else:
+                elif persons is None:
                     loss = batch_loss(private_model, private_criterion, index)
                     loss.backward()
+                    total += float(loss.detach())
+                else:
+                    rows, slots = persons.records_of(index)
+                    loss = batch_loss(private_model, private_criterion, rows)
+                    loss.backward()
+                    _sum_per_person(parameters, slots, len(index))
                     total += float(loss.detach())
                 private_optimizer.step()
                 taken += 1
@@ -124,7 +201,8 @@ def private_distill(model: nn.Module, family: str, data: SplitData, teacher_logi
     """``settings.steps`` Poisson-sampled DP-SGD steps on ``data``; returns the outcome and the spend counted.
 
     ``prior`` is the site's spend history: the engine's accountant continues from it. An empty Poisson
-    batch still takes an accounted noise-only step, which is the mechanism the accountant analyses.
+    batch still takes an accounted noise-only step, which is the mechanism the accountant analyses. The
+    calibration's unit says whether a person (all of their records in ``data``) or a record is sampled and clipped.
     """
     parameters = freeze_except(model, trainable)
     optimizer = make_optimizer(settings.optimizer, parameters, settings.learning_rate)
@@ -138,7 +216,8 @@ def private_distill(model: nn.Module, family: str, data: SplitData, teacher_logi
 
     criterion = DistillationLoss(settings.temperature, settings.alpha)
     mean_loss, spend = _private_steps(model, parameters, optimizer, criterion, len(data), settings.steps, calibration,
-                                      grad_sample_mode, prior, run_id, server_round, secret_seed, batch_loss)
+                                      grad_sample_mode, prior, run_id, server_round, secret_seed, batch_loss,
+                                      person_units(data.groups, calibration.unit))
     freeze_except(model, None)
     return TrainOutcome(mean_loss=mean_loss, steps=spend.steps, examples=len(data)), spend
 
@@ -181,5 +260,5 @@ def private_distill_causal(model: nn.Module, data: SplitData, targets: TopKTarge
 
         mean_loss, spend = _private_steps(model, parameters, optimizer, criterion, len(data), settings.steps,
                                           calibration, grad_sample_mode, prior, run_id, server_round, secret_seed,
-                                          batch_loss)
+                                          batch_loss, person_units(data.groups, calibration.unit))
     return TrainOutcome(mean_loss=mean_loss, steps=spend.steps, examples=len(data)), spend

@@ -18,7 +18,7 @@ from client.budget import Decision, calibrate, decide, planned_spend, record_ref
 from client.knowledge import (check_knowledge_inputs, keep_own_student, knowledge_release, own_student_spec,
                               prepare_own_student)
 from client.pate import make_pate_release, pending_pate_spend
-from client.privacy import private_distill, private_distill_causal
+from client.privacy import private_distill, private_distill_causal, units_of_privacy
 from client.replay import TrainingSet, training_set
 from client.site import Site
 from client.teacher import check_teacher_for_run
@@ -126,9 +126,10 @@ def check_anchor(site: Site, instruction: TrainInstruction, pinned: str | None, 
     return {"seq": anchor.seq, "hash": anchor.hash, "signature": anchor.signature, "key_fingerprint": fingerprint}
 
 
-def check_budget(site: Site, instruction: TrainInstruction, records: int,
+def check_budget(site: Site, instruction: TrainInstruction, data: SplitData,
                  chosen: TrainingSet | None = None) -> BudgetCheck:
-    """The site's decision on a round, before any training: calibrates sigma on the run's first round.
+    """The site's decision on a round, before any training: calibrates sigma on the run's first round, for the
+    units of privacy (persons or records, :func:`client.privacy.units_of_privacy`) of the ``data`` it trains on.
 
     The first instruction of a run is recorded as ``run-accepted``, with the calibration and the fingerprint of the
     coordinator's ledger key, which every later instruction's checkpoint must be signed with (:func:`check_anchor`).
@@ -136,6 +137,7 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int,
     """
     policy = SitePolicy.load(site.state_dir)
     state = PrivacyState.load(site.state_dir)
+    unit, records = units_of_privacy(data, instruction.privacy_unit)
     delta = policy.delta_for(records, instruction.target_delta)
     accepted, last_anchor = _run_history(site, instruction.run_id)
     anchor = check_anchor(site, instruction, accepted and accepted["coordinator_key_fingerprint"], last_anchor)
@@ -152,7 +154,7 @@ def check_budget(site: Site, instruction: TrainInstruction, records: int,
         calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
                                 instruction.batch_size, instruction.total_rounds * instruction.local_steps,
                                 instruction.max_grad_norm, policy.accountant,
-                                also_planned=[] if pate is None else [pate])
+                                also_planned=[] if pate is None else [pate], unit=unit)
         state.calibrations[instruction.run_id] = calibration
         state.save(site.state_dir)
     if accepted is None:
@@ -408,7 +410,7 @@ def consider_round(site: Site, instruction: TrainInstruction,
     if instruction.knowledge is not None:
         check_knowledge_inputs(site, instruction)
     chosen = None if instruction.student.family == "causal_lm" else site_training_set(site, instruction, train)
-    return check_budget(site, instruction, len(train) if chosen is None else len(chosen.indices), chosen), chosen
+    return check_budget(site, instruction, train if chosen is None else train.subset(chosen.indices), chosen), chosen
 
 
 def site_ledger(site: Site) -> Ledger:

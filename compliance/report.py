@@ -38,7 +38,8 @@ from safetensors.numpy import load_file
 from compliance.report_signature import report_id
 from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
-from protocols.accounting import EVIDENCE_FILES, Calibration, PrivacyState, SitePolicy, epsilon_of, json_epsilon
+from protocols.accounting import (EVIDENCE_FILES, Calibration, PrivacyState, SitePolicy, epsilon_of, json_epsilon,
+                                  unit_of_privacy)
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.errors import DataError, FedistillError, LedgerTampered
 from protocols.ledger import CHECKPOINT, read_events
@@ -74,8 +75,8 @@ DEPLOYMENT_NOTE = ("deployment: the coordinator and every site run their own Flo
                    "those are not evidenced here")
 # The two tasks a summary can describe; a classification summary predates the "task" key.
 CLASSIFICATION, CAUSAL_LM = "classification", "causal-lm"
-# What one unit of privacy is, per task: DP-SGD on a causal LM samples whole documents (one sequence each).
-PRIVACY_UNITS = {CLASSIFICATION: "record", CAUSAL_LM: "document"}
+# What one record is, per task: DP-SGD on a causal LM samples whole documents (one sequence each).
+RECORD_ITEMS = {CLASSIFICATION: "record", CAUSAL_LM: "document"}
 # What a causal-LM summary must hold beyond a classification one (docs/report.md, "Causal-LM runs").
 CAUSAL_LM_SUMMARY_KEYS = ("metrics", "model_labels", "models", "comparison", "size", "causal_lm")
 SITE_FILE_LABELS = {"ledger.jsonl": "ledger", "ledger_key.pub.pem": "ledger public key",
@@ -718,6 +719,11 @@ def teacher_declaration(accepted: dict[str, Any] | None, private: bool) -> dict[
 def _person_sentence(block: dict[str, Any], unit: str) -> str:
     person = block["contribution_bound"]
     k, level = person["max_records_per_person"], person["person_level"]
+    if block.get("unit") == "person":
+        most = "" if is_not_assessed(k) else f" (here up to {k})"
+        return (f" The unit is the person: each Poisson-sampled unit is all of one person's {unit}s{most}, whose "
+                "summed gradient is clipped as one, so the guarantee holds for the person without a group-privacy "
+                "step.")
     if is_not_assessed(k):
         return (f" How many {unit}s one person has there is kept at the site, so the guarantee is stated for one "
                 f"{unit}, not for a person.")
@@ -726,6 +732,10 @@ def _person_sentence(block: dict[str, Any], unit: str) -> str:
     if level is None:
         return ""
     group = f"({level['epsilon']:.4g}, {level['delta']:.2g})"
+    if level.get("vacuous"):
+        return (f" A person can have up to {k} {unit}s there, for whom group privacy gives {group}: VACUOUS (its "
+                f"delta reaches 1, so it excludes nothing). The guarantee is {unit}-level only; a person-level run "
+                "(privacy_unit = \"person\") would protect the person.")
     if person["bounded"]:
         return f" Each person has at most {k} {unit}s there, so by group privacy a person is protected at {group}."
     return (f" A person can have up to {k} {unit}s there, for whom group privacy gives only {group}: the guarantee is "
@@ -762,13 +772,15 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
     if block["epsilon_total"] == "inf":
         return (f"Site {site} trained without differential privacy (noise multiplier 0): the updates it sent carry "
                 "no formal privacy guarantee.")
-    # The neighbouring relation names the unit: a record, or a document for a causal LM.
-    unit = block["neighbouring_relation"].rsplit(" ", 1)[-1]
+    # The item is a record, or a document for a causal LM; a person-level block counts persons.
+    unit = block.get("item") or block["neighbouring_relation"].rsplit(" ", 1)[-1]
+    counted = "person" if block.get("unit") == "person" else unit
     opening = (f"Site {site}'s {unit}-level differential-privacy guarantee is VOID because of its teacher (below); "
                f"the DP-SGD accounting alone would say that the updates it sent satisfy" if
                block["teacher"]["guarantee_void"] else f"The updates site {site} sent satisfy")
     sentence = (f"{opening} ({block['epsilon_total']:.4g}, {block['delta']:.2g})-differential privacy for "
-                f"{block['unit_of_privacy']} ({mechanism['records']:,} {unit}s), adding or removing one {unit}: "
+                f"{block['unit_of_privacy']} ({mechanism['records']:,} {counted}s), "
+                f"{block['neighbouring_relation'].replace('add or remove', 'adding or removing')}: "
                 f"{mechanism['total_steps']} steps of Poisson-sampled DP-SGD (sampling rate "
                 f"{mechanism['sample_rate']:.3g}, noise multiplier {mechanism['noise_multiplier']:.3g}, clipping norm "
                 f"{mechanism['clipping_norm']:g}) over {len(block['rounds_joined'])} round(s)"
@@ -799,18 +811,24 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
     recorded = sent[-1]["payload"]["epsilon_run"] if sent else None
     audit = ev.audit.get("sites", {}).get(site.name, {})
     opacus = ev.config.get("versions", {}).get("opacus")
-    unit = PRIVACY_UNITS.get(ev.task, PRIVACY_UNITS[CLASSIFICATION])
+    item = RECORD_ITEMS.get(ev.task, RECORD_ITEMS[CLASSIFICATION])
+    # The unit the site calibrated for (signed in its run-accepted event): a person, or one record (or document).
+    level = calibration.unit if calibration else "record"
     block: dict[str, Any] = {
         "setting": "site-local DP-SGD: the site curates its own records and only clipped, noised updates leave it",
-        "unit_of_privacy": f"one {unit} of the site's training split",
-        "neighbouring_relation": f"add or remove one {unit}",
+        "unit": level, "item": item,
+        "unit_of_privacy": unit_of_privacy(level, item, "the site's"),
+        "neighbouring_relation": (f"add or remove one person with all of their {item}s" if level == "person"
+                                  else f"add or remove one {item}"),
         "contribution_bound": _person_bound(ev, site.name),
         "teacher": teacher_declaration(accepted[0]["payload"] if accepted else None,
                                        ev.federation.get("target_epsilon") is not None),
         "mechanism": {
             "name": "Poisson-sampled DP-SGD (Opacus make_private, poisson_sampling=True)",
-            "clipping": "flat per-sample L2 clipping", "clipping_norm": calibrated.get("max_grad_norm"),
-            "grad_sample_mode": ev.federation.get("grad_sample_mode"),
+            "clipping": ("flat L2 clipping of each sampled person's summed gradient (their per-record gradients "
+                         "from Opacus's hooks, added up)" if level == "person" else "flat per-sample L2 clipping"),
+            "clipping_norm": calibrated.get("max_grad_norm"),
+            "grad_sample_mode": "hooks" if level == "person" else ev.federation.get("grad_sample_mode"),
             "noise_multiplier": calibrated.get("noise_multiplier"), "sample_rate": calibrated.get("sample_rate"),
             "expected_batch_size": calibrated.get("batch_size"), "records": calibrated.get("records"),
             "steps_per_round": ev.federation.get("local_steps"), "total_steps": sum(s.steps for s in steps),
@@ -823,7 +841,8 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
         "delta": delta,
         "delta_rationale": (None if calibration is None else
                             f"at most 1/(10 n) = {1 / (10 * calibration.records):.2g} for n = {calibration.records} "
-                            "records, the site policy's delta and the run's request"),
+                            f"{level if level == 'person' else item}s, the site policy's delta and the run's "
+                            "request"),
         "rounds_joined": [s.round for s in steps],
         "pate_releases": [{"round": release["round"], "teachers": release["teachers"],
                            "noise_multiplier": release["dp"]["noise-multiplier"],
@@ -871,9 +890,11 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
         federation["statement"] = ("At least one site trained without differential privacy in this run; for its "
                                    "records the federation offers no formal guarantee.")
     elif finite:
+        units = sorted({b["unit_of_privacy"].replace("the site's", "that site's") for b in sites.values()
+                        if b["rounds_joined"]})
         federation["statement"] = (f"Across the {len(finite)} site(s) that sent updates, the largest epsilon is "
-                                   f"{max(finite):.4g} and the median {statistics.median(finite):.4g}, each for one "
-                                   "record of that site at its own delta; a person with records at several sites "
+                                   f"{max(finite):.4g} and the median {statistics.median(finite):.4g}, each for "
+                                   f"{' or '.join(units)} at its own delta; a person with records at several sites "
                                    "composes across them.")
     else:
         federation["statement"] = "No site sent an update in this run."

@@ -155,6 +155,7 @@ class Coordinator:
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
             config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
             target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
+            privacy_unit=c.privacy_unit,
             secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
             max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor(),
             training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy,

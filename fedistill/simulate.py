@@ -126,6 +126,14 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     _render_privacy(summary, console)
 
 
+def _group_note(site: dict[str, Any]) -> str:
+    bound = site.get("person_level")
+    if site["unit"] == "person" or bound is None or bound["k"] <= 1:
+        return ""
+    return (f" (a person is protected only by group privacy: epsilon {bound['epsilon']:.3g}, delta "
+            f"{bound['delta']:.2g}{', vacuous' if bound['vacuous'] else ''})")
+
+
 def _render_privacy(summary: dict[str, Any], console: Console) -> None:
     privacy = summary["privacy"]
     console.print(f"privacy: {privacy['mechanism']}; unit: {privacy['unit']}")
@@ -140,8 +148,8 @@ def _render_privacy(summary: dict[str, Any], console: Console) -> None:
         chosen = site.get("training_set")
         if chosen is not None and chosen["records"] == "new":
             refused += f"; trained on {chosen['new']} new record(s) plus {chosen['replay']} replayed"
-        console.print(f"  {name}: epsilon {spent}{delta}{refused}; up to {site['max_records_per_person']} "
-                      "record(s) per person")
+        console.print(f"  {name}: epsilon {spent}{delta} per {site['unit']}{refused}; up to "
+                      f"{site['max_records_per_person']} record(s) per person{_group_note(site)}")
     if summary["stopped"]:
         console.print(f"[yellow]run stopped in round {summary['stopped']['round']}: {summary['stopped']['reason']}")
     console.print(f"run directory: {summary['paths']['run_dir']}")
@@ -239,6 +247,8 @@ def simulate_command(
     delta: float | None = typer.Option(None, help="Target delta (each site uses at most 1/(10 n) anyway)."),
     clip: float | None = typer.Option(None, help="DP-SGD per-sample gradient clipping norm."),
     grad_sample_mode: str | None = typer.Option(None, help="ghost (default) or hooks."),
+    privacy_unit: str = typer.Option("person", help="person (default: all of a person's records sampled and clipped "
+                                                    "as one, where the data names persons) or record."),
     accountant: str = typer.Option("prv", help="The simulated sites' accountant: prv or rdp."),
     site_cap: list[str] = typer.Option([], help="SITE=EPSILON: that simulated site's per-run cap (repeatable)."),
     max_records_per_person: int | None = typer.Option(None, help="Keep at most k training records per person."),
@@ -299,6 +309,7 @@ def simulate_command(
                                     subsample=subsample, fragment_plan=fragment_plan, local_steps=local_steps,
                                     batch_size=batch_size, learning_rate=learning_rate, epsilon=levels[0] if len(levels) == 1 else None,
                                     delta=delta, max_grad_norm=clip, grad_sample_mode=grad_sample_mode,
+                                    privacy_unit=privacy_unit,
                                     accountant=accountant, site_caps=parse_caps(site_cap),
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),

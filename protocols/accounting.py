@@ -1,6 +1,7 @@
 """What a site and an auditor both read: the privacy files' formats and the accountant that replays them.
 
-The unit of privacy is one record of a site's training split. A site keeps every spend it made, as
+The unit of privacy is each run's calibration's ``unit``: one person (all of their records in the site's
+training split) or one record. A site keeps every spend it made, as
 ``(noise_multiplier, sample_rate, steps)`` per round, and any epsilon it states is recomputed from that
 history with an Opacus accountant (:func:`epsilon_of`); an auditor replays the same history with Google's
 dp-accounting (:func:`pld_epsilon`). The site's live decisions (calibration, accept or refuse) are in
@@ -146,8 +147,12 @@ class Calibration:
     planned_steps: int
     batch_size: int
     max_grad_norm: float
+    # How many units of privacy the sampling rate was computed over: persons when ``unit`` is "person", else records.
     records: int
     accountant: str
+    # "person": each Poisson-sampled unit is all of one person's records, clipped as one; "record": one record.
+    # Calibrations stored before units existed were record-level.
+    unit: str = "record"
 
 
 def _history(spends: Iterable[Spend]) -> tuple[tuple[float, float, int], ...] | None:
@@ -204,6 +209,20 @@ def json_epsilon(value: float) -> float | str:
     return "inf" if math.isinf(value) else value
 
 
+def unit_of_privacy(unit: str, item: str = "record", whose: str = "a site's") -> str:
+    """The unit of privacy in words, as every statement names it (``item``: a record, or a document of a text site)."""
+    return (f"one person (all of their {item}s in {whose} training split)" if unit == "person"
+            else f"one {item} of {whose} training split")
+
+
+def group_privacy(k: int, epsilon: float, delta: float) -> dict[str, Any]:
+    """What a record-level (epsilon, delta) guarantee says about a person with ``k`` records, by group privacy:
+    (k epsilon, k e^((k-1) epsilon) delta). It is vacuous when that delta reaches 1: the bound then excludes nothing."""
+    exponent = (k - 1) * epsilon + math.log(k * delta)
+    group_delta = 1.0 if exponent >= 0 else math.exp(exponent)
+    return {"k": k, "epsilon": k * epsilon, "delta": group_delta, "by": "group privacy", "vacuous": group_delta >= 1.0}
+
+
 def make_accountant(name: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -226,7 +245,7 @@ class PrivacyState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION,
-                "unit_of_privacy": "one record of this site's training split",
+                "unit_of_privacy": {run: c.unit for run, c in self.calibrations.items()},
                 "calibrations": {run: asdict(c) for run, c in self.calibrations.items()},
                 "spends": [asdict(s) for s in self.spends],
                 "refusals": self.refusals}

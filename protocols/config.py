@@ -31,6 +31,9 @@ CAUSAL_FRAGMENTS = ("lora", "blocks")
 _HEX_DIGEST_LENGTH = 64
 OPTIMIZERS = ("sgd", "adam")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
+# The unit of privacy DP-SGD protects: one person (all of their records, where a site names its person column) or
+# one record (a person with k records is then protected only by group privacy).
+PRIVACY_UNITS = ("person", "record")
 
 
 def _require(condition: bool, where: str, name: str, expected: str, got: Any) -> None:
@@ -217,6 +220,7 @@ class FederationConfig:
     target_delta: float | None = None
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
+    privacy_unit: str = "person"
     # The coordinator stops the run cleanly when fewer sites than this accept a round.
     min_sites: int = 1
     # An aggregate whose change to a fragment has a larger L2 norm is rejected (garbage, overflow, attack).
@@ -349,6 +353,7 @@ class FederationConfig:
             target_delta=_optional_float(raw, "target_delta", where, 0.0, 0.1),
             max_grad_norm=_float(raw, "max_grad_norm", where, 0.0, 1e6, cls.max_grad_norm, low_open=True),
             grad_sample_mode=_choice(raw, "grad_sample_mode", where, GRAD_SAMPLE_MODES, cls.grad_sample_mode),
+            privacy_unit=_choice(raw, "privacy_unit", where, PRIVACY_UNITS, cls.privacy_unit),
             min_sites=_int(raw, "min_sites", where, 1, cls.min_sites),
             max_update_norm=_float(raw, "max_update_norm", where, 0.0, 1e12, cls.max_update_norm, low_open=True),
             secure_aggregation=_bool(raw, "secure_aggregation", where, cls.secure_aggregation),

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.config import StudentSpec
+from protocols.config import PRIVACY_UNITS, StudentSpec
 from protocols.curriculum import Stage
 from protocols.errors import UpdateRejected
 from protocols.fragments import FragmentSpec
@@ -84,6 +84,7 @@ class TrainInstruction:
     target_delta: float | None = None
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
+    privacy_unit: str = "person"
     secure_aggregation: bool = False
     clipping_range: float = 4.0
     weight_scale: int = 10_000
@@ -128,6 +129,7 @@ class TrainInstruction:
             "student": json.dumps(self.student.to_dict(), sort_keys=True),
             "max-grad-norm": self.max_grad_norm,
             "grad-sample-mode": self.grad_sample_mode,
+            "privacy-unit": self.privacy_unit,
             "secure-aggregation": self.secure_aggregation,
             "clipping-range": self.clipping_range,
             "weight-scale": self.weight_scale,
@@ -143,7 +145,7 @@ class TrainInstruction:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
         required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
-                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "secure-aggregation", "clipping-range",
+                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "privacy-unit", "secure-aggregation", "clipping-range",
                     "weight-scale", "max-update-norm", "nonce", "coordinator-anchor")
         missing = [key for key in required if key not in config]
         if missing:
@@ -171,6 +173,7 @@ class TrainInstruction:
             target_delta=float(config["target-delta"]) if "target-delta" in config else None,
             max_grad_norm=float(config["max-grad-norm"]),
             grad_sample_mode=str(config["grad-sample-mode"]),
+            privacy_unit=_privacy_unit(config["privacy-unit"]),
             secure_aggregation=bool(config["secure-aggregation"]),
             clipping_range=float(config["clipping-range"]),
             weight_scale=int(config["weight-scale"]),
@@ -182,6 +185,12 @@ class TrainInstruction:
             knowledge=(KnowledgeSettings.from_dict(json.loads(str(config["knowledge"])), "train instruction 'knowledge'")
                        if "knowledge" in config else None),
         )
+
+
+def _privacy_unit(value: Any) -> str:
+    if value not in PRIVACY_UNITS:
+        raise UpdateRejected(f"train instruction: 'privacy-unit' is {value!r}, not one of {', '.join(PRIVACY_UNITS)}.")
+    return str(value)
 
 
 def _anchor_from(text: Any) -> CoordinatorAnchor | None:

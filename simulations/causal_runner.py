@@ -50,7 +50,6 @@ MODEL_LABELS = {"teacher": "teacher", "federated": "federated student",
 # With a public stage (coordinator.public_stage) the federation starts from a student already distilled on public
 # text: the free alternative a site would try first, which the federation must beat.
 PUBLIC_ONLY_LABEL = "public-only distilled student (no site data)"
-UNIT_OF_PRIVACY = "one document (one tweet) of a site's training split"
 
 
 class CausalEvaluation:

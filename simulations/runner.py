@@ -39,14 +39,14 @@ from distill.data import SplitData
 from distill.evaluate import classification_metrics, evaluate_across_sites
 from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
-from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, json_epsilon
+from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, group_privacy, json_epsilon, unit_of_privacy
 from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 from protocols.curriculum import Continuation, stage_of
-from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, FederationConfig
+from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, PRIVACY_UNITS, FederationConfig
 from protocols.errors import ConfigError
 from protocols.knowledge import KNOWLEDGE_MODES, PROXY_FILE, proxy_file_bytes
 from simulations.baselines import run_baselines
-from simulations.causal_runner import (PRIVACY_FREE_BASELINES, UNIT_OF_PRIVACY, CausalEvaluation, causal_baselines,
+from simulations.causal_runner import (PRIVACY_FREE_BASELINES, CausalEvaluation, causal_baselines,
                                       causal_summary, site_training)
 from simulations.engine import FaultPlan, run_federation
 from simulations.scenario import ScenarioOptions
@@ -73,6 +73,8 @@ class SimulationOptions:
     delta: float | None = None
     max_grad_norm: float | None = None
     grad_sample_mode: str | None = None
+    # The unit of privacy: "person" (all of a person's records, where the data names persons) or "record".
+    privacy_unit: str = "person"
     accountant: str = "prv"
     site_caps: dict[str, float] = field(default_factory=dict)
     max_records_per_person: int | None = None
@@ -118,6 +120,8 @@ class SimulationOptions:
         if self.knowledge_mode not in ("weights", *KNOWLEDGE_MODES):
             raise ConfigError(f"--knowledge-mode must be one of weights, {', '.join(KNOWLEDGE_MODES)}, got "
                               f"{self.knowledge_mode!r}.")
+        if self.privacy_unit not in PRIVACY_UNITS:
+            raise ConfigError(f"--privacy-unit must be one of {', '.join(PRIVACY_UNITS)}, got {self.privacy_unit!r}.")
         if self.rounds is not None and self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}.")
         if self.seed < 0:
@@ -247,7 +251,8 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
     overrides: dict[str, Any] = {key: value for key, value in (
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
-        ("grad_sample_mode", options.grad_sample_mode), ("min_sites", options.min_sites),
+        ("grad_sample_mode", options.grad_sample_mode), ("privacy_unit", options.privacy_unit),
+        ("min_sites", options.min_sites),
         ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
         overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
@@ -314,7 +319,9 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
     delta = calibration.delta if calibration else None
     epsilon = state.epsilon(delta, policy.accountant, run_id) if delta else (math.inf if spends else 0.0)
     lifetime = state.epsilon(delta, policy.accountant) if delta else (math.inf if state.spends else 0.0)
+    unit = calibration.unit if calibration else "record"
     out: dict[str, Any] = {
+        "unit": unit, "units": calibration.records if calibration else None,
         "epsilon": json_epsilon(epsilon), "delta": delta,
         # Every run this site took part in (a continuing run's sites keep their account): what its lifetime cap sees.
         "epsilon_lifetime": json_epsilon(lifetime), "runs_in_account": len({s.run_id for s in state.spends}),
@@ -335,10 +342,10 @@ def _site_privacy(state_dir: Path, run_id: str, train_records_per_person: int, b
         out["training_set"] = {"records": chosen["mode"], "trained_on": len(chosen["keys"]), "new": chosen["new"],
                                "replay": chosen["replay"]}
     k = train_records_per_person
-    if delta and math.isfinite(epsilon) and k >= 1:
-        # Group privacy: a person with k records is protected at (k eps, k e^((k-1) eps) delta).
-        out["person_level"] = {"k": k, "epsilon": k * epsilon,
-                               "delta": min(1.0, k * math.exp((k - 1) * epsilon) * delta)}
+    if unit == "person":
+        out["person_level"] = {"k": k, "epsilon": epsilon, "delta": delta, "by": "person-level DP-SGD"}
+    elif delta and math.isfinite(epsilon) and k >= 1:
+        out["person_level"] = group_privacy(k, epsilon, delta)
     return out
 
 
@@ -438,7 +445,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         reporter.stage("exporting the student, timing teacher and student")
         task = causal_summary(scenario, config, coordinator, run_dir, teacher_path, baselines, evaluate, run_id)
         return _write_summary(run_dir, {
-            **_run_summary(scenario, config, coordinator, options, run_id, state_dirs, UNIT_OF_PRIVACY), **task,
+            **_run_summary(scenario, config, coordinator, options, run_id, state_dirs, "document"), **task,
             "seconds": {"federated": round(federated_seconds, 1), "total": round(time.perf_counter() - started, 1)},
             "paths": {"run_dir": str(run_dir), "student": str(coordinator.student_dir),
                       "metrics": str(coordinator.metrics_path)}})
@@ -473,8 +480,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     size["student_parameters"] = student_params
     local = _local_only_summary(baselines["local_only"])
     summary = {
-        **_run_summary(scenario, config, coordinator, options, run_id, state_dirs,
-                       "one record of a site's training split (example-level DP-SGD)"),
+        **_run_summary(scenario, config, coordinator, options, run_id, state_dirs, "record"),
         "class_names": list(scenario.class_names),
         "sites": {name: {split: {"records": len(data),
                                  "class_counts": {label: int((data.labels == i).sum())
@@ -592,9 +598,13 @@ def _site_local_summary(scenario, site_local: dict[str, Any], state_dirs: list[P
 
 
 def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, options: SimulationOptions,
-                 run_id: str, state_dirs: list[Path], unit_of_privacy: str) -> dict[str, Any]:
-    """The part of ``summary.json`` every task shares: the run, its rounds, refusals, failures and privacy."""
+                 run_id: str, state_dirs: list[Path], unit_item: str) -> dict[str, Any]:
+    """The part of ``summary.json`` every task shares: the run, its rounds, refusals, failures and privacy.
+    ``unit_item`` is what one record is (a record, a document)."""
     final = coordinator.records[-1]
+    sites = {name: _site_privacy(d, run_id, splits["train"].max_records_per_person(),
+                                 options.max_records_per_person is not None)
+             for (name, splits), d in zip(scenario.sites.items(), state_dirs)}
     return {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
@@ -612,16 +622,22 @@ def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, o
         "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
         "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
         "privacy": {
-            "unit": unit_of_privacy,
+            "unit": _summary_unit(sites, unit_item),
             "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"
                           if config.private else "none: non-private run"),
             "target_epsilon": config.target_epsilon, "max_grad_norm": config.max_grad_norm if config.private else None,
-            "sites": {name: _site_privacy(d, run_id, splits["train"].max_records_per_person(),
-                                          options.max_records_per_person is not None)
-                      for (name, splits), d in zip(scenario.sites.items(), state_dirs)},
+            "sites": sites,
         },
         "provenance": scenario.provenance,
     }
+
+
+def _summary_unit(sites: dict[str, dict[str, Any]], item: str) -> str:
+    """The run's unit of privacy: the sites' own (each site calibrates for the persons its records name)."""
+    units = {name: site["unit"] for name, site in sites.items()}
+    if len(set(units.values())) == 1:
+        return unit_of_privacy(next(iter(units.values())), item)
+    return "per site: " + "; ".join(f"{name}: {unit_of_privacy(unit, item)}" for name, unit in units.items())
 
 
 def _write_summary(run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
@@ -678,7 +694,7 @@ def simulate_sweep(options: SimulationOptions, levels: list[float], reporter: Re
     sweep = {"schema_version": SCHEMA_VERSION, "sweep_id": sweep_id, "scenario": options.scenario,
              "seed": options.seed, "headline_metric": summary["headline_metric"],
              "metrics": list(summary.get("metrics", CLASSIFICATION_METRICS)),
-             "unit_of_privacy": UNIT_OF_PRIVACY if causal else "one record of a site's training split",
+             "unit_of_privacy": summary["privacy"]["unit"],
              "baselines": {key: summary["comparison"][key] for key in baseline_keys},
              "levels": rows, "sweep_dir": str(sweep_dir)}
     atomic_write_json(sweep_dir / "sweep.json", sweep)
