@@ -30,8 +30,10 @@ chromium:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 # The demo ends by writing the run's compliance report (RUN_DIR/report) and printing its paths.
+# The example consortium's declaration (fictional parties, HIPAA and GDPR) gives the report a crosswalk.
 demo: $(STAMP) chromium
-	$(VENV)/bin/fedistill simulate --scenario hospitals --report
+	$(VENV)/bin/fedistill simulate --scenario hospitals --report --parties examples/parties/hospitals.toml \
+		--site-governance examples/parties/hospitals-site-governance.toml
 
 test: $(STAMP) chromium
 	$(PY) -m pytest -q

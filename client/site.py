@@ -4,7 +4,8 @@ Deployment runs every message in a fresh process, so nothing lives in module glo
 
     <state-dir>/site.json            name, teacher path, teacher declaration (client.teacher), schema_version;
                                      a text (causal-LM) site also student_base, the run's base student folder;
-                                     a site with its own knowledge-mode student, its knowledge_student_hidden
+                                     a site with its own knowledge-mode student, its knowledge_student_hidden;
+                                     a site that states its records of processing, its governance
     <state-dir>/data.npz             the site's private splits (train / val / test)
     <state-dir>/teacher_cache.*      teacher outputs on the training split (distill.cache)
     <state-dir>/alignment.pt         the site's hidden-state projection, when alignment is on
@@ -25,6 +26,7 @@ from distill.data import SplitData, load_splits, save_splits
 from protocols.accounting import SitePolicy
 from protocols.canonical import atomic_write_json
 from protocols.errors import ConfigError
+from protocols.governance import Governance
 
 SCHEMA_VERSION = 1
 SITE_FILE = "site.json"
@@ -46,6 +48,9 @@ class Site:
     # None: the site trains the run's student. In knowledge mode only soft labels leave a site, so its student's
     # architecture is its own business (client/knowledge.py).
     knowledge_student_hidden: tuple[int, ...] | None = None
+    # The site's records of processing (site.toml [governance]: lawful basis, categories, de-identification,
+    # erasure), recorded in its run-accepted event; None: the site stated none, and the report says not assessed.
+    governance: Governance | None = None
 
     @property
     def data_path(self) -> Path:
@@ -92,13 +97,15 @@ class Site:
         hidden = raw.get("knowledge_student_hidden")
         if hidden is not None:
             hidden = check_student_hidden(hidden, f"{path}: field 'knowledge_student_hidden'")
+        governance = raw.get("governance")
         return cls(name=str(raw["name"]), state_dir=state_dir,
                    teacher_path=teacher if teacher.is_absolute() else state_dir / teacher,
                    teacher_declaration=TeacherDeclaration.from_dict(raw["teacher_declaration"],
                                                                     f"{path} teacher_declaration"),
                    student_base=(student_base if student_base is None or student_base.is_absolute()
                                  else state_dir / student_base),
-                   knowledge_student_hidden=hidden)
+                   knowledge_student_hidden=hidden,
+                   governance=None if governance is None else Governance.from_dict(governance, f"{path} governance"))
 
 
 def check_student_hidden(value: object, where: str) -> tuple[int, ...]:
@@ -121,13 +128,14 @@ def write_noise_secret(state_dir: Path, secret: bytes) -> None:
 def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teacher_path: Path,
                 policy: SitePolicy | None = None, noise_secret: bytes | None = None, *,
                 teacher_declaration: TeacherDeclaration, student_base: Path | None = None,
-                knowledge_student_hidden: tuple[int, ...] | None = None) -> Site:
+                knowledge_student_hidden: tuple[int, ...] | None = None, governance: Governance | None = None) -> Site:
     """Write a site's state directory (the simulation harness does this for every virtual site).
 
     ``teacher_declaration`` says what the teacher was trained on; it has no default, since a DP run refuses a
     teacher that saw private records without DP (client/teacher.py). ``noise_secret`` lets a simulation be
     reproducible; a real site leaves it out and gets ``os.urandom``. ``student_base`` (a text site's copy of the
     run's base student folder) is recorded as an absolute path; a classification site's site.json has no such field.
+    ``governance`` is what the site states about its records of processing (site.toml [governance]).
     """
     if not isinstance(teacher_declaration, TeacherDeclaration):
         raise ConfigError(f"site '{name}': teacher_declaration must be a TeacherDeclaration, "
@@ -144,5 +152,7 @@ def create_site(state_dir: Path, name: str, splits: dict[str, SplitData], teache
     if knowledge_student_hidden is not None:
         record["knowledge_student_hidden"] = list(check_student_hidden(
             knowledge_student_hidden, f"site '{name}': knowledge_student_hidden"))
+    if governance is not None:
+        record["governance"] = governance.to_dict()
     atomic_write_json(state_dir / SITE_FILE, record)
     return Site.load(state_dir)

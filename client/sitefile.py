@@ -23,6 +23,7 @@ from protocols.canonical import atomic_write_bytes
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
+from protocols.governance import GOVERNANCE_FIELDS, Governance
 from protocols.knowledge import PROXY_FILE
 
 SCHEMA_VERSION = 1
@@ -87,6 +88,18 @@ runtime_port = 9094              # local port of the SuperNode's runtime API (12
 # proxy_set = "proxy.safetensors"
 # student_hidden = [64, 64]      # optional, knowledge mode only: train this site's own MLP (these hidden widths)
 #                                # instead of the run's student; only its soft labels leave the site
+
+# Your records of processing (GDPR Art. 30, HIPAA 164.514), recorded in your ledger when you accept a run and shown
+# in the run's compliance report; a field left out is reported "not assessed" (docs/deploy.md, "Parties and
+# governance"). Uncomment and fill in:
+# [governance]
+# lawful_basis = "GDPR Art. 6(1)(e) and 9(2)(j); HIPAA 45 CFR 164.512(i)"
+# data_subjects = ["patients"]
+# data_categories = ["demographics", "laboratory results"]
+# special_categories = ["health data (GDPR Art. 9)"]   # [] for none
+# deidentification = "pseudonymised"   # identified, pseudonymised, limited-data-set, safe-harbor,
+#                                      # expert-determination (with deidentification_reference) or anonymised
+# erasure = "records deleted 12 months after the study ends"
 """
 
 
@@ -103,8 +116,9 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "node": ("runtime_port",),
     "student": ("base",),
     "knowledge": ("proxy_set", "student_hidden"),
+    "governance": GOVERNANCE_FIELDS,
 }
-OPTIONAL_TABLES = ("node", "student", "knowledge")
+OPTIONAL_TABLES = ("node", "student", "knowledge", "governance")
 # A classification site's [data] fields, and a text (causal-LM) site's: a site is one or the other.
 CLASSIFICATION_FIELDS = ("label", "classes", "features")
 TEXT_ONLY_FIELDS = ("max_length", "order_by")
@@ -257,6 +271,8 @@ class SiteFile:
     proxy_set: Path | None = None
     # This site's own MLP student in knowledge-mode runs ([knowledge] student_hidden); None: the run's student.
     knowledge_student_hidden: tuple[int, ...] | None = None
+    # The site's records of processing ([governance]); None when site.toml has no such table.
+    governance: Governance | None = None
 
     @property
     def text_site(self) -> bool:
@@ -307,6 +323,8 @@ class SiteFile:
                 raise ConfigError(f"{where}: [knowledge] student_hidden is an MLP student's hidden widths, for a "
                                   "classification site; a text site trains the run's causal-LM student. Remove it.")
             own_hidden = check_student_hidden(own_hidden, f"{where}: [knowledge] student_hidden")
+        governance = Governance.from_dict(tables["governance"], f"{where}: [governance]") if "governance" in raw \
+            else None
         return cls(
             path=path, name=name, state_dir=base / _text(site, "site", "state_dir", where),
             node_key=base / _text(site, "site", "node_key", where), coordinator_address=address,
@@ -321,7 +339,8 @@ class SiteFile:
                               accountant=accountant, release_local_metrics=release,
                               release_validation_metrics=release_validation),
             runtime_port=runtime_port, student_base=student_base,
-            proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden)
+            proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden,
+            governance=governance)
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
@@ -347,13 +366,14 @@ class SiteFile:
             check_student_base(self.student_base, f"{self.path}: [student] base")
             text = self.text_data(load_causal_lm_teacher(self.teacher_path).tokenizer)
             return create_site(self.state_dir, self.name, text.splits, self.teacher_path, self.policy,
-                               teacher_declaration=self.teacher_declaration, student_base=self.student_base)
+                               teacher_declaration=self.teacher_declaration, student_base=self.student_base,
+                               governance=self.governance)
         records = load_records(self.data_path, self.schema)
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
         return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy,
                            teacher_declaration=self.teacher_declaration,
-                           knowledge_student_hidden=self.knowledge_student_hidden)
+                           knowledge_student_hidden=self.knowledge_student_hidden, governance=self.governance)
 
     def text_data(self, tokenizer: Any) -> TextData:
         """A text site's documents, tokenized with its teacher's tokenizer and split in order."""

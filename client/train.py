@@ -162,7 +162,9 @@ def check_budget(site: Site, instruction: TrainInstruction, data: SplitData,
             "run_id": instruction.run_id, "config_hash": instruction.config_hash, "policy": policy.to_dict(),
             "calibration": asdict(calibration) if calibration else None,
             "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor,
-            "teacher": teacher} | ({"training_set": chosen.summary()} if chosen is not None else {}))
+            "teacher": teacher} | ({"training_set": chosen.summary()} if chosen is not None else {})
+            # The site's own records of processing, signed here so the report reads them from the evidence.
+            | ({"governance": site.governance.to_dict()} if site.governance is not None else {}))
     if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)

@@ -3,7 +3,7 @@ and a PDF printed from it by headless Chromium.
 
 The renderer reads nothing but the report dictionary, so every number on the page is one of report.json's
 (axis ticks are derived from them). Sections are rendered in the order and under the headings that
-report.json's ``sections`` lists.
+report.json's ``sections`` lists: the one-screen summary first, the files and hashes in the last appendix.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ code, .digest { font-family: "DejaVu Sans Mono", monospace; font-size: 8pt; word
 .banner { padding: 10px 14px; border-radius: 4px; margin: 12px 0; font-weight: bold; }
 .statement { border-left: 4px solid #0072B2; background: #f2f7fc; padding: 8px 12px; margin: 8px 0; }
 .meta { color: #555; font-size: 9pt; } svg { max-width: 100%; height: auto; margin: 8px 0; }
+.charts { display: flex; flex-wrap: wrap; gap: 0 24px; } .charts > div { flex: 1 1 420px; }
+#summary ul { margin: 4px 0 8px; padding-left: 20px; } #summary li { margin: 1px 0; }
+.fields { color: #555; font-size: 8.5pt; }
 nav ul { columns: 2; font-size: 9.5pt; list-style: none; padding-left: 0; }
 @page { size: A4; margin: 12mm; }
 @media print { body { margin: 0; max-width: none; } }
@@ -232,7 +235,137 @@ def stacked_bars(title: str, categories: list[int], series: dict[str, list[float
     return plot.svg(title)
 
 
+def bar_chart(title: str, rows: list[dict[str, Any]], value_label: str,
+              marker_label: str | None = None) -> str:
+    """One horizontal bar per row (``label``, ``value``, ``colour``; ``text`` overrides the printed value), with an
+    optional per-row marker (``marker``: a cap, drawn as a red line over its bar). A row without a finite value
+    gets its text and no bar, never a bar of made-up length."""
+    finite = [row["value"] for row in rows if isinstance(row.get("value"), (int, float)) and math.isfinite(row["value"])]
+    markers = [row["marker"] for row in rows if isinstance(row.get("marker"), (int, float))]
+    if not rows:
+        return "<p>nothing to plot</p>"
+    ticks = _ticks(0.0, max([*finite, *markers, 0.0]) * 1.05 or 1.0, 4)
+    width, label_w, value_w, row_h, top = 460, 150, 64, 24, 24
+    plot_w, height = width - label_w - value_w, top + row_h * len(rows) + 34
+    high = ticks[-1] or 1.0
+
+    def x(value: float) -> float:
+        return label_w + value / high * plot_w
+
+    parts = [f'<text x="{width / 2}" y="15" text-anchor="middle" font-size="12" font-weight="bold">{_e(title)}'
+             "</text>"]
+    for tick in ticks:
+        parts.append(f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top - 4}" y2="{top + row_h * len(rows)}" '
+                     f'stroke="#e3e3e3"/><text x="{x(tick):.1f}" y="{top + row_h * len(rows) + 13}" '
+                     f'text-anchor="middle" font-size="9">{_tick_label(tick)}</text>')
+    for index, row in enumerate(rows):
+        y = top + index * row_h
+        value = row.get("value")
+        drawn = isinstance(value, (int, float)) and math.isfinite(value)
+        parts.append(f'<text x="{label_w - 6}" y="{y + row_h / 2 + 4}" text-anchor="end" font-size="10">'
+                     f"{_e(row['label'])}</text>")
+        if drawn:
+            parts.append(f'<rect class="bar" x="{label_w}" y="{y + 4}" width="{max(x(value) - label_w, 0.5):.1f}" '
+                         f'height="{row_h - 8}" fill="{row["colour"]}"/>')
+        text = row.get("text") or (fmt(value) if drawn else "none")
+        parts.append(f'<text x="{(x(value) if drawn else label_w) + 4:.1f}" y="{y + row_h / 2 + 4}" font-size="9.5">'
+                     f"{text}</text>")
+        marker = row.get("marker")
+        if isinstance(marker, (int, float)):
+            parts.append(f'<line x1="{x(marker):.1f}" x2="{x(marker):.1f}" y1="{y + 1}" y2="{y + row_h - 1}" '
+                         f'stroke="{REFERENCE_COLOURS[1]}" stroke-width="2.5"/>')
+    axis = _e(value_label) + (f' &#160; <tspan fill="{REFERENCE_COLOURS[1]}">| {_e(marker_label)}</tspan>'
+                              if marker_label and markers else "")
+    parts.append(f'<text x="{label_w + plot_w / 2}" y="{height - 4}" text-anchor="middle" font-size="10">{axis}'
+                 "</text>")
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+            f'height="{height}" role="img" aria-label="{_e(title)}">' + "".join(parts) + "</svg>")
+
+
 # ------------------------------------------------------------------------------------------------ sections
+VERDICT_CLASS = {"verified": "ok", "incomplete": "partial", "failed": "bad"}
+VERDICT_TEXT = {"verified": "Verified", "incomplete": "Verification INCOMPLETE", "failed": "Verification FAILED"}
+ROLE_COLOURS = {"student": PALETTE[0], "teacher": PALETTE[1], "baseline": "#9e9e9e"}
+METRIC_NAMES = {"roc_auc": "ROC-AUC", "macro_f1": "macro F1"}
+
+
+def _epsilon_chart(privacy: dict[str, Any]) -> str:
+    rows = []
+    for site in privacy["sites"]:
+        epsilon = site["epsilon"]
+        if not site["sent_updates"]:
+            text = "sent nothing"
+        elif epsilon == "inf":
+            text = "no DP (inf)"
+        else:
+            text = fmt(epsilon) + (" VOID" if site["guarantee_void"] else "") + (
+                " over cap" if site["within_cap"] is False else "")
+        rows.append({"label": site["site"], "value": epsilon if site["sent_updates"] else None, "text": text,
+                     "marker": site["cap"], "colour": REFERENCE_COLOURS[1] if site["within_cap"] is False
+                     or site["guarantee_void"] else PALETTE[0]})
+    return bar_chart("Epsilon spent per site, against its cap", rows, "epsilon (at each site's delta)", "cap")
+
+
+def _utility_chart(utility: dict[str, Any] | str) -> str:
+    if isinstance(utility, str):
+        return f'<p class="statement"><b>Utility:</b> {fmt(utility)}</p>'
+    metric = METRIC_NAMES.get(utility["metric"], _label(utility["metric"])) + (
+        " (lower is better)" if utility["lower_is_better"] else "")
+    rows = [{"label": model["model"] if len(model["model"]) <= 26 else model["model"][:25] + "\u2026",
+             "value": model["value"], "colour": ROLE_COLOURS[model["role"]]} for model in utility["models"]]
+    return bar_chart(f"Student against teacher and baselines: {metric}", rows,
+                     f"{metric}, pooled test splits (section {utility['section']})")
+
+
+def _open_items(items: dict[str, Any]) -> str:
+    out = []
+    fields = items["not_assessed"]
+    if fields["count"]:
+        groups = []
+        for group in fields["by_section"]:
+            # The same field at every site reads once, with how many: "mu_gdp x3".
+            leaves: dict[str, int] = {}
+            for pointer in group["fields"]:
+                leaf = pointer.rsplit("/", 1)[-1]
+                leaves[leaf] = leaves.get(leaf, 0) + 1
+            names = ", ".join(_label(leaf) + (f" &times;{n}" if n > 1 else "") for leaf, n in leaves.items())
+            groups.append(f'<li>&sect;{group["section"]} {_e(group["title"])} ({group["count"]}): '
+                          f'<span class="fields">{names}</span></li>')
+        out.append(f"<li><b>{fields['count']} field(s) {fmt(NOT_ASSESSED)}</b>, by section:<ul>{''.join(groups)}"
+                   "</ul></li>")
+    for bound in items["vacuous_bounds"]:
+        out.append(f"<li><b>Vacuous bound at {_e(bound['site'])}</b>: {_e(bound['bound'])}, {_e(bound['why'])} "
+                   f"(<code>{_e(bound['where'])}</code>)</li>")
+    for refusal in items["refusals"]:
+        out.append(f"<li><b>{_e(refusal['site'])} refused round(s) {fmt(refusal['rounds'])}</b>: "
+                   f"{_e('; '.join(refusal['reasons']))}</li>")
+    crosswalk = items["crosswalk"]
+    if crosswalk["not_met"]:
+        out.append(f"<li><b>Clauses not met</b> (&sect;{crosswalk['section']}): {_e(', '.join(crosswalk['not_met']))}"
+                   "</li>")
+    if crosswalk["not_assessed"]:
+        out.append(f"<li><b>{len(crosswalk['not_assessed'])} clause(s) {fmt(NOT_ASSESSED)}</b> "
+                   f"(&sect;{crosswalk['section']}): <span class=\"fields\">{_e(', '.join(crosswalk['not_assessed']))}"
+                   "</span></li>")
+    return f"<h3>Open items that need a human ({items['count']})</h3>" + (f"<ul>{''.join(out)}</ul>" if out
+                                                                           else "<p>none</p>")
+
+
+def _summary(section: dict[str, Any], report: dict[str, Any]) -> str:
+    verdict, privacy, left = section["verdict"], section["privacy"], section["left_each_site"]
+    units = " or ".join(privacy["unit_of_privacy"]) or "none (no site sent an update)"
+    sites = "".join(f"<li><b>{_e(site['site'])}</b>: {_e(site['line'])}</li>" for site in left["sites"])
+    status = verdict["status"]
+    return (f'<p class="banner {VERDICT_CLASS.get(status, "bad")}">{VERDICT_TEXT.get(status, "Verification FAILED")}: '
+            f'{_e(verdict["detail"])} (section {verdict["section"]})</p>'
+            f"<p><b>Unit of privacy:</b> {_e(units)}. <b>Regimes:</b> {_e(section['regimes']['statement'])}.</p>"
+            f'<div class="charts"><div>{_epsilon_chart(privacy)}</div><div>{_utility_chart(section["utility"])}'
+            "</div></div>"
+            f"<h3>What left each site (section {left['section']})</h3><ul>{sites}</ul>"
+            f'<p class="meta">Never left any site: {_e("; ".join(left["never_left"]))}.</p>'
+            + _open_items(section["open_items"]))
+
+
 def _envelope(section: dict[str, Any], report: dict[str, Any]) -> str:
     return (kv_table(section, ["report_id", "generated_at", "generator", "tsa_token", "dsse_envelope"])
             + "<h3>Subjects (SHA-256 of every file the report rests on)</h3>"
@@ -396,8 +529,9 @@ def _audit_trail(section: dict[str, Any], report: dict[str, Any]) -> str:
                for ledger in section["ledgers"]]
     return (verdict + kv_table(section, ["scheme", "cross_recorded_site_heads", "clock_source", "retention",
                                          "tsa_tokens", "limits"])
+            # Head hashes are in the appendix, with the other digests.
             + "<h3>Ledgers</h3>" + table(ledgers, ["actor", "path", "events", "first_seq", "last_seq", "checkpoints",
-                                                   "kinds", "first_time", "last_time", "head_hash", "error"])
+                                                   "kinds", "first_time", "last_time", "error"])
             + "<h3>Coordinator checkpoints</h3>" + table(section["coordinator_checkpoints"]))
 
 
@@ -453,14 +587,15 @@ def _crosswalk(section: dict[str, Any], report: dict[str, Any]) -> str:
         if column == "sections":
             return ", ".join(f"&sect;{n}" for n in value)
         if column == "evidence":
-            files = "".join(f"<div><code>{_e(f['path'])}</code> <code>{_e(f['sha256'][:16])}&hellip;</code></div>"
-                            for f in value["files"])
+            # The files' digests are in the appendix (section 0's subjects), not repeated per row.
+            files = "".join(f"<div><code>{_e(f['path'])}</code></div>" for f in value["files"])
             pointers = "".join(f"<div><code>report.json{_e(p)}</code></div>" for p in value["report"])
             return (pointers + files) or "none"
         return fmt(value)
 
-    return f"<p>{_e(section['note'])}</p>" + table(section["rows"], ["regime", "clause", "requirement", "sections",
-                                                                    "evidence", "status", "basis"], cell)
+    rows = (table(section["rows"], ["regime", "clause", "requirement", "sections", "evidence", "status", "basis"], cell)
+            if section["rows"] else "")
+    return f'<p class="statement">{_e(section["declaration"])}</p><p>{_e(section["note"])}</p>' + rows
 
 
 def _verification(section: dict[str, Any], report: dict[str, Any]) -> str:
@@ -477,7 +612,7 @@ def _verification(section: dict[str, Any], report: dict[str, Any]) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
-    "envelope": _envelope, "data_inventory": _data_inventory, "data_flows": _data_flows, "privacy": _privacy,
+    "summary": _summary, "envelope": _envelope, "data_inventory": _data_inventory, "data_flows": _data_flows, "privacy": _privacy,
     "secure_aggregation": _secure_aggregation, "audit_trail": _audit_trail, "model_card": _model_card,
     "evaluation": _evaluation, "crosswalk": _crosswalk, "verification": _verification,
 }
@@ -490,23 +625,19 @@ def heading(entry: dict[str, Any]) -> str:
 
 def render_html(report: dict[str, Any]) -> str:
     run = report["run"]
-    verified = report["verification"]["verified"]
-    banner = ('<p class="banner ok">Audit trail verified: every ledger chain and signature, the cross-recorded '
-              "heads and every site's replayed epsilon check out (section 8).</p>" if verified else
-              f'<p class="banner bad">Verification FAILED: {_e(report["audit_trail"]["verification"]["failure"])}'
-              "</p>")
     toc = "".join(f'<li><a href="#{_e(s["key"])}">{_e(heading(s))}</a></li>' for s in report["sections"])
     body = [f"<h1>Compliance report: run {_e(run['run_id'])}</h1>",
-            f'<p class="meta">report {_e(report["envelope"]["report_id"])} &middot; generated '
-            f'{_e(report["envelope"]["generated_at"])} &middot; schema version {report["schema_version"]} &middot; '
-            f"{_e(run['description'] or run['mode'])}</p>", banner,
-            f"<p>Every figure below is read from report.json; fields the run cannot evidence say "
-            f'{fmt(NOT_ASSESSED)}. Not legal advice.</p><nav><ul>{toc}</ul></nav>']
+            f'<p class="meta">generated {_e(report["envelope"]["generated_at"])} &middot; schema version '
+            f"{report['schema_version']} &middot; {_e(run['description'] or run['mode'])} &middot; every figure is "
+            f"read from report.json; fields the run cannot evidence say {fmt(NOT_ASSESSED)}. Not legal advice.</p>"]
     for entry in report["sections"]:
         section = report[entry["key"]]
         render = RENDERERS.get(entry["key"], lambda s, r: kv_table(s))
         body.append(f'<section id="{_e(entry["key"])}"><h2>{_e(heading(entry))}</h2>{render(section, report)}'
                     "</section>")
+        if entry["key"] == "summary":
+            # The summary is the first screen; the table of contents follows it.
+            body.append(f'<nav><p class="meta">report {_e(report["envelope"]["report_id"])}</p><ul>{toc}</ul></nav>')
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>fedistill report '
             f"{_e(run['run_id'])}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
@@ -521,8 +652,9 @@ def chromium_path() -> str:
     return path
 
 
-def run_chromium(args: Sequence[str], page: Path, timeout: float = CHROMIUM_TIMEOUT_S) -> None:
-    """Headless Chromium on a local page, with a fresh profile and no background network traffic."""
+def run_chromium(args: Sequence[str], page: Path, timeout: float = CHROMIUM_TIMEOUT_S) -> str:
+    """Headless Chromium on a local page, with a fresh profile and no background network traffic; returns what
+    it wrote to stdout (the page's DOM, with ``--dump-dom``)."""
     with tempfile.TemporaryDirectory(prefix="fedistill-chromium-") as profile:
         command = [chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, Path(page).resolve().as_uri()]
         try:
@@ -532,6 +664,7 @@ def run_chromium(args: Sequence[str], page: Path, timeout: float = CHROMIUM_TIME
     if result.returncode != 0:
         raise ExternalToolError(f"headless Chromium failed on {page} (exit status {result.returncode}): "
                                 f"{result.stderr.strip()[-800:]}")
+    return result.stdout
 
 
 def print_pdf(html_text: str, pdf_path: Path) -> None:

@@ -14,9 +14,13 @@ Epsilons are recomputed from each site's stored spends with the site's own accou
 (:mod:`protocols.accounting`), and the whole run is verified with :func:`compliance.verify.verify_run`, whose
 failure is reported in the report, never hidden.
 
-The sections follow the outline of ``docs/report.md`` (section 0, the envelope, to 14, the verification
-appendix). Whatever the run cannot evidence (legal entities, intended use, TLS in a simulation...) is the
-string :data:`NOT_ASSESSED`, or :func:`not_assessed` with the reason, never a guess. No record, label or person
+The sections follow the outline of ``docs/report.md``: section 1, the summary (derived from the other sections by
+:func:`compliance.summary.summary_of`), to 15, the verification appendix, then the envelope (the files and hashes
+the report rests on) as an appendix. What only people know (legal entities, intended use, the regimes that apply,
+each site's lawful basis and erasure schedule) is read from the ledgers: the operator's ``parties-declared`` event
+in the coordinator's and each site's ``run-accepted`` event (protocols/governance.py), never from a loose file.
+Whatever the run cannot evidence (TLS in a simulation, a DPIA, what no declaration states...) is the string
+:data:`NOT_ASSESSED`, or :func:`not_assessed` with the reason, never a guess. No record, label or person
 id of any site is ever copied into the report: only counts, digests and the tensor layout of what left a site.
 """
 
@@ -35,38 +39,44 @@ from typing import Any
 
 from safetensors.numpy import load_file
 
+from compliance.assessed import NOT_ASSESSED, is_not_assessed, not_assessed
+from compliance.crosswalk import crosswalk_of
 from compliance.report_signature import report_id
+from compliance.summary import summary_of
 from compliance.verify import EPSILON_TOLERANCE, verify_run
 from distill.data import load_splits
 from protocols.accounting import (EVIDENCE_FILES, Calibration, PrivacyState, SitePolicy, epsilon_of, json_epsilon,
                                   unit_of_privacy)
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.errors import DataError, FedistillError, LedgerTampered
+from protocols.governance import PARTIES_EVENT, REGIMES
 from protocols.ledger import CHECKPOINT, read_events
 from protocols.ledger import key_fingerprint as ledger_key_fingerprint
 
 SCHEMA_VERSION = 1
-NOT_ASSESSED = "not assessed"
 # The privacy profile: epsilon at these deltas, from the same spends (a single (epsilon, delta) pair is incomplete).
 PROFILE_DELTAS = (1e-5, 1e-6, 1e-8, 1e-10)
 # (key in report.json, section number, heading): the order and the headings of every rendering.
+# The summary comes first and the files and hashes last: a privacy officer reads the first screen, an auditor the end.
 SECTIONS = (
-    ("envelope", 0, "Envelope"),
-    ("run", 1, "Run identity and scope"),
-    ("parties", 2, "Parties"),
-    ("data_inventory", 3, "Data inventory per site"),
-    ("data_flows", 4, "Data flows"),
-    ("privacy", 5, "Differential-privacy statement"),
-    ("secure_aggregation", 6, "Secure aggregation and transport"),
-    ("access_control", 7, "Access control and authentication"),
-    ("audit_trail", 8, "Audit trail"),
-    ("model_card", 9, "Model documentation"),
-    ("evaluation", 10, "Evaluation"),
-    ("risk", 11, "Risk"),
-    ("lineage", 12, "Lineage"),
-    ("crosswalk", 13, "Regulatory crosswalk"),
-    ("verification", 14, "Verification appendix"),
+    ("summary", 1, "Summary"),
+    ("run", 2, "Run identity and scope"),
+    ("parties", 3, "Parties"),
+    ("data_inventory", 4, "Data inventory per site"),
+    ("data_flows", 5, "Data flows"),
+    ("privacy", 6, "Differential-privacy statement"),
+    ("secure_aggregation", 7, "Secure aggregation and transport"),
+    ("access_control", 8, "Access control and authentication"),
+    ("audit_trail", 9, "Audit trail"),
+    ("model_card", 10, "Model documentation"),
+    ("evaluation", 11, "Evaluation"),
+    ("risk", 12, "Risk"),
+    ("lineage", 13, "Lineage"),
+    ("crosswalk", 14, "Regulatory crosswalk"),
+    ("verification", 15, "Verification appendix"),
+    ("envelope", 16, "Appendix: files, hashes and signatures"),
 )
+SECTION = {key: number for key, number, _ in SECTIONS}
 SIMULATION_NOTE = ("simulation: the coordinator and every site are processes of one Flower simulation on one "
                    "machine, so there are no user accounts, node registrations or network links to evidence")
 DEPLOYMENT_NOTE = ("deployment: the coordinator and every site run their own Flower processes (SuperLink, "
@@ -87,15 +97,6 @@ SITE_FILE_LABELS = {"ledger.jsonl": "ledger", "ledger_key.pub.pem": "ledger publ
 SIMULATED_SITE_FILES = ("ledger.jsonl", "ledger_key.pub.pem", "privacy.json", "policy.json", "secagg_clipping.json")
 
 
-def not_assessed(reason: str) -> str:
-    """A field the run cannot evidence, with why: still recognised by :func:`is_not_assessed`."""
-    return f"{NOT_ASSESSED}: {reason}"
-
-
-def is_not_assessed(value: Any) -> bool:
-    return isinstance(value, str) and (value == NOT_ASSESSED or value.startswith(NOT_ASSESSED + ": "))
-
-
 # What a deployed run cannot evidence, and why (the coordinator never sees a site's data or teacher).
 KEPT_AT_SITE = not_assessed("kept at the site (a deployed site hands over only its ledger, spends and policy, not "
                             "its records nor a description of them)")
@@ -104,6 +105,13 @@ NO_EVALUATION = not_assessed("a deployed run has no coordinator-side evaluation 
 NODE_KEYS_ABSENT = not_assessed("the coordinator admits only SuperNodes whose key the operator registered, but "
                                 "its registry (sites.json) is not part of the run directory")
 NO_TEACHER = not_assessed("each site keeps its own teacher; a deployed run directory holds no teacher file")
+# What people must state (protocols/governance.py), when they did not.
+NO_PARTIES = not_assessed("no parties declaration: the coordinator's ledger records no parties-declared event (give "
+                          "the run a parties.toml: fedistill simulate --parties, or run.toml parties)")
+NOT_STATED = not_assessed("parties.toml does not state it")
+NO_GOVERNANCE = not_assessed("the site's run-accepted event states no governance (site.toml [governance], or "
+                             "fedistill simulate --site-governance)")
+GOVERNANCE_SILENT = not_assessed("the site's [governance] table does not state it")
 
 
 # ------------------------------------------------------------------------------------------------ evidence
@@ -174,6 +182,19 @@ class RunEvidence:
         it; None when the run has none."""
         started = [e for e in self.coordinator.events if e["kind"] == "run-started"]
         return started[0]["payload"].get("coordinator_stage") if started else None
+
+    @property
+    def parties(self) -> dict[str, Any] | None:
+        """The operator's parties declaration as the coordinator's signed ledger records it (``parties-declared``:
+        content, digest, the file's SHA-256, and the event's seq); None when the run has none."""
+        declared = [e for e in self.coordinator.events if e["kind"] == PARTIES_EVENT
+                    and e["payload"].get("run_id") == self.run_id]
+        return {**declared[0]["payload"], "seq": declared[0]["seq"]} if declared else None
+
+    def accepted(self, site: SiteFiles) -> dict[str, Any] | None:
+        """The site's signed run-accepted event of this run (payload and seq); None when it never accepted it."""
+        events = site.ledger.of_run(self.run_id, "run-accepted")
+        return {**events[0]["payload"], "seq": events[0]["seq"]} if events else None
 
     @property
     def scope_note(self) -> str:
@@ -408,22 +429,83 @@ def _run(ev: RunEvidence) -> dict[str, Any]:
         **({"simulation": {key: config.get(key) for key in ("seed", "subsample", "site_caps", "accountant",
                                                             "fault_injection", "max_records_per_person")}}
            if deployment is None else {"deployment": deployment}),
-        "intended_purpose": NOT_ASSESSED, "intended_users": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED,
-        "regimes_asserted": NOT_ASSESSED,
+        **_intended_use(ev.parties),
     }
 
 
-def _parties(ev: RunEvidence) -> dict[str, Any]:
-    def party(name: str, role: str, ledger: LedgerFile) -> dict[str, Any]:
-        return {"name": name, "function": role, "key_fingerprint": key_fingerprint(ledger.public_key_pem),
-                "legal_entity": NOT_ASSESSED, "role": NOT_ASSESSED, "privacy_officer": NOT_ASSESSED,
-                "jurisdiction": NOT_ASSESSED}
+def _declared(value: Any) -> Any:
+    """A stated value as the ledger holds it, or why it is not assessed."""
+    return NOT_STATED if value is None else value
 
-    return {"coordinator": party("coordinator", "aggregates the sites' updates; never holds a record",
-                                 ev.coordinator),
-            "sites": [party(s.name, "holds its records and its teacher; trains locally under DP-SGD", s.ledger)
-                      for s in ev.sites.values()],
-            "agreements": NOT_ASSESSED}
+
+def _intended_use(parties: dict[str, Any] | None) -> dict[str, Any]:
+    """Section 2's fields that only the operator can state, from its signed parties declaration."""
+    if parties is None:
+        return {"parties_declaration": NO_PARTIES, "intended_purpose": NO_PARTIES, "intended_users": NO_PARTIES,
+                "out_of_scope_uses": NO_PARTIES, "regimes_asserted": NO_PARTIES}
+    content, use = parties["parties"], parties["parties"].get("intended_use", {})
+    return {"parties_declaration": {"declared_in": "the coordinator's signed ledger (parties-declared)",
+                                    "seq": parties["seq"], "digest": parties["digest"],
+                                    "source_sha256": parties.get("source_sha256")},
+            "intended_purpose": _declared(use.get("purpose")), "intended_users": _declared(use.get("users")),
+            "out_of_scope_uses": _declared(use.get("out_of_scope")),
+            "regimes_asserted": [{"key": key, "regime": REGIMES[key], **details}
+                                 for key, details in content.get("regimes", {}).items()]}
+
+
+PARTY_FIELDS = ("legal_entity", "role", "privacy_officer", "jurisdiction")
+
+
+def _parties(ev: RunEvidence) -> dict[str, Any]:
+    parties = ev.parties
+    content = parties["parties"] if parties is not None else {}
+    declared_sites = content.get("sites", {})
+
+    def party(name: str, function: str, ledger: LedgerFile, declared: dict[str, Any] | None) -> dict[str, Any]:
+        if parties is None:
+            stated = dict.fromkeys(PARTY_FIELDS, NO_PARTIES)
+        elif declared is None:
+            stated = dict.fromkeys(PARTY_FIELDS, not_assessed(
+                "parties.toml declares no [coordinator]" if name == "coordinator" else
+                f"parties.toml declares no [sites.{name}]"))
+        else:
+            stated = {key: _declared(declared.get(key)) for key in PARTY_FIELDS}
+        return {"name": name, "function": function, "key_fingerprint": key_fingerprint(ledger.public_key_pem),
+                **stated}
+
+    agreements = content.get("agreements")
+    return {"declared_in": (f"the coordinator's signed ledger (parties-declared, seq {parties['seq']})"
+                            if parties is not None else NO_PARTIES),
+            "coordinator": party("coordinator", "aggregates the sites' updates; never holds a record",
+                                 ev.coordinator, content.get("coordinator")),
+            "sites": [party(s.name, "holds its records and its teacher; trains locally under DP-SGD", s.ledger,
+                            declared_sites.get(s.name)) for s in ev.sites.values()],
+            "agreements": NO_PARTIES if parties is None else agreements or not_assessed(
+                "parties.toml cites no agreement"),
+            # A consortium may declare more sites than take part in one run: named, so none is silently dropped.
+            **({"declared_sites_not_in_run": sorted(set(declared_sites) - set(ev.sites))}
+               if set(declared_sites) - set(ev.sites) else {})}
+
+
+def _governance(accepted: dict[str, Any] | None) -> dict[str, Any]:
+    """A site's records of processing, as its signed run-accepted event states them (site.toml [governance])."""
+    governance = (accepted or {}).get("governance")
+    if governance is None:
+        return {"governance_declared_in": None, "categories_of_subjects_and_data": NO_GOVERNANCE,
+                "lawful_basis": NO_GOVERNANCE, "deidentification": NO_GOVERNANCE, "erasure_schedule": NO_GOVERNANCE}
+
+    def stated(key: str) -> Any:
+        return GOVERNANCE_SILENT if governance.get(key) is None else governance[key]
+
+    categories = ("data_subjects", "data_categories", "special_categories")
+    method, reference = governance.get("deidentification"), governance.get("deidentification_reference")
+    return {"governance_declared_in": f"the site's signed run-accepted event (seq {accepted['seq']})",
+            "categories_of_subjects_and_data": {key: stated(key) for key in categories}
+            if any(key in governance for key in categories) else GOVERNANCE_SILENT,
+            "lawful_basis": stated("lawful_basis"),
+            "deidentification": GOVERNANCE_SILENT if method is None else (f"{method} ({reference})" if reference
+                                                                          else method),
+            "erasure_schedule": stated("erasure")}
 
 
 def _schema(splits: dict[str, Any], class_names: list[str], features: list[str] | None) -> dict[str, Any]:
@@ -458,9 +540,8 @@ def _data_inventory(ev: RunEvidence) -> dict[str, Any]:
             "splits": summary["sites"].get(name, {}) if ev.summary is not None else KEPT_AT_SITE,
             "max_records_per_person": bound["max_records_per_person"],
             "records_per_person_enforced": enforced,
-            "categories_of_subjects_and_data": NOT_ASSESSED, "lawful_basis": NOT_ASSESSED,
-            "deidentification": NOT_ASSESSED, "data_dependent_preprocessing": NOT_ASSESSED,
-            "erasure_schedule": NOT_ASSESSED,
+            **_governance(ev.accepted(site)),
+            "data_dependent_preprocessing": NOT_ASSESSED,
         }
         data_path = site.directory / "data.npz"
         if data_path.is_file():
@@ -1122,7 +1203,7 @@ def _classifier_stages(ev: RunEvidence) -> list[dict[str, Any]]:
                        if continues else "a fresh student (seeded)"),
                    **{key: f.get(key) for key in ("rounds", "local_steps", "batch_size", "learning_rate")},
                    "fragments": federated.get("fragments") or "all",
-                   "epsilon": "per site, section 4"})
+                   "epsilon": f"per site, section {SECTION['privacy']}"})
     finished = [e["payload"] for e in ev.coordinator.events if e["kind"] == "run-finished"]
     if finished and "kept_round" in finished[-1]:
         scores = {e["payload"]["round"]: e["payload"]["score"] for e in ev.coordinator.events
@@ -1172,12 +1253,12 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
     f = ev.federation
     # A deployed causal-LM run has no summary: its card is a deployed run's, like any other.
     facts = causal_lm_facts(ev.summary) if ev.task == CAUSAL_LM and ev.summary is not None else None
-    caveats = ["the teacher's own training data is outside the DP guarantee (section 5)"]
+    caveats = [f"the teacher's own training data is outside the DP guarantee (section {SECTION['privacy']})"]
     caveats += [f"site {name} declared a teacher trained on its private records without DP: its record-level DP "
-                "guarantee is void (section 5)" for name in privacy["federation"]["guarantee_void_at"]]
+                f"guarantee is void (section {SECTION['privacy']})" for name in privacy["federation"]["guarantee_void_at"]]
     if ev.summary is None:
         caveats.append("the coordinator of a deployed run does not evaluate the student: its utility is not "
-                       "assessed here (section 10)")
+                       f"assessed here (section {SECTION['evaluation']})")
         parameters: int | str | None = _checkpoint_parameters(ev)
         teacher: dict[str, Any] = {"description": NO_TEACHER, "files": [], "size": NO_TEACHER}
         # The rounds as the coordinator timed them: a deployment trains nothing else.
@@ -1238,9 +1319,23 @@ def _model_card(ev: RunEvidence, subjects: list[dict[str, Any]], privacy: dict[s
         "compute_seconds": seconds,
         "caveats": caveats,
         **({"causal_lm": facts} if facts is not None else {}),
-        "intended_use": NOT_ASSESSED, "out_of_scope_uses": NOT_ASSESSED, "model_owner": NOT_ASSESSED,
-        "risk_tier": NOT_ASSESSED, "independent_validator": NOT_ASSESSED, "inventory_id": NOT_ASSESSED,
+        **_model_governance(ev.parties),
     }
+
+
+MODEL_RISK_FIELDS = ("model_owner", "risk_tier", "independent_validator", "inventory_id")
+
+
+def _model_governance(parties: dict[str, Any] | None) -> dict[str, Any]:
+    """The card's intended use (parties.toml [intended_use]) and, under SR 11-7, its model-risk entries."""
+    if parties is None:
+        return dict.fromkeys(("intended_use", "out_of_scope_uses", *MODEL_RISK_FIELDS), NO_PARTIES)
+    content = parties["parties"]
+    use, model_risk = content.get("intended_use", {}), content.get("regimes", {}).get("sr_11_7")
+    return {"intended_use": _declared(use.get("purpose")), "out_of_scope_uses": _declared(use.get("out_of_scope")),
+            # Model-risk entries belong to SR 11-7: where it is not declared they do not apply (not an open item).
+            **{key: ("not applicable: SR 11-7 is not declared" if model_risk is None else
+                     _declared(model_risk.get(key))) for key in MODEL_RISK_FIELDS}}
 
 
 MODELS = (("teacher", "teacher"), ("federated", "federated student"),
@@ -1312,129 +1407,7 @@ def _lineage(ev: RunEvidence, weights: dict[str, Any]) -> dict[str, Any]:
             "config_diff": NOT_ASSESSED, "substantial_modification": NOT_ASSESSED}
 
 
-# ------------------------------------------------------------------------------------------------ section 13
-def _names(path: str, pattern: str) -> bool:
-    """``student/`` names a folder; ``ledger.jsonl`` names the coordinator's file and every site's."""
-    if pattern.endswith("/"):
-        return path.startswith(pattern)
-    return path == pattern or path.endswith("/" + pattern)
-
-
-def _evidence(subjects: list[dict[str, Any]], pointers: list[str], *patterns: str) -> dict[str, Any]:
-    """Where in report.json, and which files (with their digests), a crosswalk row rests on; a file the run
-    lacks is never cited."""
-    return {"report": pointers, "files": [{"path": s["path"], "sha256": s["sha256"]} for s in subjects
-                                          if s["sha256"] != "missing" and any(_names(s["path"], p) for p in patterns)]}
-
-
-def _crosswalk(ev: RunEvidence, subjects: list[dict[str, Any]], weights: dict[str, Any]) -> dict[str, Any]:
-    verified = bool(ev.audit.get("verified"))
-    intact = verified and weights["result"] == "ok"
-    private = ev.federation.get("target_epsilon") is not None
-    secure = bool(ev.federation.get("secure_aggregation"))
-    flows_readable = all(s.ledger.error is None for s in ev.sites.values())
-    attested = ev.transport if verified else None
-    ledgers = ["ledger.jsonl", "ledger_key.pub.pem"]
-    failure = f"verification failed: {ev.audit.get('failure')}"
-    # A simulation's summary holds the evaluation and the data inventory; a deployed run has neither, so its rows
-    # cite neither and say why in their basis.
-    simulated = ev.summary is not None
-    evaluation, inventory = (["#/evaluation"], ["#/data_inventory"]) if simulated else ([], [])
-    unevaluated = "" if simulated else f"; evaluation is {NO_EVALUATION}"
-
-    def row(regime: str, clause: str, requirement: str, sections: list[int], evidence: dict[str, Any], status: str,
-            basis: str) -> dict[str, Any]:
-        return {"regime": regime, "clause": clause, "requirement": requirement, "sections": sections,
-                "evidence": evidence, "status": status, "basis": basis}
-
-    none: dict[str, Any] = {"report": [], "files": []}
-    rows = [
-        row("HIPAA", "45 CFR 164.312(a)(1)-(2)", "access control: unique user IDs, emergency access, automatic "
-            "logoff, encryption", [7], none, NOT_ASSESSED, ev.scope_note),
-        row("HIPAA", "45 CFR 164.312(b)", "audit controls that record and examine activity", [8, 14],
-            _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
-            "every site and the coordinator keep a signed, hash-chained ledger; fedistill verify examined them"
-            if verified else failure),
-        row("HIPAA", "45 CFR 164.312(c)(1)-(2)", "integrity: protection against improper alteration, and a "
-            "mechanism to corroborate it", [0, 8, 12, 14],
-            _evidence(subjects, ["#/envelope/subjects", "#/lineage/final_weights_check"], *ledgers, "student/"),
-            "met" if intact else "not met",
-            "ledgers verify and the checkpointed weights hash to the recorded student digest" if intact else
-            (failure if not verified else "the checkpointed weights do not hash to the recorded student digest")),
-        row("HIPAA", "45 CFR 164.312(d)", "person or entity authentication", [2, 7],
-            _evidence(subjects, ["#/parties", "#/access_control"], *ledgers),
-            "met" if attested else "partial",
-            "each actor signs its own ledger with its own Ed25519 key; " + (
-                f"only SuperNodes holding one of the {len(attested['registered_sites'])} registered site keys may "
-                f"join ({TRANSPORT_ATTESTED})" if attested else
-                f"node authentication (SuperNode keys, mTLS) is {NOT_ASSESSED}: " + ev.scope_note)),
-        row("HIPAA", "45 CFR 164.312(e)(1)-(2)", "transmission security: integrity controls and encryption in "
-            "transit", [6], _evidence(subjects, ["#/secure_aggregation"], "config.json",
-                                      *(ledgers if attested else [])) if secure or attested else none,
-            "met" if secure and attested else "partial" if secure or attested else NOT_ASSESSED,
-            ("updates travel masked by SecAgg+; " if secure else "") + (
-                f"every connection is TLS under the consortium CA ({TRANSPORT_ATTESTED})" if attested else
-                f"TLS is {NOT_ASSESSED}: " + ev.scope_note)),
-        row("GDPR", "Art. 5(1)(c), 5(2)", "data minimisation and accountability: what left each site and why",
-            [4, 5], _evidence(subjects, ["#/data_flows"], "ledger.jsonl") if flows_readable else none,
-            "partial" if flows_readable else NOT_ASSESSED,
-            ("what left each site each round is enumerated from its own signed ledger; the necessity rationale "
-             f"is {NOT_ASSESSED}") if flows_readable else "a site ledger could not be read"),
-        row("GDPR", "Art. 25", "data protection by design and by default", [5, 6],
-            _evidence(subjects, ["#/privacy", "#/secure_aggregation"], "config.json", "policy.json"),
-            "met" if private and secure else ("partial" if private or secure else "not met"),
-            "local training; DP-SGD at every site" + (" (on)" if private else " (off in this run)")
-            + "; SecAgg+" + (" (on)" if secure else " (off in this run)") + "; both are the defaults"),
-        row("GDPR", "Art. 30(1)(a)-(g)", "records of processing", [1, 2, 3, 4],
-            _evidence(subjects, ["#/run", *inventory, "#/data_flows"], "config.json", "summary.json"),
-            "partial", ("categories of data (section 3), " if simulated else "")
-            + "recipients (section 4) and security measures (sections 5, 6, 8) are evidenced; "
-            + ("" if simulated else f"the data inventory is {KEPT_AT_SITE}; ")
-            + f"controller and DPO contacts, purposes, transfers and erasure limits are {NOT_ASSESSED}"),
-        row("GDPR", "Art. 32(1)(a)-(d)", "security of processing: encryption, confidentiality and integrity, "
-            "restore, regular testing", [5, 6, 8, 14],
-            _evidence(subjects, ["#/privacy", "#/secure_aggregation", "#/verification"], *ledgers, "privacy.json"),
-            "partial", "DP-SGD, SecAgg+ masking and verifiable ledgers are evidenced"
-            + ("" if verified else f" ({failure})") + f"; availability, resilience and restore are {NOT_ASSESSED}"),
-        row("GDPR", "Art. 35(7)(a)-(d)", "data protection impact assessment", [11], none, NOT_ASSESSED,
-            "no DPIA is linked to the run"),
-        row("EU AI Act", "Art. 11", "technical documentation", [1, 9, 10],
-            _evidence(subjects, ["#/run", "#/model_card", *evaluation], "config.json", "summary.json", "student/"),
-            "partial", f"generated from the run{unevaluated}; intended purpose, risk management and conformity are "
-            f"{NOT_ASSESSED}"),
-        row("EU AI Act", "Art. 12", "automatic recording of events (logs) for traceability", [8],
-            _evidence(subjects, ["#/audit_trail"], *ledgers), "met" if verified else "not met",
-            ("every round is recorded automatically in signed, hash-chained ledgers at the coordinator and every "
-             f"site; retention (Art. 19, at least 6 months) is {NOT_ASSESSED}") if verified else failure),
-        row("EU AI Act", "Annex IV point 1", "general description: purpose, versions, hardware", [1],
-            _evidence(subjects, ["#/run"], "config.json"), "partial",
-            ("software versions and configuration are evidenced; purpose and hardware are " if simulated else
-             "the coordinator's code version and the configuration are evidenced; the sites' package versions, "
-             "purpose and hardware are ") + NOT_ASSESSED),
-        row("EU AI Act", "Annex IV point 2", "development: methods, pre-trained components, design choices, "
-            "architecture, data provenance, validation, cybersecurity", [3, 5, 6, 9, 10],
-            _evidence(subjects, ["#/model_card", *inventory, *evaluation], "config.json", "student/", "summary.json",
-                      "teacher/"),
-            "partial", "evidenced from the run" + ("" if simulated else f"; data provenance is {KEPT_AT_SITE}")
-            + f"{unevaluated}; compute resources and datasheet narrative are {NOT_ASSESSED}"),
-        row("EU AI Act", "Annex IV points 3-9", "monitoring, metrics appropriateness, risk management, lifecycle "
-            "changes, standards, declaration of conformity, post-market monitoring", [11, 12], none, NOT_ASSESSED,
-            "outside what a run can evidence"),
-        row("SR 11-7", "model risk management (OCC 2011-12)", "documentation, data, limitations, outcomes analysis, "
-            "independent validation, monitoring, change control", [9, 10, 12, 14],
-            _evidence(subjects, ["#/model_card", *evaluation, "#/lineage"], "summary.json", "metrics.jsonl"),
-            "partial", ("model documentation, data, caveats and outcomes against baselines are evidenced" if simulated
-                        else f"model documentation and caveats are evidenced; the data is {KEPT_AT_SITE}"
-                        + unevaluated)
-            + f"; inventory entry, independent validation, ongoing monitoring and change control are {NOT_ASSESSED}"),
-    ]
-    return {"statuses": ["met", "partial", "not met", NOT_ASSESSED],
-            "note": "presence of evidence is machine-checked; its adequacy is a judgement for the privacy officer "
-                    "and counsel, and the report is not legal advice",
-            "rows": rows}
-
-
-# ------------------------------------------------------------------------------------------------ section 14
+# ------------------------------------------------------------------------------------------------ section 15
 def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, Any],
                   config_recomputes: bool) -> dict[str, Any]:
     run = str(ev.run_dir)
@@ -1463,25 +1436,30 @@ def _verification(ev: RunEvidence, privacy: dict[str, Any], weights: dict[str, A
         "tool": {"name": "fedistill verify", "version": _version_of("fedistill")},
         "commands": [f"fedistill verify {run}", f"fedistill verify {run} --format json",
                      *(f"fedistill site report {run}/sites/{name} --format json" for name in ev.sites),
-                     f"cd {run} && sha256sum <path>   # for each subject of section 0"],
+                     f"cd {run} && sha256sum <path>   # for each subject of section {SECTION['envelope']}"],
         "verified": bool(audit["verified"]), "status": audit.get("status", "failed"), "checks": checks,
         "report_checks": report_checks,
         "not_machine_checked": [
-            "section 1: intended purpose, users and regimes asserted",
-            "section 2: legal entities, roles, privacy officers, jurisdictions and agreements",
-            "section 3: data categories, lawful basis, de-identification; the data digests cannot be checked "
-            "without the records",
-            "section 4: the never-leaves list, a property of the code (client/train.py), not of the ledgers",
-            "section 5: the setting, trust model and unprotected quantities (narrative)",
-            "section 6: transport security (TLS) and SecAgg+ parameters Flower does not record",
-            "section 7: access control and authentication of people",
-            "section 8: clock source and retention",
-            "section 9: intended use, owner, risk tier, validator",
-            "section 10: evaluation metrics need the sites' test records to recompute; reported as the simulation "
-            "computed them" if ev.summary is not None else "section 10: the training loss per round, as the sites "
-            "reported it (a deployed run has no coordinator-side evaluation)",
-            "sections 11-12: DPIA, risk management, substantial modification",
-            "section 13: the adequacy of the evidence for each clause",
+            f"section {SECTION['run']}: intended purpose, users and regimes asserted (the operator's parties.toml, "
+            "signed into the coordinator's ledger: the signature shows who declared them, not that they are true)",
+            f"section {SECTION['parties']}: legal entities, roles, privacy officers, jurisdictions and agreements "
+            "(declared, as above)",
+            f"section {SECTION['data_inventory']}: data categories, lawful basis, de-identification and erasure (each "
+            "site's declaration in its run-accepted event); the data digests cannot be checked without the records",
+            f"section {SECTION['data_flows']}: the never-leaves list, a property of the code (client/train.py), not of "
+            "the ledgers",
+            f"section {SECTION['privacy']}: the setting, trust model and unprotected quantities (narrative)",
+            f"section {SECTION['secure_aggregation']}: transport security (TLS) and SecAgg+ parameters Flower does not "
+            "record",
+            f"section {SECTION['access_control']}: access control and authentication of people",
+            f"section {SECTION['audit_trail']}: clock source and retention",
+            f"section {SECTION['model_card']}: owner, risk tier, validator (declared under SR 11-7 where it is)",
+            f"section {SECTION['evaluation']}: evaluation metrics need the sites' test records to recompute; reported "
+            "as the simulation computed them" if ev.summary is not None else f"section {SECTION['evaluation']}: the "
+            "training loss per round, as the sites reported it (a deployed run has no coordinator-side evaluation)",
+            f"sections {SECTION['risk']}-{SECTION['lineage']}: DPIA, risk management, substantial modification",
+            f"section {SECTION['crosswalk']}: the adequacy of the evidence for each clause, and whether the declared "
+            "regimes are all that apply",
             "completeness and truth at capture: a ledger shows that nothing changed after signing, not that what was "
             "written was complete or true",
             "sign-offs by privacy officers, security officer, validator and operator are not part of a generated "
@@ -1503,9 +1481,7 @@ def report_of(ev: RunEvidence) -> dict[str, Any]:
     weights = _weights_check(ev)
     run = _run(ev)
     privacy = _privacy(ev)
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "sections": [{"key": key, "number": number, "title": title} for key, number, title in SECTIONS],
+    built: dict[str, Any] = {
         "envelope": envelope,
         "run": run,
         "parties": _parties(ev),
@@ -1519,9 +1495,15 @@ def report_of(ev: RunEvidence) -> dict[str, Any]:
         "evaluation": _evaluation(ev),
         "risk": _risk(),
         "lineage": _lineage(ev, weights),
-        "crosswalk": _crosswalk(ev, subjects, weights),
         "verification": _verification(ev, privacy, weights, run["config_hash_recomputes"]),
     }
+    sections = [{"key": key, "number": number, "title": title} for key, number, title in SECTIONS]
+    # The crosswalk, then the summary, are derived from the sections above only, so a verifier recomputes both.
+    built["crosswalk"] = crosswalk_of({"sections": sections, **built})
+    built["summary"] = summary_of({"sections": sections, **built})
+    # In the outline's order: the summary first, the envelope (files and hashes) last.
+    report: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "sections": sections,
+                              **{key: built[key] for key, _, _ in SECTIONS}}
     envelope["report_id"] = report_id(report)
     return report
 

@@ -8,7 +8,9 @@ names the file and what failed:
    run-started event names the same config hash; a curriculum's coordinator stage is recorded there with the
    config's settings, no site record read and epsilon 0, and ``stages/coordinator/`` hashes to its digest; a run
    that continues an earlier one (``--from``) started from ``stages/start/``, which hashes to the final student
-   the config names, and the earlier run's ledger, when it is beside this run, still holds the recorded head;
+   the config names, and the earlier run's ledger, when it is beside this run, still holds the recorded head; a
+   parties declaration (``parties-declared``) is recorded once, before the first signed checkpoint, parses as a
+   parties.toml and its digest recomputes from its content;
 3. every site's ledger (``sites/<site>/``): chain and signatures with the site's own public key;
 4. cross-signatures: every site head a coordinator checkpoint recorded is in that site's ledger;
 5. the sites anchor the coordinator: every site pinned the fingerprint of the coordinator's key in its
@@ -45,7 +47,8 @@ from compliance.report_signature import verify_report
 from protocols.accounting import PrivacyState, Spend, pld_epsilon
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.curriculum import START_STUDENT
-from protocols.errors import LedgerTampered
+from protocols.errors import ConfigError, LedgerTampered
+from protocols.governance import PARTIES_EVENT, PartiesDeclaration
 from protocols.knowledge import PROXY_FILE
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
 
@@ -364,6 +367,30 @@ def _verify_continuation(run_dir: Path, started: dict[str, Any], report: AuditRe
                          "on its own)")
 
 
+def _verify_parties(run_dir: Path, events: list[dict[str, Any]], run_id: str, report: AuditReport) -> None:
+    """The operator's parties declaration: at most one, of this run, signed by the checkpoint after run-started
+    (so before any site accepted the run), a valid parties.toml whose digest is the one recorded beside it."""
+    ledger = run_dir / "ledger.jsonl"
+    declared = [e for e in events if e["kind"] == PARTIES_EVENT]
+    if not declared:
+        return
+    first_checkpoint = next((e for e in events if e["kind"] == "checkpoint"), None)
+    event = declared[0]
+    if len(declared) > 1 or event["payload"].get("run_id") != run_id or first_checkpoint is None \
+            or event["seq"] > first_checkpoint["payload"]["signed_seq"]:
+        raise LedgerTampered(f"{ledger}, seq {event['seq']}: a parties declaration must be recorded once, for run "
+                             f"{run_id}, before the first signed checkpoint; this ledger records {len(declared)}.")
+    try:
+        parties = PartiesDeclaration.from_dict(event["payload"].get("parties"), f"{ledger}, seq {event['seq']}")
+    except ConfigError as err:
+        raise LedgerTampered(f"the recorded parties declaration is not a valid parties.toml: {err}") from None
+    if parties.digest != event["payload"].get("digest"):
+        raise LedgerTampered(f"{ledger}, seq {event['seq']}: the parties declaration does not hash to the digest "
+                             "recorded beside it.")
+    report.checks.append(f"parties-declared: {len(parties.sites)} site(s), regimes "
+                         f"{', '.join(r.name for r in parties.regimes) or 'none'}; its digest recomputes")
+
+
 def _verify_site_local(run_dir: Path, events: list[dict[str, Any]], site_events: dict[str, list[dict[str, Any]]],
                        report: AuditReport) -> None:
     """A site-local stage: what the coordinator signed as released is what each site's own ledger recorded, and
@@ -526,6 +553,7 @@ def verify_run(run_dir: Path, check_report: bool = True) -> AuditReport:
                              + (" (a public stage made it)" if base.get("public_stage") else ""))
     _verify_coordinator_stage(run_dir, started[0]["payload"], report)
     _verify_continuation(run_dir, started[0]["payload"], report)
+    _verify_parties(run_dir, events, run_id, report)
     report.checks.append(f"coordinator ledger: {coordinator.events} events, {coordinator.checkpoints} signed "
                          "checkpoints verify")
     site_dirs = sorted(p for p in (run_dir / "sites").iterdir() if p.is_dir()) if (run_dir / "sites").is_dir() else []

@@ -23,6 +23,7 @@ from protocols.canonical import atomic_write_bytes, atomic_write_json
 from protocols.config import FederationConfig
 from protocols.curriculum import START_STUDENT, stage_of
 from protocols.errors import ConfigError, LedgerTampered
+from protocols.governance import PartiesDeclaration
 from protocols.knowledge import PROXY_FILE
 from protocols.ledger import resumable_run
 from protocols.messages import LocalStageRequest, TrainInstruction, ValidationRequest
@@ -290,8 +291,13 @@ def coordinator_from_run_config(context: Context) -> tuple[Coordinator, int]:
     if config.continues is not None:
         state = _start_student(str(run_config.get("start-student", "")), run_dir, resume)
     proxy = _proxy_set(str(run_config.get("proxy-set", "")), config, run_dir, resume)
+    # run.toml's parties.toml, as `fedistill run` parsed it: checked again here, then recorded in the run ledger.
+    declared = json.loads(str(run_config.get("parties") or "null"))
+    parties = None if declared is None else PartiesDeclaration.from_dict(
+        declared["content"], "run config 'parties'", declared.get("source_sha256"))
     coordinator = Coordinator(config, run_id, run_dir, signing_key=Path(signing_key) if signing_key else None,
-                              transport=transport, coordinator_stage=record, initial_state=state, proxy_path=proxy)
+                              transport=transport, coordinator_stage=record, initial_state=state, proxy_path=proxy,
+                              parties=parties)
     if resume:
         coordinator.resume()
     else:

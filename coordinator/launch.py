@@ -17,6 +17,9 @@ Flower's run config). No site record is read.
 A knowledge run (``[federation.knowledge]``, docs/knowledge.md) names its proxy set with run.toml's ``proxy_set``:
 the file the operator ships to every site (public inputs only). Its SHA-256 and record count are filled into the
 config here (or checked, when the table states them), and the ServerApp keeps a copy in the run directory.
+
+run.toml's ``parties`` names the operator's parties.toml (protocols/governance.py): parsed and checked here, before
+anything is submitted, then recorded by the ServerApp in the run ledger's ``parties-declared`` event.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ from protocols.config import FederationConfig, load_versioned_toml
 from protocols.curriculum import Continuation, stage_of
 from protocols.errors import ConfigError, DataError, FedistillError
 from protocols.fields import reject_unknown_fields
+from protocols.governance import PartiesDeclaration, load_parties
 from protocols.ledger import resumable_run
 
 SCHEMA_VERSION = 1
 # run.toml's top-level fields; [federation] is FederationConfig's, which refuses unknown fields itself.
 RUN_FIELDS = ("schema_version", "coordinator", "out_dir", "wait_for_sites", "timeout_minutes", "federation",
-              "coordinator_stage", "proxy_set")
+              "coordinator_stage", "proxy_set", "parties")
 # [coordinator_stage]: the public records table (its columns as a classification site's [data] names them) and the
 # public teacher.
 STAGE_FIELDS = ("records", "label", "classes", "features", "person_id", "teacher")
@@ -85,6 +89,7 @@ start-student = ""
 proxy-set = ""
 signing-key = ""
 transport = ""
+parties = ""
 """
 
 
@@ -112,6 +117,8 @@ class RunFile:
     coordinator_stage: CoordinatorStageFile | None = None
     # A knowledge run's proxy set (run.toml proxy_set), registered in the config by its SHA-256.
     proxy_set: Path | None = None
+    # The operator's parties.toml (run.toml parties), recorded by the coordinator in the run ledger at run start.
+    parties: PartiesDeclaration | None = None
 
     @classmethod
     def load(cls, path: Path) -> RunFile:
@@ -133,13 +140,18 @@ class RunFile:
         federation = FederationConfig.from_dict(_with_absolute_base(federation_table, path.parent),
                                                 where=f"{where} [federation]")
         coordinator_stage = _coordinator_stage(raw, federation, path.parent, where)
+        parties = raw.get("parties")
+        if parties is not None and (not isinstance(parties, str) or not parties):
+            raise ConfigError(f"{where}: field 'parties' must be the path of the run's parties.toml (relative to "
+                              f"run.toml), got {parties!r}.")
         if federation.student.family == "causal_lm":
             _check_student_base(federation, where)
         if federation.secure_aggregation and sites < federation.min_cohort:
             raise ConfigError(f"{where}: wait_for_sites={sites} is below [federation] min_cohort="
                               f"{federation.min_cohort}, which secure aggregation needs.")
         return cls(path, CoordinatorDir.load(path.parent / raw["coordinator"]), (path.parent / raw["out_dir"]).resolve(),
-                   sites, float(minutes) * 60, federation, coordinator_stage, proxy_set)
+                   sites, float(minutes) * 60, federation, coordinator_stage, proxy_set,
+                   load_parties(path.parent / parties) if parties else None)
 
     @property
     def stage_dir(self) -> Path:
@@ -157,7 +169,10 @@ class RunFile:
                 "min-sites": self.wait_for_sites, "resume-run": resume or "",
                 "coordinator-stage": str(coordinator_stage or ""), "start-student": str(start_student or ""),
                 "proxy-set": str(self.proxy_set or ""), "signing-key": str(self.coordinator.signing_key),
-                "transport": json.dumps(self.coordinator.transport(), sort_keys=True)}
+                "transport": json.dumps(self.coordinator.transport(), sort_keys=True),
+                # Parsed and checked here; the ServerApp parses the content again and records it in the run ledger.
+                "parties": json.dumps({"content": self.parties.to_dict(), "source_sha256": self.parties.source_sha256},
+                                      sort_keys=True) if self.parties is not None else ""}
 
 
 def _proxy_set(raw: dict[str, Any], directory: Path, where: str) -> tuple[Path | None, dict[str, Any]]:

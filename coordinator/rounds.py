@@ -33,6 +33,7 @@ from protocols.curriculum import Stage, stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.knowledge import SOFT_LABELS, check_soft_labels, load_proxy
 from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
+from protocols.governance import PARTIES_EVENT, PartiesDeclaration, parties_event
 from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction, ValidationRequest
 from protocols.secagg import decode_aggregate, site_weight
@@ -48,11 +49,13 @@ class Coordinator:
     def __init__(self, config: FederationConfig, run_id: str, run_dir: Path, evaluate: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None, signing_key: Path | None = None,
                  transport: dict[str, Any] | None = None, coordinator_stage: dict[str, Any] | None = None,
-                 initial_state: dict[str, np.ndarray] | None = None, proxy_path: Path | None = None) -> None:
+                 initial_state: dict[str, np.ndarray] | None = None, proxy_path: Path | None = None,
+                 parties: PartiesDeclaration | None = None) -> None:
         """``initial_state`` is the student the rounds start from: the one a coordinator stage produced
         (coordinator.curriculum), with ``coordinator_stage`` that stage's record, or the finished student of the run
         the config continues (``config.continues``, coordinator.continuation). Its digest must be the one named.
-        ``proxy_path`` is a knowledge run's proxy set, checked against the digest the config registers."""
+        ``proxy_path`` is a knowledge run's proxy set, checked against the digest the config registers. ``parties``
+        is the operator's parties.toml, recorded in the ledger right after run-started (``parties-declared``)."""
         self.config, self.run_id, self.run_dir = config, run_id, Path(run_dir)
         self.proxy = None
         if config.knowledge is not None:
@@ -101,6 +104,7 @@ class Coordinator:
         self.records: list[dict[str, Any]] = []
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
+        self.parties = parties
         self._ledger: Ledger | None = None
         # One instruction per round and process: its nonce binds the replies to this very request.
         self._instructions: dict[int, TrainInstruction] = {}
@@ -118,6 +122,9 @@ class Coordinator:
                                     | ({"student_base": base_provenance(self.config.student.causal_lm())}
                                        if self.family == "causal_lm" else {})
                                     | ({"coordinator_stage": self.coordinator_stage} if self.coordinator_stage else {}))
+                if self.parties is not None:
+                    # What only people know (legal entities, intended use, regimes), signed before the first round.
+                    self._ledger.append(PARTIES_EVENT, parties_event(self.run_id, self.parties))
                 # Signed at once, so that the first instruction already carries a checkpoint the sites record.
                 self._ledger.checkpoint({"run_id": self.run_id, "after": "run-started"})
         return self._ledger
@@ -441,6 +448,10 @@ class Coordinator:
                 raise LedgerTampered(f"cannot resume run {self.run_id}: the checkpointed student of round {round_} "
                                      "is not the one the run ledger recorded for that round.")
             self.model, self.state, kept = model, state, round_
+        recorded_parties = [e["payload"]["digest"] for e in events if e["kind"] == PARTIES_EVENT]
+        if self.parties is not None and recorded_parties != [self.parties.digest]:
+            raise ConfigError(f"cannot resume run {self.run_id}: its parties declaration is not the one the run "
+                              "ledger recorded when it started; resume with the parties.toml the run started with.")
         superseded = sorted(r for r in recorded if r > kept)
         self.ledger.append("run-resumed", {"run_id": self.run_id, "config_hash": self.config_hash,
                                            "from_round": kept + 1, "superseded_rounds": superseded}

@@ -294,12 +294,20 @@ def simulate_command(
                                                        "round on the proxy set (default 200)."),
     server_learning_rate: float | None = typer.Option(None, help="Knowledge runs: the coordinator's distillation "
                                                                  "learning rate (default 1e-3, Adam)."),
+    parties: Path | None = typer.Option(None, "--parties", help="The operator's parties.toml (legal entities, roles, "
+                                                               "intended use, regimes declared), recorded in the "
+                                                               "coordinator's ledger; examples/parties/."),
+    site_governance: Path | None = typer.Option(None, "--site-governance", help="A TOML of [governance.SITE] tables "
+                                                                                "(each site's records of processing, "
+                                                                                "as its site.toml [governance]); "
+                                                                                "recorded in each site's ledger."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
     report: bool = typer.Option(False, "--report", help="Then write each run's compliance report (RUN_DIR/report: "
                                                         "json, html, pdf; fedistill report) and print where."),
 ) -> None:
     """Run a multi-site federated distillation simulation, with baselines, and print the comparison."""
     from compliance.render import chromium_path
+    from protocols.governance import load_parties, load_site_governance
     from simulations.runner import SimulationOptions, simulate, simulate_sweep
 
     console = make_console(stderr=output_format is OutputFormat.json)
@@ -322,7 +330,10 @@ def simulate_command(
                                     pate_noise_multiplier=pate_noise_multiplier,
                                     site_students=parse_site_students(site_student), shared_tokens=shared_tokens,
                                     server_steps=server_steps,
-                                    server_learning_rate=server_learning_rate)
+                                    server_learning_rate=server_learning_rate,
+                                    parties=load_parties(parties) if parties is not None else None,
+                                    site_governance=load_site_governance(site_governance)
+                                    if site_governance is not None else {})
         if report:
             chromium_path()  # the PDF printer is checked before the run, not after it
         if len(levels) > 1:

@@ -44,6 +44,7 @@ from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_he
 from protocols.curriculum import Continuation, stage_of
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, PRIVACY_UNITS, FederationConfig
 from protocols.errors import ConfigError
+from protocols.governance import Governance, PartiesDeclaration
 from protocols.knowledge import KNOWLEDGE_MODES, PROXY_FILE, proxy_file_bytes
 from simulations.baselines import run_baselines
 from simulations.causal_runner import (PRIVACY_FREE_BASELINES, CausalEvaluation, causal_baselines,
@@ -111,6 +112,10 @@ class SimulationOptions:
     # The coordinator's server-side distillation per round (None: protocols/knowledge.py's defaults).
     server_steps: int | None = None
     server_learning_rate: float | None = None
+    # What only people know: the operator's parties.toml (recorded in the coordinator's ledger at run start) and
+    # each site's [governance] table (recorded in its run-accepted event); docs/deploy.md, "Parties and governance".
+    parties: PartiesDeclaration | None = None
+    site_governance: dict[str, Governance] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.proxy_records is not None and self.proxy_records < 1:
@@ -286,7 +291,8 @@ def _prepare_sites(scenario, options: SimulationOptions) -> None:
                           f"soft labels travel, and only as an MLP (this run: mode {options.knowledge_mode}, student "
                           f"{scenario.family}).")
     for option, names in (("--site-cap", set(options.site_caps)), ("--fail-site", {s for s, _ in options.fail_sites}),
-                          ("--site-student", set(options.site_students))):
+                          ("--site-student", set(options.site_students)),
+                          ("--site-governance", set(options.site_governance))):
         unknown = sorted(names - set(scenario.sites))
         if unknown:
             raise ConfigError(f"{option} names unknown site(s) {', '.join(unknown)}; the sites are "
@@ -410,7 +416,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
             shutil.copytree(Path(options.from_run) / "sites" / name, run_dir / "sites" / name)
         state_dirs.append(create_site(run_dir / "sites" / name, name, splits, teacher_path, policy, secret,
                                       teacher_declaration=scenario.teacher_declaration,
-                                      knowledge_student_hidden=options.site_students.get(name)).state_dir)
+                                      knowledge_student_hidden=options.site_students.get(name),
+                                      governance=options.site_governance.get(name)).state_dir)
         if proxy is not None:
             atomic_write_bytes(state_dirs[-1] / PROXY_FILE, proxy)  # the operator ships the same file to every site
 
@@ -427,7 +434,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         return Coordinator(config, run_id, run_dir, evaluate=evaluate, on_round=reporter.round_finished,
                            coordinator_stage=coordinator_stage.record if coordinator_stage else None,
                            initial_state=coordinator_stage.state if coordinator_stage else start_state,
-                           proxy_path=proxy_path)
+                           proxy_path=proxy_path, parties=options.parties)
 
     privacy_text = (f"DP-SGD at epsilon {config.target_epsilon:g} per site" if config.private else "no DP")
     reporter.stage(f"federated distillation: {len(state_dirs)} sites, {config.rounds} rounds, {privacy_text}")

@@ -1,7 +1,9 @@
-"""`fedistill report` on the shared small run: report.json against the ledgers and the summary, the crosswalk,
-an altered run, the same run reshaped as a deployment's run directory, and the HTML and PDF as headless Chromium
-renders them."""
+"""`fedistill report` on the shared small run with the example parties.toml and two sites' governance: report.json
+against the ledgers and the summary, the executive summary, the parties and governance it reads from the ledgers,
+the crosswalk of the declared regimes (and none without a declaration), an altered run, the same run reshaped as a
+deployment's run directory, and the HTML and PDF as headless Chromium renders them."""
 
+import html
 import json
 import re
 import shutil
@@ -16,25 +18,30 @@ from typer.testing import CliRunner
 
 from compliance import render
 from compliance.render import heading, run_chromium, write_report
+from compliance.crosswalk import crosswalk_of
 from compliance.report import (NOT_ASSESSED, PROFILE_DELTAS, SECTIONS, build_report, dp_statement, file_sha256,
                                is_not_assessed, report_id)
+from compliance.summary import summary_of
 from fedistill.cli import app
 from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, epsilon_of
 from protocols.errors import ExternalToolError
+from protocols.governance import load_parties
 from protocols.ledger import read_events
+from tests.conftest import GOVERNED_SITES, PARTIES_EXAMPLE
 from tests.test_cli_simulate import run_cli
 from tests.test_verify import rewrite_lines
 
+# The example consortium declares HIPAA and GDPR: exactly their clauses are mapped, and nothing else.
 CROSSWALK_CLAUSES = {"45 CFR 164.312(a)(1)-(2)", "45 CFR 164.312(b)", "45 CFR 164.312(c)(1)-(2)", "45 CFR 164.312(d)",
-                     "45 CFR 164.312(e)(1)-(2)", "Art. 5(1)(c), 5(2)", "Art. 25", "Art. 30(1)(a)-(g)",
-                     "Art. 32(1)(a)-(d)", "Art. 35(7)(a)-(d)", "Art. 11", "Art. 12", "Annex IV point 1",
-                     "Annex IV point 2", "Annex IV points 3-9", "model risk management (OCC 2011-12)"}
+                     "45 CFR 164.312(e)(1)-(2)", "45 CFR 164.316(b)(2)", "45 CFR 164.514(b)", "Art. 5(1)(c), 5(2)",
+                     "Art. 6(1), 9(2)", "Art. 25", "Art. 26, 28", "Art. 30(1)(a)-(g)", "Art. 32(1)(a)-(d)",
+                     "Art. 35(7)(a)-(d)"}
 
 
 @pytest.fixture(scope="module")
-def reported_run(verified_run, tmp_path_factory):
-    """A copy of the shared run with its report written by the CLI, in all three formats, to RUN_DIR/report."""
-    run_dir = Path(shutil.copytree(verified_run, tmp_path_factory.mktemp("reported") / "run"))
+def reported_run(declared_run, tmp_path_factory):
+    """A copy of the declared run with its report written by the CLI, in all three formats, to RUN_DIR/report."""
+    run_dir = Path(shutil.copytree(declared_run, tmp_path_factory.mktemp("reported") / "run"))
     result = run_cli("report", str(run_dir), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result.stdout
@@ -105,7 +112,7 @@ def test_data_flows_and_epsilons_match_the_site_ledgers_and_the_summary(reported
         assert block["budget"]["within_cap"] is True and block["budget"]["refusals"] == []
         # The plain-language sentence is generated from the block's own numbers, so it regenerates exactly.
         assert block["statement"] == dp_statement(site, block)
-        assert f"{block['epsilon_total']:.4g}" in block["statement"] and "record-level" in block["statement"]
+        assert f"{block['epsilon_total']:.4g}" in block["statement"] and block["unit_of_privacy"] in block["statement"]
     federation = report["privacy"]["federation"]
     spent = [summary["privacy"]["sites"][s]["epsilon"] for s in summary["sites"]]
     assert federation["max_epsilon"] == pytest.approx(max(spent), rel=0.02)
@@ -135,24 +142,129 @@ def test_evaluation_secure_aggregation_and_audit_trail_come_from_the_run(reporte
     assert all(check["result"] == "ok" for check in report["verification"]["report_checks"])
 
 
-def test_the_crosswalk_maps_every_clause_and_never_invents_evidence(report):
-    rows = {row["clause"]: row for row in report["crosswalk"]["rows"]}
+def test_the_crosswalk_maps_the_declared_regimes_only_and_never_invents_evidence(report):
+    crosswalk = report["crosswalk"]
+    assert crosswalk["regimes_declared"] == ["GDPR", "HIPAA"] and "GDPR, HIPAA" in crosswalk["declaration"]
+    assert {row["regime"] for row in crosswalk["rows"]} == {"GDPR", "HIPAA"}  # no AI Act, SR 11-7 or GLBA row
+    rows = {row["clause"]: row for row in crosswalk["rows"]}
     assert set(rows) == CROSSWALK_CLAUSES
+    sections = {entry["number"] for entry in report["sections"]}
     for row in rows.values():
-        assert row["status"] in ("met", "partial", "not met", NOT_ASSESSED) and row["sections"] and row["basis"]
+        assert row["status"] in crosswalk["statuses"] and set(row["sections"]) <= sections and row["basis"]
         if row["status"] != NOT_ASSESSED:
             assert row["evidence"]["files"], row["clause"]
-    assert rows["45 CFR 164.312(b)"]["status"] == rows["Art. 12"]["status"] == "met"
+    assert rows["45 CFR 164.312(b)"]["status"] == "met"
     assert rows["45 CFR 164.312(c)(1)-(2)"]["status"] == "met" and rows["Art. 25"]["status"] == "met"
-    for clause in ("45 CFR 164.312(a)(1)-(2)", "Art. 35(7)(a)-(d)", "Annex IV points 3-9"):
+    for clause in ("45 CFR 164.312(a)(1)-(2)", "Art. 35(7)(a)-(d)", "45 CFR 164.316(b)(2)"):
         assert rows[clause]["status"] == NOT_ASSESSED and rows[clause]["evidence"]["files"] == []
+    # Two of the three sites stated a lawful basis: partial, naming the one that did not.
+    assert rows["Art. 6(1), 9(2)"]["status"] == "partial" and "oncology-day-hosp" in rows["Art. 6(1), 9(2)"]["basis"]
+    assert "EX-JCA-2026-01" in rows["Art. 26, 28"]["basis"]
+    # The crosswalk is derived from the other sections only: a verifier recomputes it.
+    assert crosswalk_of(report) == crosswalk
     # What a simulation cannot evidence is marked, never filled in.
     assert report["run"]["fab_hash"] == report["secure_aggregation"]["transport"]["tls"] == NOT_ASSESSED
-    assert all(p["legal_entity"] == NOT_ASSESSED for p in report["parties"]["sites"])
     assert report["risk"]["dpia"] == report["access_control"]["mfa"] == NOT_ASSESSED
 
 
-def test_an_altered_run_gets_a_report_that_says_so_and_pdf_needs_chromium(run_copy, monkeypatch, tmp_path):
+def test_parties_toml_and_site_governance_fill_the_report_from_the_ledgers(reported_run, report):
+    run_dir = reported_run[0]
+    declared = load_parties(PARTIES_EXAMPLE)
+    event = next(e for e in read_events(run_dir / "ledger.jsonl") if e["kind"] == "parties-declared")
+    assert event["seq"] == 1 and event["payload"]["digest"] == declared.digest
+    run = report["run"]
+    assert run["intended_purpose"] == declared.purpose and run["out_of_scope_uses"] == list(declared.out_of_scope)
+    assert run["parties_declaration"]["digest"] == declared.digest
+    assert [r["regime"] for r in run["regimes_asserted"]] == ["GDPR", "HIPAA"]
+    parties = report["parties"]
+    assert parties["coordinator"]["legal_entity"] == declared.coordinator.legal_entity
+    by_site = {p["name"]: p for p in parties["sites"]}
+    for name, party in by_site.items():
+        expected = declared.site_parties[name]
+        assert (party["legal_entity"], party["role"], party["privacy_officer"], party["jurisdiction"]) == \
+            (expected.legal_entity, list(expected.role), expected.privacy_officer, expected.jurisdiction)
+    assert [a["id"] for a in parties["agreements"]] == [a.id for a in declared.agreements]
+    assert parties["declared_sites_not_in_run"] == ["laboratory", "nicu", "picu"]
+    # Each site's own [governance], from its signed run-accepted event; the third site stated none.
+    inventory = report["data_inventory"]["sites"]
+    for name in GOVERNED_SITES:
+        assert "HIPAA 45 CFR 164.512(i)" in inventory[name]["lawful_basis"]
+        assert inventory[name]["deidentification"] == "safe-harbor"
+        assert inventory[name]["categories_of_subjects_and_data"]["special_categories"] == [
+            "health data (GDPR Art. 9)", "PHI (HIPAA)"]
+        assert "12 months" in inventory[name]["erasure_schedule"]
+    assert all(is_not_assessed(inventory["oncology-day-hosp"][key]) for key in
+               ("lawful_basis", "categories_of_subjects_and_data", "deidentification", "erasure_schedule"))
+    assert report["model_card"]["intended_use"] == declared.purpose
+    assert report["model_card"]["risk_tier"].startswith("not applicable")  # SR 11-7 is not declared
+    page = (run_dir / "report" / "report.html").read_text()
+    for shown in (declared.coordinator.legal_entity, declared.site_parties["clinical-lab"].legal_entity,
+                  "EX-BAA-2026-01", "safe-harbor"):
+        assert html.escape(shown) in page, shown
+
+
+def test_the_summary_is_derived_from_the_other_sections_and_lists_every_open_item(report):
+    summary = report["summary"]
+    assert report["sections"][0]["key"] == "summary" and report["sections"][0]["number"] == 1
+    assert list(report)[2] == "summary" and report["sections"][-1]["key"] == "envelope"
+    assert summary_of(report) == summary
+    assert summary["verdict"]["status"] == "verified"
+    privacy = report["privacy"]["sites"]
+    assert [(s["site"], s["epsilon"], s["cap"]) for s in summary["privacy"]["sites"]] == \
+        [(name, b["epsilon_total"], b["budget"]["cap_per_run"]) for name, b in privacy.items()]
+    utility = summary["utility"]
+    metric = report["evaluation"]["headline_metric"]
+    assert utility["metric"] == metric == "roc_auc"
+    assert [(m["model"], m["value"]) for m in utility["models"]] == \
+        [(row["model"], row[metric]) for row in report["evaluation"]["overall"]]
+    assert [m["role"] for m in utility["models"]][:2] == ["teacher", "student"]
+    for line in summary["left_each_site"]["sites"]:
+        flows = report["data_flows"]["sites"][line["site"]]
+        assert line["line"].startswith(f"{len(flows['updates'])} update(s), {flows['total_bytes']:,} B")
+    # Every "not assessed" field of every section but the crosswalk, counted and located.
+    items = summary["open_items"]
+
+    def walk(value):
+        if is_not_assessed(value):
+            yield value
+        for child in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+            yield from walk(child)
+
+    expected = sum(len(list(walk(report[e["key"]]))) for e in report["sections"]
+                   if e["key"] not in ("summary", "crosswalk"))
+    assert items["not_assessed"]["count"] == expected > 0
+    for group in items["not_assessed"]["by_section"]:
+        for pointer in group["fields"]:
+            assert is_not_assessed(pointed(report, pointer)), pointer
+    assert "#/data_inventory/sites/oncology-day-hosp/lawful_basis" in [
+        p for g in items["not_assessed"]["by_section"] for p in g["fields"]]
+    assert items["crosswalk"]["not_assessed"] and items["refusals"] == []
+    assert summary["regimes"]["declared"] == ["GDPR", "HIPAA"]
+
+
+def test_a_run_without_parties_maps_no_regime_and_says_so(verified_run, tmp_path):
+    written = write_report(Path(shutil.copytree(verified_run, tmp_path / "run")), tmp_path / "out", ("json", "html"))
+    report = json.loads(written["json"].read_text())
+    crosswalk = report["crosswalk"]
+    assert crosswalk["rows"] == [] and crosswalk["regimes_declared"] == []
+    assert crosswalk["declaration"].startswith("no regime declared")
+    assert report["summary"]["regimes"]["statement"].startswith("no regime declared")
+    assert all(is_not_assessed(report["run"][key]) for key in ("intended_purpose", "regimes_asserted"))
+    assert all(is_not_assessed(p["legal_entity"]) and "no parties declaration" in p["legal_entity"]
+               for p in [report["parties"]["coordinator"], *report["parties"]["sites"]])
+    assert "no regime declared" in written["html"].read_text()
+
+
+def test_a_tampered_parties_declaration_fails_verify(declared_run, tmp_path):
+    run_dir = Path(shutil.copytree(declared_run, tmp_path / "run"))
+    rewrite_lines(run_dir / "ledger.jsonl", lambda lines: [lines[0], lines[1].replace(
+        b"Example Health Data Consortium", b"Another Health Data Consortium"), *lines[2:]])
+    result = CliRunner().invoke(app, ["verify", str(run_dir)])
+    assert result.exit_code == 1 and "ledger.jsonl, line 2" in result.output.replace("\n", "")
+
+
+def test_an_altered_run_gets_a_report_that_says_so_and_pdf_needs_chromium(declared_run, monkeypatch, tmp_path):
+    run_copy = Path(shutil.copytree(declared_run, tmp_path / "run"))
     rewrite_lines(run_copy / "sites/emergency-dept/ledger.jsonl", lambda lines: lines[:1] + lines[2:])
     monkeypatch.setattr(render.shutil, "which", lambda name: None)
     with pytest.raises(ExternalToolError, match="apt-get install chromium"):
@@ -164,6 +276,8 @@ def test_an_altered_run_gets_a_report_that_says_so_and_pdf_needs_chromium(run_co
     assert altered["verification"]["verified"] is False and "emergency-dept/ledger.jsonl" in failure
     rows = {row["clause"]: row for row in altered["crosswalk"]["rows"]}
     assert rows["45 CFR 164.312(b)"]["status"] == "not met" and failure in rows["45 CFR 164.312(b)"]["basis"]
+    assert altered["summary"]["verdict"]["status"] == "failed"
+    assert "45 CFR 164.312(b)" in " ".join(altered["summary"]["open_items"]["crosswalk"]["not_met"])
     assert "Verification FAILED" in written["html"].read_text()
 
 
@@ -198,8 +312,8 @@ def pointed(report: dict, pointer: str):
     return value
 
 
-def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_assessed(verified_run, tmp_path):
-    run_dir = Path(shutil.copytree(verified_run, tmp_path / "deployed"))
+def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_assessed(declared_run, tmp_path):
+    run_dir = Path(shutil.copytree(declared_run, tmp_path / "deployed"))
     as_deployed(run_dir)
     # The CLI in-process: a subprocess would spend most of this test importing torch and dp-accounting again.
     unsigned = CliRunner().invoke(app, ["report", str(run_dir), "--format", "json,html"])
@@ -219,6 +333,11 @@ def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_ass
     page = (run_dir / "report" / "report.html").read_text()
     assert f'{NOT_ASSESSED}</span>: a deployed run has no coordinator-side evaluation' in page
     assert "per round (pooled test splits)" not in page  # no empty utility chart
+    # The summary says so instead of a chart, and the declarations still come from the ledgers.
+    assert report["summary"]["utility"] == evaluation["overall"]
+    assert f"<b>Utility:</b> <span class=\"na\">{NOT_ASSESSED}</span>" in page
+    assert report["parties"]["coordinator"]["legal_entity"].startswith("Example Health Data Consortium")
+    assert report["data_inventory"]["sites"]["clinical-lab"]["deidentification"] == "safe-harbor"
     teacher = report["model_card"]["teacher"]
     assert is_not_assessed(teacher["description"]) and teacher["files"] == []
     assert report["model_card"]["model"]["parameters"] == 2146  # counted in the checkpoint, as the summary said
@@ -232,7 +351,9 @@ def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_ass
         expected = epsilon_of(privacy.run_spends(run_id), privacy.calibrations[run_id].delta, policy.accountant)
         assert block["epsilon_total"] == pytest.approx(expected)
         assert block["epsilon_total"] == pytest.approx(block["epsilon_recorded"], rel=0.02)
-        assert block["statement"] == dp_statement(site, block) and "not for a person" in block["statement"]
+        assert block["statement"] == dp_statement(site, block)
+        # Person-level by default; a record-level guarantee makes no person-level claim for a deployed site.
+        assert ("The unit is the person" if block["unit"] == "person" else "not for a person") in block["statement"]
         assert is_not_assessed(report["secure_aggregation"]["clipped_values"][site])
     assert all(check["result"] == "ok" for check in report["verification"]["report_checks"])
 
@@ -337,3 +458,32 @@ def test_the_pdf_text_holds_every_section_heading(reported_run, report):
     for entry in report["sections"]:
         assert heading(entry) in text, heading(entry)
     assert report["privacy"]["sites"]["clinical-lab"]["statement"][:60] in text
+
+
+# Appended to a copy of the page: measures the rendered layout and writes it where --dump-dom shows it.
+MEASURE = """<pre id="measured"></pre><script>
+const box = element => element.getBoundingClientRect();
+const sections = [...document.querySelectorAll("section")].map(s => ({key: s.id, top: box(s).top + scrollY}));
+const charts = [...document.querySelectorAll("#summary svg")].map(svg => ({
+  label: svg.getAttribute("aria-label"), bars: [...svg.querySelectorAll("rect.bar")].map(r => box(r).width)}));
+document.getElementById("measured").textContent = JSON.stringify({sections, charts, screen: innerHeight});
+</script>"""
+
+
+def test_in_headless_chromium_the_summary_comes_first_and_its_charts_have_bars(reported_run, report, tmp_path):
+    page = (reported_run[0] / "report" / "report.html").read_text()
+    assert "<script" not in page and "src=" not in page  # self-contained: nothing runs, nothing is fetched
+    measured_page = tmp_path / "measured.html"
+    measured_page.write_text(page.replace("</body>", MEASURE + "</body>"))
+    dom = run_chromium(["--dump-dom", "--window-size=1200,1000"], measured_page)
+    found = re.search(r'<pre id="measured">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    layout = json.loads(html.unescape(found.group(1)))
+    tops = {s["key"]: s["top"] for s in layout["sections"]}
+    assert [s["key"] for s in layout["sections"]] == [entry["key"] for entry in report["sections"]]
+    assert all(tops["summary"] < top for key, top in tops.items() if key != "summary")
+    assert tops["summary"] < layout["screen"] / 3  # on the first screen, near its top
+    epsilon, utility = layout["charts"]
+    assert epsilon["label"].startswith("Epsilon spent per site") and utility["label"].startswith("Student against")
+    assert len(epsilon["bars"]) == len(report["privacy"]["sites"]) and min(epsilon["bars"]) > 10
+    assert len(utility["bars"]) == len(report["evaluation"]["overall"]) and min(utility["bars"]) > 10
