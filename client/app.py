@@ -77,6 +77,16 @@ def _validation_reply(site: Site, msg: Message) -> RecordDict:
                        "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(request.binding())})
 
 
+def _evaluation_reply(site: Site, msg: Message) -> RecordDict:
+    from client.evaluation import evaluate_student
+    from protocols.evaluation import EvaluationRequest
+
+    request = EvaluationRequest.from_config(dict(msg.content["config"]))
+    release = evaluate_student(site, request, from_array_record(msg.content["arrays"]))
+    return RecordDict({"evaluation": ConfigRecord({"release": json.dumps(release.to_dict())}),
+                       "site": ConfigRecord({"name": site.name}), "binding": ConfigRecord(request.binding())})
+
+
 def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | None = None) -> ClientApp:
     # Outermost: the traffic record sees every message as it arrives and every reply as it leaves, masked.
     app = ClientApp(mods=[traffic_mod(resolve_state_dir), *(mods or []), secure_aggregation_mod])
@@ -121,12 +131,16 @@ def build_client_app(resolve_state_dir: SiteResolver, mods: list[Callable] | Non
     @app.evaluate()
     def site_local(msg: Message, context: Context) -> Message:
         """A curriculum's site-local stage: fine-tune a local copy that stays here; only metrics may leave. Or, for a
-        run that keeps its best round, a validation report on one round's student."""
+        run that keeps its best round, a validation report on one round's student; or the test evaluation of a
+        round's student, released as the site's policy says."""
         from client.local_stage import LocalStageRequest, run_site_local_stage
+        from protocols.evaluation import EVALUATION_KEY
 
         site = Site.load(resolve_state_dir(context))
         if "validate" in msg.content["config"]:
             return Message(_validation_reply(site, msg), reply_to=msg)
+        if EVALUATION_KEY in msg.content["config"]:
+            return Message(_evaluation_reply(site, msg), reply_to=msg)
         request = LocalStageRequest.from_config(dict(msg.content["config"]))
         outcome = run_site_local_stage(site, request, from_array_record(msg.content["arrays"]))
         return Message(RecordDict({"local": ConfigRecord({"released": outcome["released"],

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from client.budget import Decision, calibrate, decide, planned_spend, record_refusal, record_spend
+from client.evaluation import planned_evaluation_spends
 from client.knowledge import (check_knowledge_inputs, keep_own_student, knowledge_release, own_student_spec,
                               prepare_own_student)
 from client.pate import make_pate_release, pending_pate_spend
@@ -150,11 +151,13 @@ def check_budget(site: Site, instruction: TrainInstruction, data: SplitData,
     pate = pending_pate_spend(site, instruction)
     calibration = state.calibrations.get(instruction.run_id) if instruction.private else None
     if instruction.private and calibration is None:
-        # A PATE run plans its one release with the DP-SGD steps: sigma is calibrated for their composition.
+        # A PATE run's one release and the noised test evaluations are planned with the DP-SGD steps: sigma is
+        # calibrated for their composition.
+        planned = ([] if pate is None else [pate]) + planned_evaluation_spends(policy, instruction.run_id,
+                                                                               instruction.evaluation_rounds)
         calibration = calibrate(instruction.run_id, instruction.target_epsilon, delta, records,
                                 instruction.batch_size, instruction.total_rounds * instruction.local_steps,
-                                instruction.max_grad_norm, policy.accountant,
-                                also_planned=[] if pate is None else [pate], unit=unit)
+                                instruction.max_grad_norm, policy.accountant, also_planned=planned, unit=unit)
         state.calibrations[instruction.run_id] = calibration
         state.save(site.state_dir)
     if accepted is None:
@@ -162,7 +165,8 @@ def check_budget(site: Site, instruction: TrainInstruction, data: SplitData,
             "run_id": instruction.run_id, "config_hash": instruction.config_hash, "policy": policy.to_dict(),
             "calibration": asdict(calibration) if calibration else None,
             "coordinator_key_fingerprint": anchor["key_fingerprint"], "coordinator_anchor": anchor,
-            "teacher": teacher} | ({"training_set": chosen.summary()} if chosen is not None else {})
+            "teacher": teacher, "evaluation_rounds": list(instruction.evaluation_rounds),
+            "test_metrics": policy.test_metrics} | ({"training_set": chosen.summary()} if chosen is not None else {})
             # The site's own records of processing, signed here so the report reads them from the evidence.
             | ({"governance": site.governance.to_dict()} if site.governance is not None else {}))
     if calibration is not None:

@@ -98,14 +98,18 @@ def _config_hash(run_dir: Path) -> str:
     return str(config["config_hash"])
 
 
+# The ledger events that record a privacy spend, and the mechanism each one is.
+SPENDING_EVENTS = {"update-sent": "dp-sgd", "pate-release": "pate", "test-evaluation": "evaluation"}
+
+
 def _site_spends(events: list[dict[str, Any]], run_id: str) -> list[Spend]:
-    """Every privacy event of the run in the site's ledger, in order: each update's DP-SGD steps, and each PATE
-    release (one Gaussian mechanism, charged when it was made)."""
+    """Every privacy event of the run in the site's ledger, in order: each update's DP-SGD steps, each PATE release
+    and each noised test evaluation (one Gaussian mechanism each, charged when it was made)."""
     return [Spend(run_id, e["payload"]["round"], float(e["payload"]["dp"]["noise-multiplier"]),
                   float(e["payload"]["dp"]["sample-rate"]), int(e["payload"]["dp"]["steps"]),
-                  int(e["payload"]["dp"].get("empty-batches", 0)),
-                  "pate" if e["kind"] == "pate-release" else "dp-sgd")
-            for e in events if e["kind"] in ("update-sent", "pate-release") and e["payload"]["run_id"] == run_id]
+                  int(e["payload"]["dp"].get("empty-batches", 0)), SPENDING_EVENTS[e["kind"]])
+            for e in events if e["kind"] in SPENDING_EVENTS and e["payload"]["run_id"] == run_id
+            and "dp" in e["payload"]]
 
 
 def _verify_calibration(site_dir: Path, events: list[dict[str, Any]], run_id: str) -> None:
@@ -136,15 +140,19 @@ def _verify_site_privacy(site_dir: Path, events: list[dict[str, Any]], run_id: s
         1 for e in events if e["kind"] == "refusal" and e["payload"]["run_id"] == run_id)}
     if not sent:
         return summary
-    recorded = sent[-1]["payload"]["epsilon_run"]
-    delta = float(sent[-1]["payload"]["dp"]["delta"])
-    replayed = pld_epsilon(spends, delta)
+    # The last event that states the run's epsilon (an update, or a noised test evaluation after it): every spend
+    # recorded up to it must replay to that epsilon.
+    last = max((e for e in events if e["kind"] in SPENDING_EVENTS and e["payload"]["run_id"] == run_id
+                and "epsilon_run" in e["payload"]), key=lambda e: e["seq"])
+    recorded = last["payload"]["epsilon_run"]
+    delta = float(last["payload"]["dp"]["delta"])
+    replayed = pld_epsilon(_site_spends([e for e in events if e["seq"] <= last["seq"]], run_id), delta)
     if recorded == "inf" or math.isinf(replayed):
         if not (recorded == "inf" and math.isinf(replayed)):
-            raise LedgerTampered(f"{site_dir / 'ledger.jsonl'}, seq {sent[-1]['seq']}: recorded epsilon {recorded} "
+            raise LedgerTampered(f"{site_dir / 'ledger.jsonl'}, seq {last['seq']}: recorded epsilon {recorded} "
                                  f"but the DP parameters replay to {replayed}.")
     elif abs(replayed - float(recorded)) > EPSILON_TOLERANCE * max(float(recorded), 1e-9):
-        raise LedgerTampered(f"{site_dir / 'ledger.jsonl'}, seq {sent[-1]['seq']}: the site recorded epsilon "
+        raise LedgerTampered(f"{site_dir / 'ledger.jsonl'}, seq {last['seq']}: the site recorded epsilon "
                              f"{float(recorded):.4f} at delta {delta:g}, but its recorded DP parameters replay to "
                              f"{replayed:.4f} with dp-accounting; a noise multiplier, sampling rate or step count was "
                              "altered.")

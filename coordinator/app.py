@@ -23,6 +23,7 @@ from protocols.canonical import atomic_write_bytes, atomic_write_json
 from protocols.config import FederationConfig
 from protocols.curriculum import START_STUDENT, stage_of
 from protocols.errors import ConfigError, LedgerTampered
+from protocols.evaluation import EvaluationRelease, EvaluationRequest
 from protocols.governance import PartiesDeclaration
 from protocols.knowledge import PROXY_FILE
 from protocols.ledger import resumable_run
@@ -136,7 +137,11 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
                          started, timeout)
         if coordinator.keeps_best:
             run_validation(grid, coordinator, server_round, min_nodes, timeout)
+        if server_round != coordinator.config.rounds:
+            run_site_evaluation(grid, coordinator, coordinator.evaluation_request(server_round), min_nodes, timeout)
     coordinator.keep_best_round()
+    # The schedule's last slot is the student the run ends with: the last round's, a stopped run's, or the kept one.
+    run_site_evaluation(grid, coordinator, coordinator.evaluation_request(), min_nodes, timeout)
     request = coordinator.site_local_request()
     if request is not None:
         run_site_local_stage(grid, coordinator, request, min_nodes, timeout)
@@ -192,6 +197,31 @@ def run_validation(grid: Grid, coordinator: Coordinator, server_round: int, min_
         reports, rejected = _one_report_per_site(
             replies, lambda reply: _validation_report_of(reply, request), server_round, "validation")
         coordinator.record_validation(request, state, reports, failures, rejected)
+
+
+def _evaluation_release_of(msg: Message, request: EvaluationRequest) -> tuple[str, EvaluationRelease]:
+    """A site's test evaluation: bound to the request, and a release of the request's histogram shape."""
+    content = msg.content
+    if dict(content["binding"]) != request.binding():
+        raise ValueError("the reply does not echo the evaluation request's run id, round and nonce")
+    return (str(content["site"]["name"]),
+            EvaluationRelease.from_dict(json.loads(str(content["evaluation"]["release"])), request))
+
+
+def run_site_evaluation(grid: Grid, coordinator: Coordinator, request: EvaluationRequest | None, min_nodes: int,
+                        timeout: float) -> None:
+    """Every site evaluates the current student on its test split; what each released is signed, with the pooled
+    metrics. A site that fails or answers badly is named; the run goes on without its figures."""
+    if request is None:
+        return
+    node_ids = wait_for_nodes(grid, min_nodes, timeout)
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
+    replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
+                                                              "config": ConfigRecord(request.to_config())}),
+                                  MessageType.EVALUATE, request.round, timeout)
+    releases, rejected = _one_report_per_site(replies, lambda reply: _evaluation_release_of(reply, request),
+                                              request.round, "evaluation")
+    coordinator.record_site_evaluation(request, releases, failures, rejected)
 
 
 LOCAL_METRIC_KEYS = frozenset({"threshold", "roc_auc", "accuracy", "macro_f1", "kappa", "n"})

@@ -33,6 +33,8 @@ from protocols.curriculum import Stage, stage_of
 from protocols.fragments import fragment_spec_for, planned_fragments
 from protocols.knowledge import SOFT_LABELS, check_soft_labels, load_proxy
 from protocols.errors import ConfigError, LedgerTampered, UpdateRejected
+from protocols.evaluation import (SITE_EVALUATION_EVENT, EvaluationRelease, EvaluationRequest, metrics_of_histogram,
+                                  pooled_metrics)
 from protocols.governance import PARTIES_EVENT, PartiesDeclaration, parties_event
 from protocols.ledger import Ledger, ledger_in, resumable_run
 from protocols.messages import CoordinatorAnchor, LocalStageRequest, TrainInstruction, ValidationRequest
@@ -92,6 +94,8 @@ class Coordinator:
         self._start_state = dict(self.state)
         # Each validated round's pooled score (None: no site released one), and the best round's student.
         self.validation_scores: dict[int, float | None] = {}
+        # The sites' test evaluations, by the schedule's round (protocols/evaluation.py): what the ledger signed.
+        self.site_evaluations: dict[int, dict[str, Any]] = {}
         self.kept_round: int | None = None
         self.spec = fragment_spec_for(self.family, fragment_parameter_names(self.model, self.family),
                                       config.fragment_patterns)
@@ -162,7 +166,7 @@ class Coordinator:
             hidden_alignment_weight=c.hidden_alignment_weight, seed=c.seed, run_id=self.run_id,
             config_hash=self.config_hash, student=c.student, target_epsilon=c.target_epsilon,
             target_delta=c.target_delta, max_grad_norm=c.max_grad_norm, grad_sample_mode=c.grad_sample_mode,
-            privacy_unit=c.privacy_unit,
+            privacy_unit=c.privacy_unit, evaluation_rounds=c.site_evaluation_rounds,
             secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
             max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor(),
             training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy,
@@ -368,6 +372,38 @@ class Coordinator:
             atomic_write_bytes(self.best_path, safetensors_bytes(state))
         return payload
 
+    def evaluation_request(self, server_round: int | None = None) -> EvaluationRequest | None:
+        """The sites' test evaluation of the current student after ``server_round``, when the schedule has that
+        round and it is not evaluated yet. Without a round: the schedule's last slot, for the student a run ends
+        with (one that stopped before its last round still gets its final student evaluated once)."""
+        schedule = self.config.site_evaluation_rounds
+        slot = server_round if server_round is not None else (schedule[-1] if schedule else None)
+        if slot is None or slot not in schedule or slot in self.site_evaluations:
+            return None
+        classes = (int(self.config.student.settings["num_classes"]) if self.family == "mlp"
+                   else int(self.model.config.num_labels))
+        return EvaluationRequest(self.run_id, self.config_hash, self.config.student, slot, digest_arrays(self.state),
+                                 classes, self.config.evaluation_bins, secrets.token_hex(16))
+
+    def record_site_evaluation(self, request: EvaluationRequest, releases: dict[str, EvaluationRelease],
+                               failures: dict[str, str], rejected: dict[str, str]) -> dict[str, Any]:
+        """Sign what each site released of its test evaluation, each site's metrics from it and the pooled metrics
+        of their summed histograms (noise included: the figures a deployed consortium gets)."""
+        payload = {"run_id": self.run_id, "config_hash": self.config_hash, "round": request.round,
+                   "after_round": self.completed_round, "student_digest": request.student_digest,
+                   "classes": request.classes, "bins": request.bins,
+                   "sites": {site: {**release.to_dict(), "metrics": None if release.histogram is None
+                                    else metrics_of_histogram(release.histogram)}
+                             for site, release in sorted(releases.items())},
+                   "pooled": pooled_metrics(list(releases.values())), "failures": failures, "rejected": rejected}
+        self.ledger.append(SITE_EVALUATION_EVENT, payload)
+        self.ledger.checkpoint({"run_id": self.run_id, "after": f"site evaluation of round {request.round}"})
+        self.site_evaluations[request.round] = payload
+        log.info("run %s: the sites' test evaluation after round %d (%d released): %s", self.run_id,
+                 self.completed_round, payload["pooled"]["sites"],
+                 {k: v for k, v in payload["pooled"].items() if k in ("roc_auc", "accuracy")})
+        return payload
+
     def keep_best_round(self) -> int | None:
         """A run that keeps its best round ends with that round's student (by validated score; the last round's
         when no site released a score). Returns the kept round, or None for a run that keeps the last round."""
@@ -461,6 +497,8 @@ class Coordinator:
         self.completed_round = kept
         self.validation_scores = {e["payload"]["round"]: e["payload"]["score"] for e in events
                                   if e["kind"] == "validation" and e["payload"]["round"] <= kept}
+        self.site_evaluations = {e["payload"]["round"]: e["payload"] for e in events
+                                 if e["kind"] == SITE_EVALUATION_EVENT and e["payload"]["after_round"] <= kept}
         log.info("run %s resumes after round %d%s", self.run_id, kept,
                  f"; round(s) {superseded} are redone" if superseded else "")
         return kept

@@ -249,6 +249,10 @@ def simulate_command(
     grad_sample_mode: str | None = typer.Option(None, help="ghost (default) or hooks."),
     privacy_unit: str = typer.Option("person", help="person (default: all of a person's records sampled and clipped "
                                                     "as one, where the data names persons) or record."),
+    test_metrics: str = typer.Option("noised", help="How the sites release their test evaluation of the student: "
+                                                    "noised (default, charged to their budget), clear or none."),
+    evaluate_every: int | None = typer.Option(None, help="The sites evaluate after every N-th round and the last "
+                                                         "(default 0: the last only)."),
     accountant: str = typer.Option("prv", help="The simulated sites' accountant: prv or rdp."),
     site_cap: list[str] = typer.Option([], help="SITE=EPSILON: that simulated site's per-run cap (repeatable)."),
     max_records_per_person: int | None = typer.Option(None, help="Keep at most k training records per person."),
@@ -317,7 +321,8 @@ def simulate_command(
                                     subsample=subsample, fragment_plan=fragment_plan, local_steps=local_steps,
                                     batch_size=batch_size, learning_rate=learning_rate, epsilon=levels[0] if len(levels) == 1 else None,
                                     delta=delta, max_grad_norm=clip, grad_sample_mode=grad_sample_mode,
-                                    privacy_unit=privacy_unit,
+                                    privacy_unit=privacy_unit, test_metrics=test_metrics,
+                                    evaluate_every=evaluate_every,
                                     accountant=accountant, site_caps=parse_caps(site_cap),
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),

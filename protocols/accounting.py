@@ -48,6 +48,9 @@ def _cap(raw: Mapping[str, Any], name: str, where: str) -> float | None:
     return float(value)
 
 
+TEST_METRICS_RELEASES = ("noised", "clear", "none")
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """The site's own privacy rules; the coordinator can ask, only this policy decides.
@@ -66,8 +69,20 @@ class SitePolicy:
     # A run that keeps its best round: whether the site's validation ROC-AUC of each round's student (an aggregate
     # figure on its own validation records, not DP-protected) may leave the site. Off unless the site says so.
     release_validation_metrics: bool = False
+    # How the site's test metrics of the global student leave it (protocols/evaluation.py): "noised" (Gaussian noise
+    # of this multiplier on a histogram of L2 sensitivity 1, charged to the budget), "clear" (an unprotected
+    # quantity) or "none".
+    test_metrics: str = "noised"
+    evaluation_noise_multiplier: float = 10.0
 
     def __post_init__(self) -> None:
+        if self.test_metrics not in TEST_METRICS_RELEASES:
+            raise ConfigError(f"site policy: field 'test_metrics' must be one of {', '.join(TEST_METRICS_RELEASES)}, "
+                              f"got {self.test_metrics!r}.")
+        noise = self.evaluation_noise_multiplier
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.1 <= noise <= 1e6:
+            raise ConfigError("site policy: field 'evaluation_noise_multiplier' must be a number in [0.1, 1e6] (the "
+                              f"noise std on each histogram cell), got {noise!r}.")
         for name in ("release_local_metrics", "release_validation_metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"site policy: field '{name}' must be true or false, got {getattr(self, name)!r}.")
@@ -102,7 +117,10 @@ class SitePolicy:
                    delta=None if delta is None else float(delta),
                    accountant=str(raw.get("accountant", "prv")),
                    release_local_metrics=raw.get("release_local_metrics", False),
-                   release_validation_metrics=raw.get("release_validation_metrics", False))
+                   release_validation_metrics=raw.get("release_validation_metrics", False),
+                   test_metrics=raw.get("test_metrics", cls.test_metrics),
+                   evaluation_noise_multiplier=raw.get("evaluation_noise_multiplier",
+                                                       cls.evaluation_noise_multiplier))
 
     def save(self, state_dir: Path) -> None:
         atomic_write_json(Path(state_dir) / POLICY_FILE, self.to_dict())
@@ -118,7 +136,7 @@ class SitePolicy:
 
 # What a spend was: a round's Poisson-sampled DP-SGD steps, or a PATE release (client/pate.py), one Gaussian
 # mechanism without subsampling (sample_rate 1, one step) whose noise multiplier is relative to its L2 sensitivity.
-MECHANISMS = ("dp-sgd", "pate")
+MECHANISMS = ("dp-sgd", "pate", "evaluation")
 
 
 @dataclass(frozen=True)

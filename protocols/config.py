@@ -221,6 +221,11 @@ class FederationConfig:
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
     privacy_unit: str = "person"
+    # The sites' evaluation of the global student on their test splits (protocols/evaluation.py): after every
+    # evaluate_every-th round and the last (0: the last only), as histograms of evaluation_bins bins.
+    site_evaluation: bool = True
+    evaluate_every: int = 0
+    evaluation_bins: int = 16
     # The coordinator stops the run cleanly when fewer sites than this accept a round.
     min_sites: int = 1
     # An aggregate whose change to a fragment has a larger L2 norm is rejected (garbage, overflow, attack).
@@ -260,6 +265,9 @@ class FederationConfig:
             raise ConfigError("run config: a run that continues an earlier run (--from) starts from that run's "
                               "student, so it has no coordinator stage; remove the coordinator stage from its "
                               "curriculum.")
+        if self.evaluation_bins % 2 or self.evaluation_bins > 1000:
+            raise ConfigError(f"run config: field 'evaluation_bins' must be even (0.5 is a bin edge) and at most 1000, "
+                              f"got {self.evaluation_bins}.")
         if self.quantization_range > 2**31 - 1:
             raise ConfigError("run config: field 'quantization_range' must stay below 2**31: Flower quantizes to int32.")
         if self.student.family == "causal_lm":
@@ -282,6 +290,16 @@ class FederationConfig:
     @property
     def private(self) -> bool:
         return self.target_epsilon is not None
+
+    @property
+    def site_evaluation_rounds(self) -> tuple[int, ...]:
+        """After which rounds the sites evaluate the student on their test splits (classification students only: a
+        causal-LM run's held-out perplexity is not released by the sites)."""
+        from protocols.evaluation import evaluation_rounds
+
+        if not self.site_evaluation or self.student.family == "causal_lm":
+            return ()
+        return evaluation_rounds(self.rounds, self.evaluate_every)
 
     @property
     def fewest_sites_per_round(self) -> int:
@@ -354,6 +372,9 @@ class FederationConfig:
             max_grad_norm=_float(raw, "max_grad_norm", where, 0.0, 1e6, cls.max_grad_norm, low_open=True),
             grad_sample_mode=_choice(raw, "grad_sample_mode", where, GRAD_SAMPLE_MODES, cls.grad_sample_mode),
             privacy_unit=_choice(raw, "privacy_unit", where, PRIVACY_UNITS, cls.privacy_unit),
+            site_evaluation=_bool(raw, "site_evaluation", where, cls.site_evaluation),
+            evaluate_every=_int(raw, "evaluate_every", where, 0, cls.evaluate_every),
+            evaluation_bins=_int(raw, "evaluation_bins", where, 2, cls.evaluation_bins),
             min_sites=_int(raw, "min_sites", where, 1, cls.min_sites),
             max_update_norm=_float(raw, "max_update_norm", where, 0.0, 1e12, cls.max_update_norm, low_open=True),
             secure_aggregation=_bool(raw, "secure_aggregation", where, cls.secure_aggregation),

@@ -85,6 +85,9 @@ class TrainInstruction:
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
     privacy_unit: str = "person"
+    # After which rounds the coordinator will ask for the sites' test evaluation (a noised one is planned into the
+    # site's calibration, so the schedule is fixed with the run).
+    evaluation_rounds: tuple[int, ...] = ()
     secure_aggregation: bool = False
     clipping_range: float = 4.0
     weight_scale: int = 10_000
@@ -130,6 +133,7 @@ class TrainInstruction:
             "max-grad-norm": self.max_grad_norm,
             "grad-sample-mode": self.grad_sample_mode,
             "privacy-unit": self.privacy_unit,
+            "evaluation-rounds": list(self.evaluation_rounds),
             "secure-aggregation": self.secure_aggregation,
             "clipping-range": self.clipping_range,
             "weight-scale": self.weight_scale,
@@ -145,7 +149,7 @@ class TrainInstruction:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TrainInstruction:
         required = ("server-round", "total-rounds", "fragments", "temperature", "alpha", "local-steps", "batch-size",
-                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "privacy-unit", "secure-aggregation", "clipping-range",
+                    "optimizer", "learning-rate", "hidden-alignment-weight", "seed", "run-id", "config-hash", "student", "max-grad-norm", "grad-sample-mode", "privacy-unit", "evaluation-rounds", "secure-aggregation", "clipping-range",
                     "weight-scale", "max-update-norm", "nonce", "coordinator-anchor")
         missing = [key for key in required if key not in config]
         if missing:
@@ -174,6 +178,7 @@ class TrainInstruction:
             max_grad_norm=float(config["max-grad-norm"]),
             grad_sample_mode=str(config["grad-sample-mode"]),
             privacy_unit=_privacy_unit(config["privacy-unit"]),
+            evaluation_rounds=_rounds(config["evaluation-rounds"], int(config["total-rounds"])),
             secure_aggregation=bool(config["secure-aggregation"]),
             clipping_range=float(config["clipping-range"]),
             weight_scale=int(config["weight-scale"]),
@@ -185,6 +190,13 @@ class TrainInstruction:
             knowledge=(KnowledgeSettings.from_dict(json.loads(str(config["knowledge"])), "train instruction 'knowledge'")
                        if "knowledge" in config else None),
         )
+
+
+def _rounds(value: Any, total: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= total for r in value):
+        raise UpdateRejected(f"train instruction: 'evaluation-rounds' must be a list of rounds in [1, {total}].")
+    return tuple(sorted(set(value)))
 
 
 def _privacy_unit(value: Any) -> str:

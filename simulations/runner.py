@@ -39,7 +39,8 @@ from distill.data import SplitData
 from distill.evaluate import classification_metrics, evaluate_across_sites
 from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
-from protocols.accounting import ACCOUNTANTS, PrivacyState, SitePolicy, group_privacy, json_epsilon, unit_of_privacy
+from protocols.accounting import (ACCOUNTANTS, TEST_METRICS_RELEASES, PrivacyState, SitePolicy, group_privacy,
+                                  json_epsilon, unit_of_privacy)
 from protocols.canonical import atomic_write_bytes, atomic_write_json, sha256_hex
 from protocols.curriculum import Continuation, stage_of
 from protocols.config import FRAGMENT_PLANS, GRAD_SAMPLE_MODES, PRIVACY_UNITS, FederationConfig
@@ -76,6 +77,10 @@ class SimulationOptions:
     grad_sample_mode: str | None = None
     # The unit of privacy: "person" (all of a person's records, where the data names persons) or "record".
     privacy_unit: str = "person"
+    # How the simulated sites release their test evaluation of the global student: noised (the default), clear or
+    # none; and after which rounds (0: the last only).
+    test_metrics: str = "noised"
+    evaluate_every: int | None = None
     accountant: str = "prv"
     site_caps: dict[str, float] = field(default_factory=dict)
     max_records_per_person: int | None = None
@@ -125,6 +130,11 @@ class SimulationOptions:
         if self.knowledge_mode not in ("weights", *KNOWLEDGE_MODES):
             raise ConfigError(f"--knowledge-mode must be one of weights, {', '.join(KNOWLEDGE_MODES)}, got "
                               f"{self.knowledge_mode!r}.")
+        if self.test_metrics not in TEST_METRICS_RELEASES:
+            raise ConfigError(f"--test-metrics must be one of {', '.join(TEST_METRICS_RELEASES)}, got "
+                              f"{self.test_metrics!r}.")
+        if self.evaluate_every is not None and self.evaluate_every < 0:
+            raise ConfigError(f"--evaluate-every must be 0 (the last round only) or more, got {self.evaluate_every}.")
         if self.privacy_unit not in PRIVACY_UNITS:
             raise ConfigError(f"--privacy-unit must be one of {', '.join(PRIVACY_UNITS)}, got {self.privacy_unit!r}.")
         if self.rounds is not None and self.rounds < 1:
@@ -257,6 +267,7 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
         ("grad_sample_mode", options.grad_sample_mode), ("privacy_unit", options.privacy_unit),
+        ("evaluate_every", options.evaluate_every),
         ("min_sites", options.min_sites),
         ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
@@ -408,7 +419,7 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         # not to).
         policy = SitePolicy(epsilon_per_run=options.site_caps.get(name, config.target_epsilon),
                             accountant=options.accountant, release_local_metrics=True,
-                            release_validation_metrics=True)
+                            release_validation_metrics=True, test_metrics=options.test_metrics)
         secret = bytes.fromhex(sha256_hex(f"simulation:{options.seed}:{name}:noise"))
         if options.from_run is not None:
             # The same site, later: its ledger, keys, privacy account and training sets go on; its data and teacher
@@ -627,6 +638,12 @@ def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, o
            if coordinator.kept_round is not None else {}),
         "stopped": ({"round": final["round"], "reason": final["reason"]} if final["status"] == "stopped" else None),
         "refusals": {str(r["round"]): r["refusals"] for r in coordinator.records if r["refusals"]},
+        # The sites' own test evaluations of the student, as released (noised by default) and pooled: what a deployed
+        # run reports, through the same messages.
+        "site_evaluation": [{key: evaluation[key] for key in ("round", "after_round", "pooled", "failures", "rejected")}
+                            | {"sites": {site: {k: v for k, v in release.items() if k != "histogram"}
+                                         for site, release in evaluation["sites"].items()}}
+                            for evaluation in coordinator.site_evaluations.values()],
         "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
         "privacy": {
             "unit": _summary_unit(sites, unit_item),
