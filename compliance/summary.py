@@ -76,7 +76,8 @@ def _privacy(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _role(model: str) -> str:
-    return "student" if model == STUDENT else "teacher" if model == TEACHER else "baseline"
+    # "federated student", or a deployed run's "federated student, as the sites evaluated it".
+    return "student" if model.startswith(STUDENT) else "teacher" if model == TEACHER else "baseline"
 
 
 def _utility(report: dict[str, Any]) -> dict[str, Any] | str:
