@@ -23,10 +23,9 @@ from distill.train import predict_proba
 from protocols.accounting import PrivacyState, SitePolicy, Spend, json_epsilon
 from protocols.canonical import digest_arrays, sha256_hex
 from protocols.errors import UpdateRejected
-from protocols.evaluation import LOG_ODDS_RANGE, EvaluationRelease, EvaluationRequest, histogram_shape
+from protocols.evaluation import (LOG_ODDS_RANGE, TEST_EVALUATION_EVENT, EvaluationRelease, EvaluationRequest,
+                                  histogram_shape)
 from protocols.ledger import ledger_in, read_events
-
-EVENT = "test-evaluation"
 
 
 def evaluation_histogram(labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
@@ -71,7 +70,8 @@ def _accepted_schedule(site: Site, run_id: str) -> tuple[list[int], list[int]]:
     path = site.state_dir / "ledger.jsonl"
     events = read_events(path) if path.is_file() else []
     accepted = [e["payload"] for e in events if e["kind"] == "run-accepted" and e["payload"]["run_id"] == run_id]
-    done = [e["payload"]["round"] for e in events if e["kind"] == EVENT and e["payload"]["run_id"] == run_id]
+    done = [e["payload"]["round"] for e in events
+            if e["kind"] == TEST_EVALUATION_EVENT and e["payload"]["run_id"] == run_id]
     return (list(accepted[0].get("evaluation_rounds", [])) if accepted else []), done
 
 
@@ -122,6 +122,6 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
     payload |= {"released": release.released, "noise_std": release.noise_std,
                 "digest": None if release.histogram is None else digest_arrays({"histogram": release.histogram})}
     ledger = ledger_in(site.state_dir, site.name)
-    ledger.append(EVENT, payload)
+    ledger.append(TEST_EVALUATION_EVENT, payload)
     ledger.checkpoint({"run_id": request.run_id, "after": f"test evaluation of round {request.round}"})
     return release

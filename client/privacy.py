@@ -75,8 +75,10 @@ class PersonUnits:
 
 def units_of_privacy(data: SplitData, requested: str) -> tuple[str, int]:
     """The unit a site calibrates for, and how many there are: persons when the run asks for person-level privacy
-    and the records name their persons; otherwise records (a site without a person column cannot count persons)."""
-    if requested == "person" and len(data.groups):
+    and the records name persons of several records; otherwise records. A site without a person column cannot
+    count persons, and where every person has one record the two are one mechanism, stated as record-level (the
+    report then says that each person has one record)."""
+    if requested == "person" and data.max_records_per_person() > 1:
         return "person", int(len(np.unique(data.groups)))
     return "record", len(data)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from client.site import Site
-from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, json_epsilon
+from protocols.accounting import EVIDENCE_FILES, PrivacyState, SitePolicy, json_epsilon, unit_of_privacy
 from protocols.ledger import read_events, verify_ledger
 
 
@@ -37,13 +37,17 @@ def site_report(state_dir: Path) -> dict[str, Any]:
             run["refusals"].append({"round": payload["round"], "reason": payload["reason"]})
     deltas = [c.delta for c in state.calibrations.values()]
     delta = min(deltas) if deltas else policy.delta_for(len(site.splits()["train"]))
+    item = "document" if site.student_base is not None else "record"
     for run_id, run in runs.items():
         run["epsilon"] = json_epsilon(state.epsilon(delta, policy.accountant, run_id))
+        calibration = state.calibrations.get(run_id)
+        run["unit_of_privacy"] = unit_of_privacy(calibration.unit if calibration else "record", item, "this site's")
     lifetime = state.epsilon(delta, policy.accountant)
+    units = {c.unit for c in state.calibrations.values()}
     return {
         "schema_version": 1, "site": site.name,
-        "unit_of_privacy": ("one document (one text) of this site's training split" if site.student_base is not None
-                            else "one record of this site's training split"),
+        # The lifetime epsilon composes every run: it protects a person only if every run was person-level.
+        "unit_of_privacy": unit_of_privacy("person" if units == {"person"} else "record", item, "this site's"),
         "ledger": {"events": ledger.events, "checkpoints": ledger.checkpoints, "head_seq": ledger.head_seq,
                    "head_hash": ledger.head_hash, "verified": True},
         "policy": policy.to_dict(), "delta": delta, "accountant": policy.accountant,

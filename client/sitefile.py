@@ -18,7 +18,7 @@ from typing import Any
 from client.records import RecordSchema, TextData, TextSchema, load_documents, load_records, tokenize_documents
 from client.site import Site, check_student_hidden, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
-from protocols.accounting import ACCOUNTANTS, SitePolicy
+from protocols.accounting import ACCOUNTANTS, TEST_METRICS_RELEASES, SitePolicy
 from protocols.canonical import atomic_write_bytes
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
@@ -78,6 +78,8 @@ delta = 1e-5                     # the site states at most this delta (and at mo
 accountant = "prv"               # prv or rdp (Opacus accountants)
 release_local_metrics = false    # a run's site-local stage: may this site's test metrics of its own copy leave?
 release_validation_metrics = false  # a run that keeps its best round: may each round's validation ROC-AUC leave?
+test_metrics = "noised"          # the test evaluation of each run's student: noised (charged to the budget), clear or none
+evaluation_noise_multiplier = 10.0  # noised: the Gaussian noise std on each cell of the released test histogram
 
 [node]
 runtime_port = 9094              # local port of the SuperNode's runtime API (127.0.0.1 only); one per site on a host
@@ -112,7 +114,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
              "order_by"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
     "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics",
-                "release_validation_metrics"),
+                "release_validation_metrics", "test_metrics", "evaluation_noise_multiplier"),
     "node": ("runtime_port",),
     "student": ("base",),
     "knowledge": ("proxy_set", "student_hidden"),
@@ -305,6 +307,11 @@ class SiteFile:
         if accountant not in ACCOUNTANTS:
             raise ConfigError(f"{where}: [privacy] accountant must be one of {', '.join(ACCOUNTANTS)}, "
                               f"got {accountant!r}.")
+        test_metrics = privacy.get("test_metrics", "noised")
+        if test_metrics not in TEST_METRICS_RELEASES:
+            raise ConfigError(f"{where}: [privacy] test_metrics must be one of {', '.join(TEST_METRICS_RELEASES)} (how "
+                              f"the site's test evaluation of each run's student leaves it), got {test_metrics!r}.")
+        evaluation_noise = _number(privacy, "privacy", "evaluation_noise_multiplier", where, 0.1, 1e6)
         runtime_port = node.get("runtime_port", 9094)
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
@@ -337,7 +344,9 @@ class SiteFile:
                               epsilon_lifetime=_number(privacy, "privacy", "epsilon_lifetime", where, 0, 1e6),
                               delta=_number(privacy, "privacy", "delta", where, 0, 0.999999),
                               accountant=accountant, release_local_metrics=release,
-                              release_validation_metrics=release_validation),
+                              release_validation_metrics=release_validation, test_metrics=test_metrics,
+                              **({} if evaluation_noise is None else
+                                 {"evaluation_noise_multiplier": evaluation_noise})),
             runtime_port=runtime_port, student_base=student_base,
             proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden,
             governance=governance)

@@ -547,7 +547,8 @@ def _evaluation(section: dict[str, Any], report: dict[str, Any]) -> str:
     # A causal-LM test split is counted in tokens, per site and model.
     site_columns = [*columns, "tokens"] if report["run"]["task"] == CAUSAL_LM else columns
     per_round = [(r["round"], r[metric]) for r in section["per_round"] if r.get(metric) is not None]
-    references = {_label(k): v for k, v in section["baselines_reference"].items() if v is not None}
+    references = ({} if is_not_assessed(section["baselines_reference"]) else
+                  {_label(k): v for k, v in section["baselines_reference"].items() if v is not None})
     axis = _label(metric) + (" (lower is better)" if metric in section["lower_is_better"] else "")
     out = [kv_table(section, ["headline_metric", "data", *(["lower_is_better"] if section["lower_is_better"] else [])]),
            line_chart(f"Federated student {_label(metric)} per round (pooled test splits)",
@@ -558,6 +559,25 @@ def _evaluation(section: dict[str, Any], report: dict[str, Any]) -> str:
     for site, rows in section["per_site"].items():
         out.append(f"<h3>Site {_e(site)} (its own test split)</h3>" + table(rows, site_columns))
     out.append("<h3>Per round</h3>" + table(section["per_round"], ["round", "status", *metrics, "train_loss"]))
+    out.append(_site_evaluation(section.get("site_evaluation"), metrics))
+    return "".join(out)
+
+
+def _site_evaluation(evaluated: dict[str, Any] | str | None, metrics: list[str]) -> str:
+    """The sites' own released test evaluations: how each released, and the figures computed from the release."""
+    if evaluated is None:
+        return ""
+    if is_not_assessed(evaluated):
+        return f"<h3>The sites' own test evaluation</h3><p>{fmt(evaluated)}</p>"
+    out = ["<h3>The sites' own test evaluation</h3>", f'<p class="statement">{_e(evaluated["method"])}</p>']
+    for evaluation in evaluated["evaluations"]:
+        rows = [{"site": "pooled (sum of the released histograms)", "released": ", ".join(evaluated["releases"]),
+                 "noise_std": evaluation["pooled"]["noise_std_per_cell"], **evaluation["pooled"]}]
+        rows += [{"site": site, **release} for site, release in evaluation["sites"].items()]
+        out.append(f"<h4>After round {evaluation['after_round']}</h4>"
+                   + table(rows, ["site", "released", "noise_std", *metrics, "n"]))
+        if evaluation["pooled"].get("noise_interval_90"):
+            out.append(kv_table({"noise_interval_90": evaluation["pooled"]["noise_interval_90"]}))
     return "".join(out)
 
 

@@ -49,6 +49,7 @@ from protocols.accounting import (EVIDENCE_FILES, Calibration, PrivacyState, Sit
                                   unit_of_privacy)
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.errors import DataError, FedistillError, LedgerTampered
+from protocols.evaluation import SITE_EVALUATION_EVENT, TEST_EVALUATION_EVENT
 from protocols.governance import PARTIES_EVENT, REGIMES
 from protocols.ledger import CHECKPOINT, read_events
 from protocols.ledger import key_fingerprint as ledger_key_fingerprint
@@ -869,6 +870,9 @@ def dp_statement(site: str, block: dict[str, Any]) -> str:
                           f"{release['teachers']} teachers trained on disjoint partitions of its {unit}s by person, "
                           f"Gaussian noise of multiplier {release['noise_multiplier']:g} on an L2 sensitivity of "
                           f"{release['sensitivity_l2']:.4g})" for release in block.get("pate_releases", []))
+                + "".join(f", composed with the noised release of its test evaluation after round {release['round']} "
+                          f"(Gaussian noise of std {release['noise_multiplier']:g} on a histogram of L2 sensitivity "
+                          f"{release['sensitivity_l2']:g})" for release in block.get("evaluation_releases", []))
                 + ", accounted with "
                 f"{block['accountant']['name'].upper()} ({block['accountant']['library']}).")
     return sentence + _person_sentence(block, unit) + _teacher_sentence(block["teacher"], unit)
@@ -884,12 +888,16 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
     spends = site.privacy.run_spends(ev.run_id)
     steps = [s for s in spends if s.mechanism == "dp-sgd"]
     pate = [e["payload"] for e in site.ledger.of_run(ev.run_id, "pate-release")]
+    evaluations = [e["payload"] for e in site.ledger.of_run(ev.run_id, TEST_EVALUATION_EVENT)]
     # The site's own choice: its policy, else the accountant it calibrated this run with.
     accountant = site.policy.accountant if site.policy else calibrated.get("accountant", "prv")
     delta = calibration.delta if calibration else None
     sent = site.ledger.of_run(ev.run_id, "update-sent")
     total = epsilon_of(spends, delta, accountant) if delta else (math.inf if spends else 0.0)
-    recorded = sent[-1]["payload"]["epsilon_run"] if sent else None
+    # The last event that states the run's epsilon: an update, or a noised test evaluation after it.
+    stating = [e for e in site.ledger.events if e["payload"].get("run_id") == ev.run_id and "epsilon_run" in e["payload"]
+               and e["kind"] in ("update-sent", TEST_EVALUATION_EVENT)]
+    recorded = stating[-1]["payload"]["epsilon_run"] if sent and stating else None
     audit = ev.audit.get("sites", {}).get(site.name, {})
     opacus = ev.config.get("versions", {}).get("opacus")
     item = RECORD_ITEMS.get(ev.task, RECORD_ITEMS[CLASSIFICATION])
@@ -929,6 +937,11 @@ def _site_privacy(ev: RunEvidence, site: SiteFiles, secure: bool) -> dict[str, A
                            "noise_multiplier": release["dp"]["noise-multiplier"],
                            "sensitivity_l2": release["sensitivity_l2"], "noise_std": release["noise_std"],
                            "partition": release["partition"], "digest": release["digest"]} for release in pate],
+        "evaluation_releases": [{"round": e["round"], "released": e["released"],
+                                 "noise_multiplier": e["dp"]["noise-multiplier"],
+                                 "sensitivity_l2": e["dp"]["sensitivity_l2"], "digest": e["digest"]}
+                                for e in evaluations if "dp" in e],
+        "test_metrics_released": sorted({e["released"] for e in evaluations}),
         "epsilon_per_round": [{"round": e["payload"]["round"], "epsilon": e["payload"]["epsilon_run"],
                                "seq": e["seq"]} for e in sent],
         "epsilon_total": json_epsilon(total),
@@ -998,8 +1011,13 @@ def _privacy(ev: RunEvidence) -> dict[str, Any]:
         federation["statement"] += (" The record-level guarantee is void at "
                                     f"{', '.join(federation['guarantee_void_at'])}: a teacher trained on the site's "
                                     "own records without differential privacy.")
+    clear = [name for name, b in sites.items() if "clear" in b["test_metrics_released"]]
+    unprotected = unprotected_quantities(secure, ev.deployment is not None)
+    if clear:
+        unprotected.append(f"the test evaluation histograms of {', '.join(clear)}: released in the clear by those "
+                           "sites' policies (their test records' class and score bins, exact)")
     return {"target_epsilon": ev.federation.get("target_epsilon"), "sites": sites, "federation": federation,
-            "unprotected_quantities": unprotected_quantities(secure, ev.deployment is not None)}
+            "unprotected_quantities": unprotected}
 
 
 # ------------------------------------------------------------------------------------------------ sections 7-9
@@ -1345,15 +1363,81 @@ MODELS = (("teacher", "teacher"), ("federated", "federated student"),
 METRICS = ("roc_auc", "accuracy", "macro_f1", "kappa")
 
 
-def _evaluation(ev: RunEvidence) -> dict[str, Any]:
-    if ev.summary is None:
-        # The coordinator knows only the training loss the sites reported each round.
-        per_round = [{"round": r["round"], "status": r["status"], "train_loss": r.get("train_loss")}
-                     for r in ev.metrics]
+SITE_EVALUATED = "federated student, as the sites evaluated it"
+
+
+def _released(metrics: dict[str, Any] | None, names: list[str]) -> dict[str, Any]:
+    return {m: (metrics or {}).get(m) for m in names}
+
+
+def site_evaluation(ev: RunEvidence) -> dict[str, Any] | str:
+    """What the sites released of their own test evaluations of the student (the coordinator's signed
+    ``site-evaluation`` events): per evaluation, each site's release and metrics, and the pooled metrics."""
+    events = [e["payload"] for e in ev.coordinator.of_run(ev.run_id, SITE_EVALUATION_EVENT)]
+    if not events:
+        return not_assessed("no site evaluated the student on its test split in this run (a causal-LM run, a run "
+                            "with site_evaluation = false, or one recorded before sites evaluated)")
+    evaluations = []
+    for payload in events:
+        sites = {site: {"released": r["released"], "noise_std": r["noise_std"], "weighted_by": r["weighted_by"],
+                        **_released(r.get("metrics"), [*METRICS, "n"])} for site, r in payload["sites"].items()}
+        pooled = payload["pooled"]
+        evaluations.append({"round": payload["round"], "after_round": payload["after_round"],
+                            "student_digest": payload["student_digest"], "bins": payload["bins"],
+                            "sites": sites, "failures": payload["failures"], "rejected": payload["rejected"],
+                            "pooled": {"sites": pooled["sites"], **_released(pooled, [*METRICS, "n"]),
+                                       "noise_std_per_cell": pooled.get("noise_std_per_cell"),
+                                       "noise_interval_90": pooled.get("noise_interval_90", {})}})
+    releases = sorted({r["released"] for e in evaluations for r in e["sites"].values()})
+    return {
+        "method": ("after the scheduled rounds each site scored the student named by digest on its own test split and "
+                   "released a histogram (binary: test records by true class and bin of the student's log-odds; "
+                   "otherwise the confusion matrix), as its policy says: noised (Gaussian noise on every cell, "
+                   "charged to its budget and in its epsilon above), clear (an unprotected quantity) or none; the "
+                   "coordinator computed each site's metrics and the pooled ones from the sum of the histograms. "
+                   "The ROC-AUC is binned (a tie within a bin counts one half); accuracy, macro-F1 and kappa are at "
+                   "probability 0.5. In a person-level run each record weighs 1 / (its person's test records), so "
+                   "the figures count persons."),
+        "releases": releases, "evaluations": evaluations,
+    }
+
+
+def _deployed_evaluation(ev: RunEvidence, evaluated: dict[str, Any] | str) -> dict[str, Any]:
+    """A deployed run's evaluation: the sites' own released test evaluations (the coordinator holds no data)."""
+    per_round = [{"round": r["round"], "status": r["status"], "train_loss": r.get("train_loss")} for r in ev.metrics]
+    if is_not_assessed(evaluated):
         return {"headline_metric": NOT_ASSESSED, "data": NO_EVALUATION, "overall": NO_EVALUATION,
                 "per_site": NO_EVALUATION, "per_round": per_round, "baselines_reference": NO_EVALUATION,
-                "comparison": NO_EVALUATION, "confidence_intervals": NOT_ASSESSED,
+                "comparison": NO_EVALUATION, "site_evaluation": evaluated, "confidence_intervals": NOT_ASSESSED,
                 "empirical_privacy_audit": NOT_ASSESSED}
+    final = evaluated["evaluations"][-1]
+    by_round = {e["after_round"]: e["pooled"] for e in evaluated["evaluations"]}
+    for row in per_round:
+        row |= _released(by_round.get(row["round"]), list(METRICS))
+    noisy = "noised" in evaluated["releases"]
+    return {
+        "headline_metric": "roc_auc", "metrics": list(METRICS), "lower_is_better": [],
+        "data": f"the sites' own held-out test splits, evaluated at the sites after round {final['after_round']}; "
+                + evaluated["method"],
+        "overall": [{"model": SITE_EVALUATED + (" (noised)" if noisy else ""),
+                     **_released(final["pooled"], list(METRICS))}],
+        "per_site": {site: [{"model": SITE_EVALUATED + f" ({release['released']})",
+                             **_released(release, list(METRICS))}] for site, release in final["sites"].items()},
+        "per_round": per_round,
+        "baselines_reference": not_assessed("a deployed run trains no baseline (the coordinator holds no data)"),
+        "comparison": not_assessed("a deployed run trains no baseline or teacher comparison"),
+        "site_evaluation": evaluated,
+        "confidence_intervals": (f"the noise alone: {final['pooled']['noise_interval_90']} (5th and 95th percentiles "
+                                 "with the noise re-drawn on the released histograms); sampling error is "
+                                 + NOT_ASSESSED) if noisy else NOT_ASSESSED,
+        "empirical_privacy_audit": NOT_ASSESSED,
+    }
+
+
+def _evaluation(ev: RunEvidence) -> dict[str, Any]:
+    evaluated = site_evaluation(ev)
+    if ev.summary is None:
+        return _deployed_evaluation(ev, evaluated)
     summary, models = ev.summary, ev.summary["models"]
     causal = ev.task == CAUSAL_LM
     # A causal-LM summary names its metrics (in display order) and its models; no site trains a local-only student.
@@ -1387,6 +1471,8 @@ def _evaluation(ev: RunEvidence) -> dict[str, Any]:
         "overall": overall, "per_site": per_site, "per_round": per_round,
         "baselines_reference": {key: models[key]["overall"].get(headline) for key, _ in labelled if key != "federated"},
         "comparison": summary.get("comparison", {}),
+        # The same figures a deployed run reports, through the same messages (a simulation computes both).
+        "site_evaluation": evaluated,
         "confidence_intervals": NOT_ASSESSED, "empirical_privacy_audit": NOT_ASSESSED,
     }
 

@@ -48,6 +48,7 @@ from protocols.accounting import PrivacyState, Spend, pld_epsilon
 from protocols.canonical import digest_arrays, digest_json, file_sha256
 from protocols.curriculum import START_STUDENT
 from protocols.errors import ConfigError, LedgerTampered
+from protocols.evaluation import TEST_EVALUATION_EVENT
 from protocols.governance import PARTIES_EVENT, PartiesDeclaration
 from protocols.knowledge import PROXY_FILE
 from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
@@ -99,7 +100,7 @@ def _config_hash(run_dir: Path) -> str:
 
 
 # The ledger events that record a privacy spend, and the mechanism each one is.
-SPENDING_EVENTS = {"update-sent": "dp-sgd", "pate-release": "pate", "test-evaluation": "evaluation"}
+SPENDING_EVENTS = {"update-sent": "dp-sgd", "pate-release": "pate", TEST_EVALUATION_EVENT: "evaluation"}
 
 
 def _site_spends(events: list[dict[str, Any]], run_id: str) -> list[Spend]:

@@ -35,6 +35,8 @@ EVALUATION_KEY = "evaluate-test"
 LOG_ODDS_RANGE = 6.0
 # The coordinator's ledger event of one evaluation: every site's release, its metrics and the pooled metrics.
 SITE_EVALUATION_EVENT = "site-evaluation"
+# A site's own ledger event of each test evaluation it answered (client/evaluation.py).
+TEST_EVALUATION_EVENT = "test-evaluation"
 
 
 def evaluation_rounds(total_rounds: int, every: int) -> tuple[int, ...]:

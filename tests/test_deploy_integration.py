@@ -113,7 +113,7 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert all(r["quantization_error_bound"] < 1e-3 for r in rounds)
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in ledger if e["kind"] != "checkpoint"] == ["run-started", "round", "run-resumed",
-                                                                          "round", "run-finished"]
+                                                                          "round", "site-evaluation", "run-finished"]
 
     # Each site spent DP budget within the run's target, as its own report (from its verified ledger) says.
     for name, site_file in site_files.items():
@@ -144,6 +144,14 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert transport["tls"]["hosts"] == ["127.0.0.1"]
     clauses = {row["clause"]: row["status"] for row in report["crosswalk"]["rows"]}
     assert clauses["45 CFR 164.312(d)"] == "met" and clauses["45 CFR 164.312(e)(1)-(2)"] == "met"
+    # The sites evaluated the final student on their own test splits and released noised histograms (their
+    # default), charged to their budgets: the report's evaluation section has the pooled and per-site numbers.
+    evaluation = report["evaluation"]
+    pooled = evaluation["overall"][0]
+    assert pooled["model"].endswith("(noised)") and 0.0 <= pooled["roc_auc"] <= 1.0 and 0.0 <= pooled["accuracy"] <= 1.0
+    assert sorted(evaluation["per_site"]) == sorted(SITES)
+    releases = {site: block["evaluation_releases"] for site, block in report["privacy"]["sites"].items()}
+    assert all(len(r) == 1 and r[0]["noise_multiplier"] == 10.0 for r in releases.values())
 
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:

@@ -99,6 +99,8 @@ def test_the_site_calibrates_for_persons_or_records_as_the_run_asks(tmp_path, un
 def test_a_site_whose_records_name_no_person_calibrates_for_records(tmp_path):
     site = _site_with_persons(tmp_path, None)
     assert units_of_privacy(site.splits()["train"], "person") == ("record", 64)
+    # One record per person (or groups that only number the records): one mechanism, stated as record-level.
+    assert units_of_privacy(SplitData({"x": np.zeros((5, 1))}, np.zeros(5), np.arange(5)), "person") == ("record", 5)
     config = private_federation()
     train_round(site, instruction_for(config, 1), global_state(config))
     assert PrivacyState.load(site.state_dir).calibrations["run-a"].unit == "record"

@@ -170,9 +170,14 @@ def test_data_flows_say_the_top_k_cache_stays_at_each_site(report, summary):
 
 def test_the_dp_statement_is_for_one_document_and_shows_the_declared_teacher(causal_run, report):
     for site, block in report["privacy"]["sites"].items():
-        assert block["unit_of_privacy"] == "one document of the site's training split"
+        # The shared run is person-level where its records name persons of several records: a person's documents.
+        if block["unit"] == "person":
+            assert block["unit_of_privacy"] == "one person (all of their documents in the site's training split)"
+            assert "persons), adding or removing one person with all of their documents" in block["statement"]
+        else:
+            assert block["unit_of_privacy"] == "one document of the site's training split"
+            assert "documents), adding or removing one document" in block["statement"]
         assert block["statement"] == dp_statement(site, block)
-        assert "documents), adding or removing one document" in block["statement"]
         # What the site's signed run-accepted event declares (or that it declares nothing), read from its ledger.
         accepted = [e["payload"] for e in read_events(causal_run / "sites" / site / "ledger.jsonl")
                     if e["kind"] == "run-accepted"]
