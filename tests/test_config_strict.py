@@ -88,3 +88,19 @@ def test_errors_of_the_deployment_commands_are_plain_lines_on_a_pipe(tmp_path: P
     assert_plain_error(cli("site", "start", "missing.toml", cwd=tmp_path), "error: ", "missing.toml' does not exist")
     assert_plain_error(cli("coordinator", "sites", "--dir", "nowhere", cwd=tmp_path),
                        "is not a coordinator directory")
+
+
+def test_the_site_chooses_how_its_test_metrics_leave_and_an_unknown_choice_is_refused_by_name(tmp_path: Path) -> None:
+    from client.sitefile import SiteFile
+    from tests.deployment import make_site
+
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.crt").write_bytes(b"")  # SiteFile.load reads the path, not the certificate
+    site_file = make_site(tmp_path, "site-a", tmp_path, "127.0.0.1:9092", 0, 9094)
+    assert SiteFile.load(site_file).policy.test_metrics == "noised"  # what a new site starts with
+    text = site_file.read_text()
+    site_file.write_text(text.replace('\ntest_metrics = "noised"', '\ntest_metrics = "clear"'))
+    assert SiteFile.load(site_file).policy.test_metrics == "clear"
+    site_file.write_text(text.replace('\ntest_metrics = "noised"', '\ntest_metrics = "rounded"'))
+    with pytest.raises(ConfigError, match=r"\[privacy\] test_metrics must be one of noised, clear, none"):
+        SiteFile.load(site_file)
