@@ -56,7 +56,9 @@ def _records(site: SiteFile) -> tuple[str, SplitData]:
     empty = [name for name, count in zip(site.schema.classes, counts) if count == 0]
     note = f"; no record of class {', '.join(empty)}" if empty else ""
     return (f"{len(records)} records, {len(site.schema.features)} feature(s), label '{site.schema.label}' "
-            f"({per_class}){note}; at most {records.max_records_per_person()} record(s) per person"), records
+            f"({per_class}){note}; at most {records.max_records_per_person()} record(s) per person"
+            + ("" if site.schema.person_id else "; no [data] person_id: each record is its own unit of privacy")
+            ), records
 
 
 def _teacher(site: SiteFile, records: SplitData) -> str:
@@ -187,10 +189,14 @@ def _budget(site: SiteFile) -> str:
                              "would refuse every private round. Raise [privacy] epsilon_lifetime only with your "
                              "privacy officer's approval.")
     left = "unbounded" if policy.epsilon_lifetime is None else f"{policy.epsilon_lifetime - spent:.3f}"
-    rounds = sum(spend.mechanism == "dp-sgd" for spend in state.spends)
-    releases = len(state.spends) - rounds
-    events = f"{rounds} round(s)" + (f" and {releases} PATE release(s)" if releases else "")
-    return f"{caps}; spent {spent:.3f} over {events}; lifetime budget left {left}"
+    counts = {mechanism: sum(spend.mechanism == mechanism for spend in state.spends)
+              for mechanism in ("dp-sgd", "pate", "evaluation")}
+    events = f"{counts['dp-sgd']} round(s)" + "".join(
+        f" and {counts[m]} {label}(s)" for m, label in (("pate", "PATE release"), ("evaluation", "noised test evaluation"))
+        if counts[m])
+    release = (f"test metrics {policy.test_metrics}" + (f" (noise std {policy.evaluation_noise_multiplier:g}, charged)"
+                                                        if policy.test_metrics == "noised" else ""))
+    return f"{caps}; spent {spent:.3f} over {events}; lifetime budget left {left}; {release}"
 
 
 def _node_key(site: SiteFile) -> str:

@@ -1448,6 +1448,11 @@ def _evaluation(ev: RunEvidence) -> dict[str, Any]:
         local = models["local_only"]
         overall.append({"model": "local-only students (non-private), mean", **{
             m: local[m]["mean"] if local.get(m) else None for m in metrics}})
+    if not is_not_assessed(evaluated):
+        # What a deployed run would report of the same student: the sites' released histograms, pooled.
+        final = evaluated["evaluations"][-1]
+        overall.append({"model": SITE_EVALUATED + f" ({', '.join(evaluated['releases'])})",
+                        **_released(final["pooled"], metrics)})
     per_site = {}
     for site in ev.sites:
         rows = [{"model": label, **{m: models[key]["per_site"].get(site, {}).get(m) for m in metrics},
