@@ -261,8 +261,8 @@ def test_a_three_stage_curriculum_runs_deployed_verifies_and_reports(deployed: d
     assert deployed["outcome"]["status"] == "finished:completed"
 
     events = _events(run_dir / "ledger.jsonl")
-    assert [e["kind"] for e in events if e["kind"] != "checkpoint"] == ["run-started", "round", "site-local-stage",
-                                                                          "run-finished"]
+    assert [e["kind"] for e in events if e["kind"] != "checkpoint"] == ["run-started", "round", "site-evaluation",
+                                                                          "site-local-stage", "run-finished"]
     record = events[0]["payload"]["coordinator_stage"]
     assert record["site_records_read"] == 0 and record["epsilon"] == 0 and record["settings"]["where"] == "coordinator"
     kept = run_dir / "stages" / "coordinator" / "model.safetensors"
