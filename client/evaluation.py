@@ -5,7 +5,8 @@ The site answers only for a run it accepted with that config hash, only for a st
 after a round of the schedule it accepted (recorded in its run-accepted event, and planned into its calibration when
 its release is noised), and each round once. A noised release is charged before it is made, with a Gaussian
 mechanism of the policy's noise multiplier on a histogram of L2 sensitivity 1 (one unit of privacy moves at most one
-unit of weight); a release that would pass a cap is refused and spends nothing. Everything is recorded in the
+unit of weight); a release that would pass a cap is refused and spends nothing, and a site that trained no round
+of the run releases nothing for it. Everything is recorded in the
 site's ledger: how it released, the noise, the histogram's digest; the histogram itself only leaves in the reply.
 """
 
@@ -90,6 +91,7 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
     policy = SitePolicy.load(site.state_dir)
     state = PrivacyState.load(site.state_dir)
     calibration = state.calibrations.get(request.run_id)
+    trained = any(s.mechanism == "dp-sgd" for s in state.run_spends(request.run_id))
     unit = calibration.unit if calibration else "record"
     test = site.splits()["test"]
     with torch.no_grad():
@@ -101,9 +103,12 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
                                      request.bins)
     payload = {"run_id": request.run_id, "config_hash": request.config_hash, "round": request.round,
                "student_digest": request.student_digest, "records": len(test), "weighted_by": unit}
-    release = EvaluationRelease(policy.test_metrics, None if policy.test_metrics == "none" else histogram,
-                                weighted_by=unit)
-    if policy.test_metrics == "noised":
+    # A site that refused every round of the run spends nothing on it, not even on an evaluation.
+    mode = policy.test_metrics if trained else "none"
+    release = EvaluationRelease(mode, None if mode == "none" else histogram, weighted_by=unit)
+    if not trained:
+        payload["refused"] = "this site trained no round of the run"
+    if mode == "noised":
         spend = evaluation_spend(policy, request.run_id, request.round)
         delta = calibration.delta if calibration else policy.delta_for(len(test))
         decision = decide(policy, state, spend, delta)

@@ -1448,7 +1448,7 @@ def _evaluation(ev: RunEvidence) -> dict[str, Any]:
         local = models["local_only"]
         overall.append({"model": "local-only students (non-private), mean", **{
             m: local[m]["mean"] if local.get(m) else None for m in metrics}})
-    if not is_not_assessed(evaluated):
+    if not causal and not is_not_assessed(evaluated):
         # What a deployed run would report of the same student: the sites' released histograms, pooled.
         final = evaluated["evaluations"][-1]
         overall.append({"model": SITE_EVALUATED + f" ({', '.join(evaluated['releases'])})",

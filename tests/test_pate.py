@@ -134,13 +134,17 @@ def test_simulate_hybrid_pate_charges_one_release_per_site_and_verify_replays_th
     picu = run_dir / "sites" / "picu"
     assert not PrivacyState.load(picu).spends and not _events(picu, "pate-release")
     assert not list(picu.glob("pate-release-*")) and summary["privacy"]["sites"]["picu"]["rounds_refused"] == [1, 2]
+    # Not even the test evaluation of the final student: a site that trained no round releases nothing for the run.
+    assert summary["site_evaluation"][-1]["sites"]["picu"]["released"] == "none"
 
     trained = [name for name in summary["privacy"]["sites"] if name != "picu"]
     assert len(trained) == 5
     for name in trained:
         site_dir = run_dir / "sites" / name
         spends = PrivacyState.load(site_dir).run_spends(summary["run_id"])
-        assert [(s.round, s.mechanism) for s in spends] == [(1, "pate"), (1, "dp-sgd"), (2, "dp-sgd")]
+        # The release, the rounds' steps, and the noised test evaluation of the final student: one composition.
+        assert [(s.round, s.mechanism) for s in spends] == [(1, "pate"), (1, "dp-sgd"), (2, "dp-sgd"),
+                                                            (2, "evaluation")]
         (charged,) = _events(site_dir, "pate-release")
         assert charged["payload"]["dp"] == {"noise-multiplier": 4.0, "sample-rate": 1.0, "steps": 1}
         assert charged["payload"]["sensitivity_l2"] == pytest.approx(16.0)

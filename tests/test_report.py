@@ -326,16 +326,23 @@ def test_a_deployed_run_is_reported_from_its_evidence_and_marks_the_rest_not_ass
     assert run["mode"].startswith("deployment") and run["flower_run_id"] == "5630224506200417090"
     assert run["deployment"]["wait_for_sites"] == 3 and "simulation" not in run and run["config_hash_recomputes"]
 
+    # The coordinator holds no data: the evaluation is the sites' own, as they released it (noised, by default),
+    # read from the coordinator's signed site-evaluation event; baselines are not assessed.
     evaluation = report["evaluation"]
-    assert all(is_not_assessed(evaluation[key]) for key in ("overall", "per_site", "baselines_reference"))
-    assert "no coordinator-side evaluation" in evaluation["overall"]
-    assert [r["round"] for r in evaluation["per_round"]] == [1, 2]
+    events = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    signed = [e["payload"] for e in events if e["kind"] == "site-evaluation"][-1]
+    [pooled] = evaluation["overall"]
+    assert pooled["model"] == "federated student, as the sites evaluated it (noised)"
+    assert pooled["roc_auc"] == signed["pooled"]["roc_auc"] and 0 <= pooled["accuracy"] <= 1
+    assert sorted(evaluation["per_site"]) == sorted(signed["sites"])
+    assert all(r["released"] == "noised" and r["noise_std"] == 10.0
+               for r in evaluation["site_evaluation"]["evaluations"][-1]["sites"].values())
+    assert is_not_assessed(evaluation["baselines_reference"]) and "noise alone" in evaluation["confidence_intervals"]
+    assert [r["round"] for r in evaluation["per_round"]] == [1, 2] and evaluation["per_round"][-1]["roc_auc"] is not None
     page = (run_dir / "report" / "report.html").read_text()
-    assert f'{NOT_ASSESSED}</span>: a deployed run has no coordinator-side evaluation' in page
-    assert "per round (pooled test splits)" not in page  # no empty utility chart
-    # The summary says so instead of a chart, and the declarations still come from the ledgers.
-    assert report["summary"]["utility"] == evaluation["overall"]
-    assert f"<b>Utility:</b> <span class=\"na\">{NOT_ASSESSED}</span>" in page
+    assert "The sites&#x27; own test evaluation" in page or "The sites' own test evaluation" in page
+    # The summary charts the site-evaluated student, and the declarations still come from the ledgers.
+    assert [m["model"] for m in report["summary"]["utility"]["models"]] == [pooled["model"]]
     assert report["parties"]["coordinator"]["legal_entity"].startswith("Example Health Data Consortium")
     assert report["data_inventory"]["sites"]["clinical-lab"]["deidentification"] == "safe-harbor"
     teacher = report["model_card"]["teacher"]

@@ -104,7 +104,9 @@ def test_every_secagg_stage_is_on_the_site_ledger_with_the_bytes_on_the_wire(tmp
         sent = {e["payload"]["round"]: e["payload"]["bytes"] for e in events if e["kind"] == "update-sent"}
         for server_round in (1, 2):
             this_round = [t for t in transfers if t["round"] == server_round]
-            assert [t["stage"] for t in this_round] == ["query", *SECAGG_STAGES]
+            # After the last round the sites evaluate the final student (protocols/evaluation.py).
+            assert [t["stage"] for t in this_round] == ["query", *SECAGG_STAGES] + (["evaluate"] if server_round == 2
+                                                                                    else [])
             assert {t["run_id"] for t in this_round} == {"run-secagg"}
             assert not any(t["error"] for t in this_round)
             # The ledger's numbers are those of the outer count, message by message, in order.
@@ -131,7 +133,7 @@ def test_every_secagg_stage_is_on_the_site_ledger_with_the_bytes_on_the_wire(tmp
         assert wire["total_bytes_in"] == sum(t["bytes_in"] for t in transfers)
         assert wire["total_bytes_out"] == sum(t["bytes_out"] for t in transfers)
         assert wire["total_payload_bytes"] == flows["sites"][site.name]["total_bytes"] < wire["total_bytes_out"]
-        assert [row["stage"] for row in wire["per_stage"]] == ["query", *SECAGG_STAGES]
+        assert [row["stage"] for row in wire["per_stage"]] == ["query", *SECAGG_STAGES, "evaluate"]
         assert flows["wire_bytes_per_round"]["out"][site.name] == [
             sum(t["bytes_out"] for t in transfers if t["round"] == r) for r in (1, 2)]
     html = render._data_flows(flows, {})
