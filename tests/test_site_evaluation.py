@@ -19,6 +19,7 @@ from protocols.accounting import PrivacyState, SitePolicy, epsilon_of
 from protocols.canonical import digest_arrays
 from protocols.errors import UpdateRejected
 from protocols.evaluation import EvaluationRelease, EvaluationRequest, evaluation_rounds, metrics_of_histogram
+from protocols.ledger import read_events
 from tests.helpers import make_site
 from tests.test_cli_simulate import run_cli
 from tests.test_privacy import COORDINATOR_DIR, private_federation
@@ -117,6 +118,27 @@ def test_the_coordinator_screens_each_release_and_refuses_a_bad_one_by_name():
             EvaluationRelease.from_dict(bad, request)
 
 
+def test_the_default_run_releases_noised_evaluations_charged_to_each_site_and_verify_replays_them(verified_run):
+    """The shared small run (the CLI's defaults: person-level, noised test metrics): every site's final evaluation
+    was charged as one Gaussian release, recorded in its ledger, and the run still verifies."""
+    summary = json.loads((verified_run / "summary.json").read_text())
+    [final] = summary["site_evaluation"]
+    assert final["round"] == final["after_round"] == 2 and final["pooled"]["sites"] == 3
+    assert set(final["pooled"]["noise_interval_90"]) == {"roc_auc", "accuracy", "macro_f1", "kappa"}
+    for name, release in final["sites"].items():
+        assert release["released"] == "noised" and release["noise_std"] == 10.0 and release["weighted_by"] == "person"
+        site_dir = verified_run / "sites" / name
+        [event] = [e for e in read_events(site_dir / "ledger.jsonl") if e["kind"] == "test-evaluation"]
+        assert event["payload"]["dp"]["sensitivity_l2"] == 1.0 and event["payload"]["released"] == "noised"
+        spends = PrivacyState.load(site_dir).run_spends(summary["run_id"])
+        assert spends[-1].mechanism == "evaluation" and spends[-1].noise_multiplier == 10.0
+        assert event["payload"]["epsilon_run"] == pytest.approx(summary["privacy"]["sites"][name]["epsilon"])
+        assert summary["privacy"]["sites"][name]["epsilon"] <= summary["privacy"]["target_epsilon"] + 1e-6
+    verified = run_cli("verify", str(verified_run), "--format", "json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["verified"] is True
+
+
+@pytest.mark.slow
 def test_a_simulation_reports_the_sites_clear_evaluation_equal_to_the_central_figures(tmp_path):
     result = run_cli("simulate", "--stages", "federated", "--sites", "3", "--rounds", "2", "--subsample", "0.25",
                      "--local-steps", "5", "--seed", "4", "--out", str(tmp_path), "--format", "json",
