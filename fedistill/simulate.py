@@ -124,6 +124,21 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
         console.print(f"federated - public-only ROC-AUC: {comparison['federated_minus_public_only']:+.4f} (the "
                       "free alternative: the same student distilled on the public reference set alone)")
     _render_privacy(summary, console)
+    _render_site_evaluation(summary, console)
+
+
+def _render_site_evaluation(summary: dict[str, Any], console: Console) -> None:
+    evaluations = summary.get("site_evaluation") or []
+    if not evaluations:
+        return
+    final = evaluations[-1]
+    pooled, interval = final["pooled"], final["pooled"].get("noise_interval_90", {})
+    released = sorted({site["released"] for site in final["sites"].values()})
+    spread = (f" (the noise alone: {interval['roc_auc'][0]:.3f} - {interval['roc_auc'][1]:.3f})"
+              if interval.get("roc_auc") else "")
+    console.print(f"the sites' own test evaluation after round {final['after_round']} ({', '.join(released)}, "
+                  f"{pooled['sites']} site(s)): ROC-AUC {_fmt(pooled.get('roc_auc'))}{spread}, accuracy "
+                  f"{_fmt(pooled.get('accuracy'))}; what a deployed run reports")
 
 
 def _group_note(site: dict[str, Any]) -> str:

@@ -647,8 +647,10 @@ def _run_summary(scenario, config: FederationConfig, coordinator: Coordinator, o
         "site_failures": {str(r["round"]): r["failures"] for r in coordinator.records if r["failures"]},
         "privacy": {
             "unit": _summary_unit(sites, unit_item),
-            "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + config.grad_sample_mode + " clipping"
-                          if config.private else "none: non-private run"),
+            "mechanism": ("Poisson-sampled DP-SGD (Opacus), " + (
+                "each sampled person's summed gradient clipped as one (hooks)" if "person" in
+                {site["unit"] for site in sites.values()} else config.grad_sample_mode + " clipping")
+                if config.private else "none: non-private run"),
             "target_epsilon": config.target_epsilon, "max_grad_norm": config.max_grad_norm if config.private else None,
             "sites": sites,
         },
