@@ -625,6 +625,10 @@ def _data_flows(ev: RunEvidence) -> dict[str, Any]:
             "tensor_layout": updates[0]["tensors"] if len(layouts) == 1 else None,
             "total_bytes": sum(u["bytes"] for u in updates),
             "wire": wire,
+            # The site's test evaluations of the student: a histogram each (noised, clear) or nothing (none).
+            "test_evaluations": [{"round": e["payload"]["round"], "seq": e["seq"], "released": e["payload"]["released"],
+                                  "noise_std": e["payload"]["noise_std"], "digest": e["payload"]["digest"]}
+                                 for e in site.ledger.of_run(ev.run_id, TEST_EVALUATION_EVENT)],
         }
         bytes_per_round[name] = [sent.get(r, 0) for r in rounds]
     secure = bool(ev.federation.get("secure_aggregation"))

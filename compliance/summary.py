@@ -105,6 +105,11 @@ def _left_site(flows: dict[str, Any], recipient: str, knowledge: bool) -> str:
         line = (f"{len(updates)} update(s), {flows['total_bytes']:,} B of payload"
                 + (f" ({len(layout)} tensor(s), {', '.join(dtypes)})" if layout else "")
                 + (", with soft labels on the public proxy set" if knowledge else "") + f", to {recipient}")
+    evaluations = [e for e in flows.get("test_evaluations", []) if e["released"] != "none"]
+    if evaluations:
+        kinds = sorted({e["released"] for e in evaluations})
+        line += (f"; {len(evaluations)} test-evaluation histogram(s) of the student ({', '.join(kinds)}"
+                 + (f", noise std {evaluations[0]['noise_std']:g} per cell" if kinds == ["noised"] else "") + ")")
     if isinstance(wire, dict):
         line += f"; {wire['total_bytes_out']:,} B sent on the wire in all"
     refusals = flows["refusals"]
