@@ -24,7 +24,7 @@ import numpy as np
 
 from client.records import MIN_TOKENS, TextData, load_documents, load_records, tokenize_documents
 from client.registration import CoordinatorUnreachable, node_key_registered
-from client.sitefile import SiteFile, check_student_base
+from client.sitefile import SiteFile, check_student_base, held_out_by_person
 from client.teacher import check_teacher_for_run
 from distill.data import SplitData
 from distill.models import load_teacher, path_digest
@@ -58,7 +58,14 @@ def _records(site: SiteFile) -> tuple[str, SplitData]:
     return (f"{len(records)} records, {len(site.schema.features)} feature(s), label '{site.schema.label}' "
             f"({per_class}){note}; at most {records.max_records_per_person()} record(s) per person"
             + ("" if site.schema.person_id else "; no [data] person_id: each record is its own unit of privacy")
-            ), records
+            + _held_out(records, site.test_share)), records
+
+
+def _held_out(records: SplitData, share: float) -> str:
+    if share <= 0:
+        return "; no test split ([data] test_share = 0): this site evaluates no run's student"
+    test = held_out_by_person(records, share)["test"]
+    return f"; {len(test)} record(s) held out as the test split (test_share {share:g}), never trained on"
 
 
 def _teacher(site: SiteFile, records: SplitData) -> str:

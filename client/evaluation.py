@@ -20,6 +20,7 @@ import torch
 from client.budget import decide, record_spend
 from client.local_stage import requested_student
 from client.site import Site
+from distill.data import SplitData
 from distill.train import predict_proba
 from protocols.accounting import PrivacyState, SitePolicy, Spend, json_epsilon
 from protocols.canonical import digest_arrays, sha256_hex
@@ -93,9 +94,15 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
     calibration = state.calibrations.get(request.run_id)
     trained = any(s.mechanism == "dp-sgd" for s in state.run_spends(request.run_id))
     unit = calibration.unit if calibration else "record"
-    test = site.splits()["test"]
+    test = site.splits().get("test")
+    if test is None or len(test) == 0:
+        # A site that holds out no test split ([data] test_share = 0) has nothing to evaluate on.
+        test = SplitData({name: values[:0] for name, values in site.splits()["train"].inputs.items()},
+                         np.zeros(0, dtype=np.int64))
+        trained = False
     with torch.no_grad():
-        probabilities = predict_proba(model, request.student.family, test)
+        probabilities = predict_proba(model, request.student.family, test) if len(test) else np.zeros(
+            (0, request.classes))
     if probabilities.shape[1] != request.classes:
         raise UpdateRejected(f"{what}: the student predicts {probabilities.shape[1]} classes, the request says "
                              f"{request.classes}.")
@@ -104,10 +111,10 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
     payload = {"run_id": request.run_id, "config_hash": request.config_hash, "round": request.round,
                "student_digest": request.student_digest, "records": len(test), "weighted_by": unit}
     # A site that refused every round of the run spends nothing on it, not even on an evaluation.
-    mode = policy.test_metrics if trained else "none"
+    mode = policy.test_metrics if trained and len(test) else "none"
     release = EvaluationRelease(mode, None if mode == "none" else histogram, weighted_by=unit)
-    if not trained:
-        payload["refused"] = "this site trained no round of the run"
+    if mode == "none" and policy.test_metrics != "none":
+        payload["refused"] = "this site holds no test split" if not len(test) else "this site trained no round of the run"
     if mode == "noised":
         spend = evaluation_spend(policy, request.run_id, request.round)
         delta = calibration.delta if calibration else policy.delta_for(len(test))

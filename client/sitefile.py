@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.records import RecordSchema, TextData, TextSchema, load_documents, load_records, tokenize_documents
 from client.site import Site, check_student_hidden, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
+from distill.data import SplitData
 from protocols.accounting import ACCOUNTANTS, TEST_METRICS_RELEASES, SitePolicy
-from protocols.canonical import atomic_write_bytes
+from protocols.canonical import atomic_write_bytes, sha256_hex
 from protocols.config import load_versioned_toml
 from protocols.errors import ConfigError
 from protocols.fields import reject_unknown_fields
@@ -52,6 +55,8 @@ classes = ["negative", "positive"]  # the label values, in the order of the teac
 features = ["FILL IN"]           # numeric feature columns, in the order the teacher expects them
 person_id = ""                   # optional: the column naming the person (patient, customer) of each record
 max_records_per_person = 0       # keep at most this many records per person (0: keep all); needs person_id
+test_share = 0.2                 # persons held out as this site's test split, never trained on: each run's
+                                 # evaluation of the student (docs/privacy.md); 0: none (this site evaluates nothing)
 # A text (causal-LM) site replaces label, classes and features with (docs/deploy.md, "A causal-LM site"):
 #   text = "note_text"             # the column holding each document's text
 #   max_length = 48                # tokens per document (the run's student max_length); longer ones are cut
@@ -105,12 +110,17 @@ runtime_port = 9094              # local port of the SuperNode's runtime API (12
 """
 
 
+# A classification site holds out this share of its persons as its test split unless [data] test_share says.
+DEFAULT_TEST_SHARE = 0.2
+
+
 # Every table and field site.toml may hold. A field not listed is refused by name: a misspelt
 # `epsilon_per_run` that were ignored would leave the site with no per-run cap at all.
 FIELDS: dict[str, tuple[str, ...]] = {
     "site": ("name", "state_dir", "node_key"),
     "coordinator": ("address", "ca_certificate"),
-    "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "text", "max_length",
+    "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "test_share", "text",
+             "max_length",
              "order_by"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
     "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics",
@@ -275,6 +285,8 @@ class SiteFile:
     knowledge_student_hidden: tuple[int, ...] | None = None
     # The site's records of processing ([governance]); None when site.toml has no such table.
     governance: Governance | None = None
+    # A classification site's share of persons held out as its test split ([data] test_share).
+    test_share: float = DEFAULT_TEST_SHARE
 
     @property
     def text_site(self) -> bool:
@@ -312,6 +324,10 @@ class SiteFile:
             raise ConfigError(f"{where}: [privacy] test_metrics must be one of {', '.join(TEST_METRICS_RELEASES)} (how "
                               f"the site's test evaluation of each run's student leaves it), got {test_metrics!r}.")
         evaluation_noise = _number(privacy, "privacy", "evaluation_noise_multiplier", where, 0.1, 1e6)
+        test_share = data.get("test_share", DEFAULT_TEST_SHARE)
+        if isinstance(test_share, bool) or not isinstance(test_share, (int, float)) or not 0 <= test_share <= 0.5:
+            raise ConfigError(f"{where}: [data] test_share must be a number in [0, 0.5] (the share of persons held out "
+                              f"to evaluate each run's student), got {test_share!r}.")
         runtime_port = node.get("runtime_port", 9094)
         if isinstance(runtime_port, bool) or not isinstance(runtime_port, int) or not 0 < runtime_port < 65536:
             raise ConfigError(f"{where}: [node] runtime_port must be a port number, got {runtime_port!r}.")
@@ -349,7 +365,7 @@ class SiteFile:
                                  {"evaluation_noise_multiplier": evaluation_noise})),
             runtime_port=runtime_port, student_base=student_base,
             proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden,
-            governance=governance)
+            governance=governance, test_share=float(test_share))
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
@@ -380,7 +396,8 @@ class SiteFile:
         records = load_records(self.data_path, self.schema)
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
-        return create_site(self.state_dir, self.name, {"train": records}, self.teacher_path, self.policy,
+        return create_site(self.state_dir, self.name, held_out_by_person(records, self.test_share), self.teacher_path,
+                           self.policy,
                            teacher_declaration=self.teacher_declaration,
                            knowledge_student_hidden=self.knowledge_student_hidden, governance=self.governance)
 
@@ -390,6 +407,18 @@ class SiteFile:
             raise ConfigError(f"{self.path}: not a text site ([data] text is not set).")
         documents = load_documents(self.data_path, self.schema)
         return tokenize_documents(self.data_path, documents, self.schema, tokenizer, self.max_records_per_person)
+
+
+def held_out_by_person(records: SplitData, share: float) -> dict[str, SplitData]:
+    """The site's training split and, with ``share`` > 0, its test split: each person (each record, without a person
+    column) is held out by a hash of its id, so a person is in one split only and the split does not move when
+    other records are added."""
+    if share <= 0:
+        return {"train": records}
+    keys = records.groups if len(records.groups) else np.array(
+        [int(sha256_hex(f"record:{index}")[:15], 16) for index in range(len(records))], dtype=np.int64)
+    test = (keys % 10_000) < round(share * 10_000)
+    return {"train": records.subset(np.flatnonzero(~test)), "test": records.subset(np.flatnonzero(test))}
 
 
 def write_template(directory: Path, name: str) -> Path:

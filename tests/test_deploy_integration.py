@@ -16,6 +16,18 @@ from tests.deployment import RUN_TOML, Processes, fedistill, free_port, make_sit
 
 pytestmark = pytest.mark.slow
 SITES = ("hospital-a", "hospital-b", "hospital-c")
+PARTIES_TOML = """\
+schema_version = 1
+
+[coordinator]
+legal_entity = "Example Health Data Consortium (fictional)"
+
+[sites.hospital-a]
+legal_entity = "Example Hospital A (fictional)"
+
+[regimes.hipaa]
+notes = "the member hospitals are covered entities"
+"""
 
 
 @pytest.fixture
@@ -31,7 +43,11 @@ def deployment(tmp_path: Path):
         done = fedistill("coordinator", "add-site", name, str(tmp_path / name / "node_key.pub"), "--dir",
                          "coordinator", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-    (tmp_path / "run.toml").write_text(RUN_TOML.format(minutes=12))
+    # The operator declares the parties and the regimes (docs/deploy.md, "Parties and governance"): the crosswalk maps
+    # the declared regimes only.
+    (tmp_path / "parties.toml").write_text(PARTIES_TOML)
+    (tmp_path / "run.toml").write_text(RUN_TOML.format(minutes=12).replace(
+        "timeout_minutes = 12\n", 'timeout_minutes = 12\nparties = "parties.toml"\n'))
     processes = Processes(tmp_path / "logs")
     try:
         yield tmp_path, address, site_files, processes
@@ -112,8 +128,9 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     assert all(r["participants"] == sorted(SITES) for r in rounds)
     assert all(r["quantization_error_bound"] < 1e-3 for r in rounds)
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
-    assert [e["kind"] for e in ledger if e["kind"] != "checkpoint"] == ["run-started", "round", "run-resumed",
-                                                                          "round", "site-evaluation", "run-finished"]
+    assert [e["kind"] for e in ledger if e["kind"] != "checkpoint"] == ["run-started", "parties-declared", "round",
+                                                                          "run-resumed", "round", "site-evaluation",
+                                                                          "run-finished"]
 
     # Each site spent DP budget within the run's target, as its own report (from its verified ledger) says.
     for name, site_file in site_files.items():

@@ -5,6 +5,7 @@ through the CLI whose clear figures equal the central ones."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, roc_auc_score
 
@@ -163,3 +164,21 @@ def test_a_simulation_reports_the_sites_clear_evaluation_equal_to_the_central_fi
     # The sum of the sites' histograms, across the wire, is the histogram of the pooled test splits.
     central = metrics_of_histogram(evaluation_histogram(labels, probabilities, np.ones(len(labels)), 16))
     assert all(pooled[m] == pytest.approx(central[m]) for m in ("roc_auc", "macro_f1", "kappa"))
+
+
+def test_a_deployed_site_holds_out_a_share_of_its_persons_as_its_test_split_and_keeps_it_as_records_arrive():
+    from client.records import person_ids
+    from client.sitefile import held_out_by_person
+    from distill.data import SplitData
+
+    persons = person_ids(pd.Series([f"patient-{i // 3}" for i in range(3000)]))
+    records = SplitData({"x": np.zeros((3000, 1), dtype=np.float32)}, np.zeros(3000, dtype=np.int64), persons)
+    splits = held_out_by_person(records, 0.2)
+    train, test = set(splits["train"].groups.tolist()), set(splits["test"].groups.tolist())
+    assert not train & test and 0.15 < len(test) / len(train | test) < 0.25
+    # More records later: every person stays in the split it was in.
+    grown = held_out_by_person(SplitData({"x": np.zeros((3300, 1), dtype=np.float32)}, np.zeros(3300, dtype=np.int64),
+                                         person_ids(pd.Series(
+                                             [f"patient-{i // 3}" for i in range(3300)]))), 0.2)
+    assert test <= set(grown["test"].groups.tolist()) and not train & set(grown["test"].groups.tolist())
+    assert list(held_out_by_person(records, 0.0)) == ["train"]
