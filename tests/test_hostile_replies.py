@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,9 +102,8 @@ reply_specs = st.lists(
     min_size=1, max_size=6)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reply_specs)
-def test_arbitrary_replies_are_aggregated_exactly_or_rejected_by_name(specs):
+def _check_arbitrary_replies(specs) -> None:
+    """Every reply is aggregated exactly or rejected by name, whatever the mix of honest and mutated ones."""
     with tempfile.TemporaryDirectory() as directory:
         coordinator = Coordinator(federation(secure_aggregation=False, max_update_norm=BOUND, rounds=2), "run",
                                   Path(directory))
@@ -158,6 +158,20 @@ def test_arbitrary_replies_are_aggregated_exactly_or_rejected_by_name(specs):
         TALLY["replays rejected"] += len(honest)
         coordinator.finish()
         verify_ledger(Path(directory) / "ledger.jsonl", (Path(directory) / "ledger_key.pub.pem").read_text())
+
+
+# The default suite draws 50 mixes; the slow suite 200 (CI runs both).
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reply_specs)
+def test_arbitrary_replies_are_aggregated_exactly_or_rejected_by_name(specs):
+    _check_arbitrary_replies(specs)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reply_specs)
+def test_many_more_arbitrary_replies_are_aggregated_exactly_or_rejected_by_name(specs):
+    _check_arbitrary_replies(specs)
 
 
 def test_tally_of_the_property_run():

@@ -212,6 +212,7 @@ def test_a_site_with_another_proxy_set_refuses_the_round_before_it_calibrates_or
     assert check.decision.accept
 
 
+@pytest.mark.slow
 def test_in_knowledge_mode_sites_train_their_own_students_and_only_the_proxy_layout_leaves(tmp_path):
     """Heterogeneous students: picu trains a 64-64 MLP and nicu a linear one, each kept between rounds and digesting
     the global student on the proxy set first; what every site sends is the same proxy layout."""

@@ -118,6 +118,7 @@ def _events(site_dir: Path, kind: str) -> list[dict]:
             if event["kind"] == kind]
 
 
+@pytest.mark.slow
 def test_simulate_hybrid_pate_charges_one_release_per_site_and_verify_replays_the_composed_epsilon(tmp_path):
     result = runner.invoke(app, ["simulate", "--scenario", "hospitals", "--subsample", "0.15", "--rounds", "2",
                                  "--local-steps", "3", "--stages", "federated", "--epsilon", "3",
