@@ -6,8 +6,8 @@ after a round of the schedule it accepted (recorded in its run-accepted event, a
 its release is noised), and each round once. A noised release is charged before it is made, with a Gaussian
 mechanism of the policy's noise multiplier on a histogram of L2 sensitivity 1 (one unit of privacy moves at most one
 unit of weight); a release that would pass a cap is refused and spends nothing, and a site that trained no round
-of the run releases nothing for it. Everything is recorded in the
-site's ledger: how it released, the noise, the histogram's digest; the histogram itself only leaves in the reply.
+of the run, or holds no test split, releases nothing for it. Everything is recorded in the site's ledger: how it
+released, the noise, the histogram's digest; the histogram itself only leaves in the reply.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from client.budget import decide, record_spend
 from client.local_stage import requested_student
 from client.site import Site
-from distill.data import SplitData
 from distill.train import predict_proba
 from protocols.accounting import PrivacyState, SitePolicy, Spend, json_epsilon
 from protocols.canonical import digest_arrays, sha256_hex
@@ -95,29 +94,29 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
     trained = any(s.mechanism == "dp-sgd" for s in state.run_spends(request.run_id))
     unit = calibration.unit if calibration else "record"
     test = site.splits().get("test")
-    if test is None or len(test) == 0:
-        # A site that holds out no test split ([data] test_share = 0) has nothing to evaluate on.
-        test = SplitData({name: values[:0] for name, values in site.splits()["train"].inputs.items()},
-                         np.zeros(0, dtype=np.int64))
-        trained = False
-    with torch.no_grad():
-        probabilities = predict_proba(model, request.student.family, test) if len(test) else np.zeros(
-            (0, request.classes))
-    if probabilities.shape[1] != request.classes:
-        raise UpdateRejected(f"{what}: the student predicts {probabilities.shape[1]} classes, the request says "
-                             f"{request.classes}.")
-    histogram = evaluation_histogram(test.labels, probabilities, unit_weights(test.groups, unit, len(test)),
-                                     request.bins)
+    held_out = test is not None and len(test) > 0
+    histogram = None
+    if held_out:
+        with torch.no_grad():
+            probabilities = predict_proba(model, request.student.family, test)
+        if probabilities.shape[1] != request.classes:
+            raise UpdateRejected(f"{what}: the student predicts {probabilities.shape[1]} classes, the request says "
+                                 f"{request.classes}.")
+        histogram = evaluation_histogram(test.labels, probabilities, unit_weights(test.groups, unit, len(test)),
+                                         request.bins)
     payload = {"run_id": request.run_id, "config_hash": request.config_hash, "round": request.round,
-               "student_digest": request.student_digest, "records": len(test), "weighted_by": unit}
-    # A site that refused every round of the run spends nothing on it, not even on an evaluation.
-    mode = policy.test_metrics if trained and len(test) else "none"
-    release = EvaluationRelease(mode, None if mode == "none" else histogram, weighted_by=unit)
+               "student_digest": request.student_digest, "records": len(test) if held_out else 0,
+               "weighted_by": unit}
+    # Nothing to evaluate on ([data] test_share = 0), or a run this site refused every round of: it releases nothing
+    # and spends nothing on it.
+    mode = policy.test_metrics if trained and held_out else "none"
     if mode == "none" and policy.test_metrics != "none":
-        payload["refused"] = "this site holds no test split" if not len(test) else "this site trained no round of the run"
+        payload["refused"] = "this site holds no test split" if not held_out else "this site trained no round of the run"
+    release = EvaluationRelease(mode, histogram if mode == "clear" else None, weighted_by=unit)
     if mode == "noised":
         spend = evaluation_spend(policy, request.run_id, request.round)
         delta = calibration.delta if calibration else policy.delta_for(len(test))
+        assert histogram is not None
         decision = decide(policy, state, spend, delta)
         if not decision.accept:
             release = EvaluationRelease("none", weighted_by=unit)
