@@ -138,7 +138,14 @@ def test_a_continuing_run_starts_from_the_verified_student_and_the_budgets_compo
         accepted = [e["payload"] for e in read_events(second_dir / "sites" / name / "ledger.jsonl")
                     if e["kind"] == "run-accepted" and e["payload"]["run_id"] == second["run_id"]]
         assert accepted[0]["training_set"]["new_records"] == chosen["new"]
-        assert accepted[0]["calibration"]["records"] == chosen["trained_on"]
+        # The calibration counts the chosen set's units: its records, or in a person-level run the persons they
+        # belong to (fewer where a person has several).
+        calibration = accepted[0]["calibration"]
+        assert site["unit"] == calibration["unit"] and site["units"] == calibration["records"]
+        if calibration["unit"] == "person":
+            assert 0 < calibration["records"] <= chosen["trained_on"]
+        else:
+            assert calibration["records"] == chosen["trained_on"]
 
 
 @pytest.mark.slow
