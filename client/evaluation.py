@@ -22,7 +22,7 @@ from client.local_stage import requested_student
 from client.site import Site
 from distill.train import predict_proba
 from protocols.accounting import PrivacyState, SitePolicy, Spend, json_epsilon
-from protocols.canonical import digest_arrays, sha256_hex
+from protocols.canonical import digest_arrays
 from protocols.errors import UpdateRejected
 from protocols.evaluation import (LOG_ODDS_RANGE, TEST_EVALUATION_EVENT, EvaluationRelease, EvaluationRequest,
                                   histogram_shape)
@@ -124,7 +124,7 @@ def evaluate_student(site: Site, request: EvaluationRequest, global_state: Mappi
         else:
             record_spend(site.state_dir, state, spend)
             noise = torch.normal(0.0, spend.noise_multiplier, histogram.shape, generator=torch.Generator().manual_seed(
-                int(sha256_hex(f"{site.noise_secret().hex()}:{request.run_id}:evaluation:{request.round}")[:15], 16)),
+                site.noise_seed(request.run_id, "evaluation", request.round)),
                 dtype=torch.float64).numpy()
             release = EvaluationRelease("noised", histogram + noise, spend.noise_multiplier, unit)
             payload["dp"] = {"noise-multiplier": spend.noise_multiplier, "sample-rate": spend.sample_rate,

@@ -24,7 +24,7 @@ from pathlib import Path
 from client.teacher import TeacherDeclaration
 from distill.data import SplitData, load_splits, save_splits
 from protocols.accounting import SitePolicy
-from protocols.canonical import atomic_write_json
+from protocols.canonical import atomic_write_json, sha256_hex
 from protocols.errors import ConfigError
 from protocols.governance import Governance
 
@@ -68,6 +68,11 @@ class Site:
         if not path.is_file():
             write_noise_secret(self.state_dir, os.urandom(32))
         return bytes.fromhex(path.read_text().strip())
+
+    def noise_seed(self, *parts: object) -> int:
+        """60 bits for one stream of DP randomness, from the site's secret and ``parts`` (run id, round, purpose):
+        the coordinator knows the parts, never the secret."""
+        return int(sha256_hex(":".join([self.noise_secret().hex(), *map(str, parts)]))[:15], 16)
 
     @classmethod
     def load(cls, state_dir: Path) -> Site:

@@ -196,7 +196,7 @@ def privacy_report(check: BudgetCheck, spend: Spend) -> dict[str, float | int | 
 
 def _secret_seed(site: Site, instruction: TrainInstruction) -> int:
     # 60 bits from the site's secret: the coordinator knows run id and round, never the secret.
-    return int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:{instruction.server_round}")[:15], 16)
+    return site.noise_seed(instruction.run_id, instruction.server_round)
 
 
 def _distill_classifier(site: Site, instruction: TrainInstruction, student: torch.nn.Module, train: SplitData,
@@ -342,7 +342,7 @@ def _begin_round(site: Site, instruction: TrainInstruction) -> tuple[SplitData, 
     if check.pate is not None:
         # The release's noise stream: the site's secret, the run, and nothing the coordinator could choose.
         make_pate_release(site, instruction, check.state, check.pate,
-                          int(sha256_hex(f"{site.noise_secret().hex()}:{instruction.run_id}:pate")[:15], 16))
+                          site.noise_seed(instruction.run_id, "pate"))
     return train, check, chosen
 
 
