@@ -36,6 +36,7 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 from fedistill import report as _report  # noqa: E402
 from fedistill import run as _run  # noqa: E402
+from fedistill import serve as _serve  # noqa: E402
 from fedistill import simulate as _simulate  # noqa: E402
 from fedistill import verify as _verify  # noqa: E402
 from fedistill.coordinator import coordinator_app  # noqa: E402
@@ -45,5 +46,8 @@ app.command("simulate")(_simulate.simulate_command)
 app.command("verify")(_verify.verify_command)
 app.command("report")(_report.report_command)
 app.command("run")(_run.run_command)
+app.command("export")(_serve.export_command)
+app.command("verify-model")(_serve.verify_model_command)
+app.command("bench")(_serve.bench_command)
 app.add_typer(site_app, name="site")
 app.add_typer(coordinator_app, name="coordinator")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocols", "distill", "client", "coordinator", "compliance", "simulations", "fedistill")
+PACKAGES = ("protocols", "distill", "client", "coordinator", "compliance", "simulations", "serving", "fedistill")
 SCENARIO_MODULES = ("simulations.hospitals", "simulations.drug_reviews", "simulations.scenarios")
 
 
@@ -34,9 +34,11 @@ def violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.parametrize(("package", "forbidden"), [
-    ("compliance", ("client", "coordinator", "fedistill", "simulations")),
-    ("client", ("coordinator", "simulations", "fedistill", "compliance")),
-    ("coordinator", ("client", "simulations", "fedistill", "compliance")),
+    ("compliance", ("client", "coordinator", "fedistill", "simulations", "serving")),
+    # A deployable student reads a finished run: the coordinator's checkpoint format, never a site or the CLI.
+    ("serving", ("client", "simulations", "fedistill")),
+    ("client", ("coordinator", "simulations", "fedistill", "compliance", "serving")),
+    ("coordinator", ("client", "simulations", "fedistill", "compliance", "serving")),
     ("protocols", tuple(p for p in PACKAGES if p != "protocols")),
     ("distill", tuple(p for p in PACKAGES if p not in ("distill", "protocols"))),
 ])

@@ -1,0 +1,394 @@
+"""``fedistill bench RUN_DIR``: the teacher against the student in torch fp32, ONNX fp32, int8 and int4, in one run,
+on the same held-out inputs.
+
+Each model is measured in a fresh worker process (``python -m serving.bench``), so its peak memory is its own: the
+worker records its resident set after the imports, loads the model, scores the held-out inputs, then times batch 1
+(p50/p99 over at least :data:`MIN_LATENCY_CALLS` calls) and batch :data:`THROUGHPUT_BATCH`. All models run with the
+same thread count (``--threads``, 1 by default: per-core figures are the ones that survive a busy machine).
+
+Every figure is checked before it is printed: finite and positive, and the latency is timed in
+:data:`LATENCY_BLOCKS` blocks whose medians must agree within :data:`STABLE_SPREAD`; the machine's load average is
+recorded before and after. A figure that fails is printed as "untrustworthy" with the reason, never as a number.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+THROUGHPUT_BATCH = 64
+MIN_LATENCY_CALLS = 60
+# Seconds per timing block (batch 1, then batch THROUGHPUT_BATCH) and of the warm-up; --quick divides them by 4.
+LATENCY_BLOCK_SECONDS = 0.4
+THROUGHPUT_BLOCK_SECONDS = 0.3
+LATENCY_BLOCKS = 5
+WARM_UP_SECONDS = 1.0
+QUICK_FACTOR = 4
+STABLE_SPREAD = 0.5
+STABLE_RATIO_SPREAD = 0.5
+WORKER_TIMEOUT_S = 900
+
+
+# --------------------------------------------------------------------------------------------- the worker
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mib() -> float:
+    """The resident set's high-water mark since :func:`_reset_peak` (since the start where the kernel cannot reset it)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Start the high-water mark again from the current resident set (Linux's clear_refs, value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _predictor(job: dict[str, Any]):
+    """A function from named input arrays to logits, for the job's model."""
+    kind = job["kind"]
+    if kind == "baseline":  # everything but a model: what the other jobs' memory is measured against
+        return lambda inputs: np.zeros((len(next(iter(inputs.values()))), 2), dtype=np.float32)
+    if kind == "teacher":
+        from distill.models import load_teacher
+
+        teacher = load_teacher(Path(job["path"]))
+        return teacher.logits
+    if kind == "torch":
+        import torch
+
+        from serving.artefacts import finished_student, logits_module, input_names
+
+        student = finished_student(Path(job["path"]))
+        module, names = logits_module(student), input_names(student.family)
+
+        @torch.no_grad()
+        def predict(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            return module(*(torch.from_numpy(inputs[name]) for name in names)).numpy()
+
+        return predict
+    from serving.artefacts import onnx_session
+
+    session = onnx_session(Path(job["path"]), threads=job["threads"])
+    names = [i.name for i in session.get_inputs()]
+    return lambda inputs: session.run(["logits"], {name: inputs[name] for name in names})[0]
+
+
+def _slice(inputs: dict[str, np.ndarray], start: int, size: int) -> dict[str, np.ndarray]:
+    n = len(next(iter(inputs.values())))
+    index = np.arange(start, start + size) % n
+    return {k: np.ascontiguousarray(v[index]) for k, v in inputs.items()}
+
+
+def _timed_calls(predict, inputs: dict[str, np.ndarray], batch: int, seconds: float, minimum: int) -> list[float]:
+    times: list[float] = []
+    started, i = time.perf_counter(), 0
+    while len(times) < minimum or time.perf_counter() - started < seconds:
+        chunk = _slice(inputs, i * batch, batch)
+        begin = time.perf_counter()
+        predict(chunk)
+        times.append(time.perf_counter() - begin)
+        i += 1
+    return times
+
+
+def run_worker(job: dict[str, Any]) -> None:
+    """Load the model, score the held-out inputs, then answer the parent's commands one line at a time: ``latency``
+    (one block of batch-1 calls), ``throughput`` (one block at batch :data:`THROUGHPUT_BATCH`) and ``exit``."""
+    threads = int(job["threads"])
+    # Every model's libraries are loaded before the baseline, so the rise to the peak is the model's own memory.
+    for module in ("onnxruntime", "sklearn.ensemble", "transformers", "distill.models", "serving.artefacts"):
+        importlib.import_module(module)
+    import torch
+
+    torch.set_num_threads(threads)
+    peak_reset = _reset_peak()
+    baseline = _rss_mib()
+    loaded_at = time.perf_counter()
+    predict = _predictor(job)
+    load_seconds = time.perf_counter() - loaded_at
+    with np.load(job["inputs"]) as archive:
+        splits = {split: {k.split(".", 1)[1]: archive[k] for k in archive.files if k.startswith(f"{split}.")}
+                  for split in ("test", "val")}
+    logits = {}
+    for split, inputs in splits.items():
+        if inputs:
+            n = len(next(iter(inputs.values())))
+            logits[split] = np.concatenate([predict(_slice(inputs, i, min(256, n - i))) for i in range(0, n, 256)])
+    np.savez(job["logits_out"], **logits)
+    test = splits["test"]
+    scale = QUICK_FACTOR if job.get("quick") else 1
+    _timed_calls(predict, test, 1, WARM_UP_SECONDS / scale, 10)  # first calls allocate and pick kernels
+    predict(_slice(test, 0, THROUGHPUT_BATCH))
+    _reply({"load_seconds": load_seconds, "rss_after_imports_mib": baseline, "peak_reset": peak_reset})
+    for command in sys.stdin:
+        command = command.strip()
+        if command == "latency":
+            _reply({"seconds": _timed_calls(predict, test, 1, LATENCY_BLOCK_SECONDS / scale,
+                                            MIN_LATENCY_CALLS // LATENCY_BLOCKS)})
+        elif command == "throughput":
+            _reply({"seconds": _timed_calls(predict, test, THROUGHPUT_BATCH, THROUGHPUT_BLOCK_SECONDS / scale, 2)})
+        else:
+            _reply({"peak_rss_mib": _peak_mib()})
+            return
+
+
+def _reply(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------- the parent
+class _Worker:
+    """One model in its own process, measured a block at a time so that every model sees the same machine."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+        self.name = job["name"]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen([sys.executable, "-m", "serving.bench", json.dumps(job)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        self.ready: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, Any]:
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line:
+            self.process.wait(timeout=WORKER_TIMEOUT_S)
+            self.stderr.seek(0)
+            last = (self.stderr.read().strip().splitlines() or [""])[-1]
+            from protocols.errors import ExternalToolError
+
+            raise ExternalToolError(f"bench: measuring {self.name} failed (exit {self.process.returncode}): {last}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict[str, Any]:
+        final = self.ask("exit")
+        self.process.wait(timeout=60)
+        self.stderr.close()
+        return final
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=60)
+
+
+def _measure_all(jobs: list[dict[str, Any]], progress) -> list[dict[str, Any]]:
+    """Start every worker, then time them in turns: block k of every model before block k+1 of any."""
+    workers: list[_Worker] = []
+    try:
+        progress(f"loading {len(jobs)} models, each in its own process")
+        workers = [_Worker(job) for job in jobs]  # loaded side by side; timed one at a time below
+        for worker in workers:
+            worker.ready = worker._read()
+        latency: list[list[list[float]]] = [[] for _ in workers]
+        throughput: list[list[list[float]]] = [[] for _ in workers]
+        for block in range(LATENCY_BLOCKS):
+            progress(f"timing, block {block + 1} of {LATENCY_BLOCKS}")
+            for i, worker in enumerate(workers):
+                latency[i].append(worker.ask("latency")["seconds"])
+                throughput[i].append(worker.ask("throughput")["seconds"])
+        results = []
+        for i, worker in enumerate(workers):
+            calls, batches = np.concatenate(latency[i]), np.concatenate(throughput[i])
+            results.append({**worker.ready, **worker.close(),
+                            "latency_p50_ms": float(np.percentile(calls, 50) * 1e3),
+                            "latency_p99_ms": float(np.percentile(calls, 99) * 1e3),
+                            "latency_block_medians_ms": [float(np.median(b) * 1e3) for b in latency[i]],
+                            "latency_calls": int(len(calls)),
+                            "throughput_per_s": float(THROUGHPUT_BATCH * len(batches) / batches.sum()),
+                            "throughput_block_per_s": [THROUGHPUT_BATCH * len(b) / sum(b) for b in throughput[i]],
+                            "throughput_calls": int(len(batches))})
+        return results
+    finally:
+        for worker in workers:
+            worker.kill()
+
+
+def _size_bytes(path: Path) -> int:
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def teacher_path(run_dir: Path, given: Path | None) -> Path:
+    from protocols.errors import ConfigError
+
+    if given is not None:
+        return Path(given)
+    entries = sorted(p for p in (Path(run_dir) / "teacher").glob("*") if not p.name.startswith("."))
+    if (Path(run_dir) / "teacher" / "fedistill_teacher.json").is_file():
+        return Path(run_dir) / "teacher"
+    if len(entries) == 1:
+        return entries[0]
+    raise ConfigError(f"--teacher is required: {Path(run_dir) / 'teacher'} does not hold exactly one teacher "
+                      "(a deployed coordinator never holds the sites' teachers); pass the teacher to compare with.")
+
+
+def teacher_size(path: Path) -> dict[str, Any]:
+    """Parameters (or, for tree ensembles, tree nodes) and bytes on disk, an encoder a manifest points at included."""
+    from distill.models import TEACHER_MANIFEST, SklearnTeacher, count_parameters, load_teacher
+
+    teacher = load_teacher(path)
+    size = _size_bytes(path)
+    manifest = Path(path) / TEACHER_MANIFEST
+    if manifest.is_file():
+        encoder = Path(json.loads(manifest.read_text())["encoder"])
+        size += _size_bytes(encoder if encoder.is_absolute() else Path(path) / encoder)
+    if isinstance(teacher, SklearnTeacher):
+        predictors = getattr(teacher.estimator, "_predictors", None)
+        nodes = sum(len(tree.nodes) for trees in predictors for tree in trees) if predictors else None
+        return {"parameters": nodes, "parameters_measure": "tree nodes" if nodes else "n/a", "file_bytes": size}
+    module = getattr(teacher, "module", None)
+    return {"parameters": count_parameters(module) if module is not None else None,
+            "parameters_measure": "parameters", "file_bytes": size}
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / float(np.median(values))
+
+
+def _trust(measured: dict[str, Any]) -> list[str]:
+    """Why a model's own timings cannot be trusted; empty when they can."""
+    problems = []
+    for key in ("latency_p50_ms", "latency_p99_ms", "throughput_per_s", "peak_rss_mib"):
+        value = measured.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            problems.append(f"{key} is {value!r}, not a positive number")
+    medians = measured.get("latency_block_medians_ms") or []
+    if medians and min(medians) > 0 and _spread(medians) > STABLE_SPREAD:
+        problems.append(f"its batch-1 latency moved by {_spread(medians):.0%} between repeats (over "
+                        f"{STABLE_SPREAD:.0%})")
+    return problems
+
+
+def _ratio_trust(row: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
+    """The speed ratios are taken block by block (both models timed in the same turn): they must agree."""
+    ratios = [t / s for t, s in zip(teacher["latency_block_medians_ms"], row["latency_block_medians_ms"])
+              if s > 0 and t > 0]
+    if len(ratios) < LATENCY_BLOCKS or not all(math.isfinite(r) for r in ratios):
+        return ["a latency block was empty or not positive"]
+    if _spread(ratios) > STABLE_RATIO_SPREAD:
+        return [f"its speed-up over the teacher moved by {_spread(ratios):.0%} between repeats (over "
+                f"{STABLE_RATIO_SPREAD:.0%})"]
+    return []
+
+
+def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = None, threads: int = 1,
+              quick: bool = False, progress=lambda step: None) -> dict[str, Any]:
+    """Measure the teacher and every student form; returns the table's rows, ratios and the checks behind them."""
+    from distill.evaluate import choose_threshold, classification_metrics, softmax
+    from distill.models import count_parameters
+    from protocols.errors import ConfigError
+    from serving.artefacts import (ONNX_DIR, ONNX_FILES, export_onnx, finished_student, heldout_inputs,
+                                   parity_inputs, quantize_int4, quantize_int8)
+
+    run_dir = Path(run_dir)
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}.")
+    student = finished_student(run_dir)
+    heldout = heldout_inputs(run_dir, inputs)
+    if heldout is None:
+        raise ConfigError(f"--inputs is required: {run_dir} is a deployed run and its coordinator holds no held-out "
+                          "records; pass an .npz with test.input.<name> and test.labels (and val.* for the "
+                          "decision threshold).")
+    source = teacher_path(run_dir, teacher)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="fedistill-bench-") as scratch:
+        work = Path(scratch)
+        arrays = {f"test.{k}": v for k, v in heldout.test.inputs.items()}
+        if heldout.validation is not None:
+            arrays |= {f"val.{k}": v for k, v in heldout.validation.inputs.items()}
+        np.savez(work / "inputs.npz", **arrays)
+        progress("ONNX and quantized students")
+        fp32 = work / ONNX_DIR / ONNX_FILES["fp32"]
+        export_onnx(student, fp32, parity_inputs(student, heldout))
+        quantize_int8(fp32, work / ONNX_DIR / ONNX_FILES["int8"])
+        int4 = quantize_int4(fp32, work / ONNX_DIR / ONNX_FILES["int4"])
+        parameters = count_parameters(student.model)
+        models = [("teacher", "teacher", source, teacher_size(source)),
+                  ("student, torch fp32", "torch", run_dir,
+                   {"parameters": parameters, "parameters_measure": "parameters",
+                    "file_bytes": _size_bytes(run_dir / "student" / "model.safetensors")}),
+                  ("student, ONNX fp32", "onnx", fp32, {"parameters": parameters, "parameters_measure": "parameters",
+                                                        "file_bytes": _size_bytes(fp32)}),
+                  ("student, ONNX int8", "onnx", work / ONNX_DIR / ONNX_FILES["int8"],
+                   {"parameters": parameters, "parameters_measure": "parameters",
+                    "file_bytes": _size_bytes(work / ONNX_DIR / ONNX_FILES["int8"])})]
+        if int4.get("file"):
+            models.append(("student, ONNX int4", "onnx", work / ONNX_DIR / ONNX_FILES["int4"],
+                           {"parameters": parameters, "parameters_measure": "parameters",
+                            "file_bytes": _size_bytes(work / ONNX_DIR / ONNX_FILES["int4"])}))
+        headline = "roc_auc"
+        jobs = [{"name": name, "kind": kind, "path": str(path), "inputs": str(work / "inputs.npz"),
+                 "threads": threads, "quick": quick, "logits_out": str(work / f"logits-{i}.npz")}
+                for i, (name, kind, path, _) in enumerate([("baseline", "baseline", "", None), *models])]
+        baseline, *measurements = _measure_all(jobs, progress)
+        rows = []
+        for (name, _, _, size), measured, job in zip(models, measurements, jobs[1:]):
+            with np.load(job["logits_out"]) as saved:
+                probabilities = softmax(saved["test"].astype(np.float64))
+                threshold = None
+                if probabilities.shape[1] == 2 and "val" in saved.files and heldout.validation is not None:
+                    threshold = choose_threshold(heldout.validation.labels,
+                                                 softmax(saved["val"].astype(np.float64))[:, 1])
+            quality = classification_metrics(heldout.test.labels, probabilities, threshold)
+            rows.append({"model": name, **size, **measured,
+                         # The model's own: its peak over the imports, less what a worker without a model adds.
+                         "model_peak_mib": (measured["peak_rss_mib"] - measured["rss_after_imports_mib"])
+                         - (baseline["peak_rss_mib"] - baseline["rss_after_imports_mib"]),
+                         "quality": quality, "headline": quality.get(headline),
+                         "untrustworthy": _trust(measured)})
+    load_after = os.getloadavg()
+    teacher_row = rows[0]
+    for row in rows:
+        row["ratio_untrustworthy"] = _ratio_trust(row, teacher_row)
+        row["x_faster_batch1"] = float(np.median([t / s for t, s in zip(teacher_row["latency_block_medians_ms"],
+                                                                       row["latency_block_medians_ms"])]))
+        row["x_throughput"] = row["throughput_per_s"] / teacher_row["throughput_per_s"]
+        row["size_ratio"] = row["file_bytes"] / teacher_row["file_bytes"]
+        row["quality_share"] = (row["headline"] / teacher_row["headline"]
+                                if row["headline"] is not None and teacher_row["headline"] else None)
+        row["headline_change_vs_fp32"] = (row["headline"] - rows[1]["headline"]
+                                          if row["headline"] is not None and rows[1]["headline"] is not None else None)
+    cores = os.cpu_count() or 1
+    return {"schema_version": SCHEMA_VERSION, "run_id": student.run_id, "family": student.family,
+            "headline_metric": headline, "heldout": heldout.source, "threads": threads, "quick": quick,
+            "throughput_batch": THROUGHPUT_BATCH, "machine": {"cpus": cores, "load_average_before": load_before,
+                                                              "load_average_after": load_after,
+                                                              "busy": max(load_before[0], load_after[0]) > cores},
+            "baseline_peak_rss_mib": baseline["peak_rss_mib"], "int4": int4, "rows": rows}
+
+
+if __name__ == "__main__":
+    run_worker(json.loads(sys.argv[1]))
