@@ -102,17 +102,21 @@ def _evaluation(report: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
         teacher = next((row for row in overall if row["model"] == "teacher"), None) if isinstance(overall, list) \
             else None
         reference = quality.get("torch-fp32", {}).get(headline)
+        lower = headline in evaluation.get("lower_is_better", [])
+        extra = "tokens" if manifest["family"] == "causal_lm" else "accuracy"
+        share_header = (f"teacher's {headline} / the file's" if lower else f"% of the teacher's {headline}")
         lines += [f"On {manifest['heldout']}:", "",
-                  f"| file | {headline} | change against fp32 | % of the teacher's {headline} | accuracy |",
+                  f"| file | {headline} | change against fp32 | {share_header} | {extra} |",
                   "|---|---|---|---|---|"]
         for name, scored in quality.items():
             value = scored.get(headline)
             change = (value - reference) if value is not None and reference is not None else None
-            share = (100 * value / teacher[headline]) if teacher and teacher.get(headline) and value is not None \
-                else None
+            share = None
+            if teacher and teacher.get(headline) and value:
+                share = teacher[headline] / value if lower else value / teacher[headline]
             lines.append(f"| {VARIANT_NAMES.get(name, name)} | {_number(value)} | "
                          f"{'n/a' if change is None else f'{change:+.4f}'} | "
-                         f"{'n/a' if share is None else f'{share:.1f}%'} | {_number(scored.get('accuracy'))} |")
+                         f"{'n/a' if share is None else f'{100 * share:.1f}%'} | {_number(scored.get(extra))} |")
         lines.append("")
     for name, record in manifest.get("variants", {}).items():
         if "parity" in record:
@@ -141,7 +145,9 @@ def model_card_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str
               "## Model details", "",
               f"- **Model type:** {family}; settings {card['model']['settings']}",
               f"- **Parameters:** {_number(card['model']['parameters'])}",
-              f"- **Classes (logit order):** {', '.join(manifest['class_names'])}",
+              *([f"- **Classes (logit order):** {', '.join(manifest['class_names'])}"] if family != "causal_lm" else
+                [f"- **Weights:** {manifest['pretrained']['weights_note']} (base digest "
+                 f"{manifest['pretrained']['base_digest']})"]),
               f"- **Teacher:** {_text(card['teacher'].get('description'))}",
               f"- **Distillation:** {card['distillation']['loss']}",
               f"- **Aggregation:** {card['strategy']['aggregation']}, {card['strategy']['rounds']} rounds, "
@@ -158,10 +164,13 @@ def model_card_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str
     lines += ["- differential privacy bounds what the student reveals about one unit of privacy at each site; it does "
               "not make the student accurate for every subgroup, and it is not evaluated for fairness here", "",
               "## How to get started", "", "```python",
-              "from transformers import AutoModelForSequenceClassification",
+              "from transformers import " + ("AutoModelForCausalLM" if family == "causal_lm" else
+                                              "AutoModelForSequenceClassification"),
               f"model = {loader.replace('DIR', repr('EXPORT_DIR'))}",
               "```", "", "onnxruntime: `onnxruntime.InferenceSession('EXPORT_DIR/onnx/model.onnx')`, inputs "
-              + ", ".join(manifest["variants"].get("onnx-fp32", {}).get("inputs", ["x"])) + ", output `logits`.", "",
+              + ", ".join(manifest["variants"].get("onnx-fp32", {}).get("inputs", ["x"])) + ", output `logits`."
+              + (f" Input ids are {manifest['pretrained']['input_ids']}." if manifest["pretrained"].get("input_ids")
+                 else ""), "",
               "## Training details", "", "### Training data", "",
               f"{_text(card['training_data'].get('dataset') if isinstance(card['training_data'], dict) else card['training_data'])}."
               " Per-site counts only; the records never left their sites:", ""]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from protocols.canonical import atomic_write_bytes, atomic_write_json, canonical
 from protocols.errors import ConfigError, LedgerTampered
 from protocols.ledger import (key_fingerprint, load_signing_key, public_key_pem, read_events, verify_ledger,
                               verify_signature)
+from protocols.pki import MODEL_SIGNING_KEY_FILE, load_model_signing_key
 
 SCHEMA_VERSION = 1
 SIGNATURE_FILE = "model.sig"
@@ -41,45 +42,10 @@ PUBLIC_KEY_FILE = "model_signing_key.pub.pem"
 PROVENANCE = "provenance"
 ENDORSEMENT_FILE = "endorsement.json"
 MANIFEST_FILE = "fedistill_export.json"
-DEFAULT_KEY_FILE = "model_signing_key.pem"
+DEFAULT_KEY_FILE = MODEL_SIGNING_KEY_FILE
 
 
 # --------------------------------------------------------------------------------------------- the P-256 key
-def generate_model_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """A new P-256 key in an owner-only file; an existing key is never overwritten (its signatures would orphan)."""
-    path = Path(path)
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} already exists: refusing to overwrite a model-signing key.") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return key
-
-
-def load_model_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--signing-key {path} does not exist; a simulated run's key is made on its first export, a "
-                          "deployed coordinator's by `fedistill coordinator init` (COORDINATOR_DIR/"
-                          f"{DEFAULT_KEY_FILE}).")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(f"--signing-key {path}: not an unencrypted PEM private key ({exc}).") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigError(f"--signing-key {path}: the key is {type(key).__name__}"
-                          f"{'/' + key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else ''}; model "
-                          "signing needs an EC P-256 (secp256r1) key.")
-    return key
-
-
 def _ec_public_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
@@ -201,8 +167,8 @@ def verify_model(export_dir: Path, public_key: Path | None = None, run_dir: Path
     try:
         model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key_path).verify(export_dir, signature)
     except Exception as err:  # model-signing raises ValueError and protobuf/crypto errors alike: all are failures
-        raise LedgerTampered(f"{signature}: the signature does not verify over {export_dir} with {key_path} "
-                             f"({str(err)[:400]}).") from None
+        raise LedgerTampered(f"{signature}: the signature does not verify over {export_dir} with {key_path}: "
+                             f"{_what_changed(str(err))}. Do not deploy it; export the run again.") from None
     fingerprint = ec_key_fingerprint(key_path.read_text())
     checks.append(f"model.sig: every file's SHA-256 is the signed one, signed by {fingerprint[:19]}...")
     provenance = export_dir / PROVENANCE
@@ -241,6 +207,17 @@ def verify_model(export_dir: Path, public_key: Path | None = None, run_dir: Path
             "run_id": final["run_id"], "student_digest": final["student_digest"],
             "model_signing_key": fingerprint, "ledger_key": key_fingerprint(ledger_pem),
             "key_pinned": public_key is not None, "run_pinned": run_dir is not None, "checks": checks}
+
+
+def _what_changed(message: str) -> str:
+    """model-signing's mismatch report as file names (its digests are byte reprs nobody reads)."""
+    changed = re.findall(r"Hash mismatch for '([^']+)'", message)
+    parts = [f"changed since signing: {', '.join(changed)}"] if changed else []
+    for kind in ("Extra files found", "Missing files"):
+        found = re.search(kind + r" in model '[^']*': ([^\]\"]+)", message)
+        if found:
+            parts.append(f"{'added' if kind.startswith('Extra') else 'removed'}: {found.group(1).strip()}")
+    return "; ".join(parts) if parts else message[:400]
 
 
 def _pin_run(run_dir: Path, ledger_pem: str, final: dict[str, Any], checks: list[str]) -> None:

@@ -32,7 +32,8 @@ from protocols.canonical import atomic_write_json
 from protocols.fields import reject_unknown_fields
 from protocols.errors import ConfigError, FedistillError
 from protocols.ledger import generate_signing_key
-from protocols.pki import check_certificate, certificate_fingerprint, create_certificates, node_key_fingerprint
+from protocols.pki import (MODEL_SIGNING_KEY_FILE, check_certificate, certificate_fingerprint, create_certificates,
+                           generate_model_signing_key, node_key_fingerprint)
 from protocols.processes import Daemon, flower_environment, flower_script
 
 SCHEMA_VERSION = 1
@@ -133,6 +134,8 @@ def init_coordinator(path: Path, hosts: list[str], port: int = DEFAULT_PORT, lis
             listen = "0.0.0.0"
     create_certificates(path / "certs", hosts, organisation)
     generate_signing_key(path / SIGNING_KEY_FILE)
+    # The key that signs exported students (fedistill export --signing-key): P-256, which model signing takes.
+    generate_model_signing_key(path / MODEL_SIGNING_KEY_FILE)
     atomic_write_json(path / REGISTRY_FILE, {"schema_version": SCHEMA_VERSION, "sites": {}})
     atomic_write_json(path / SETTINGS_FILE, {"schema_version": SCHEMA_VERSION, "hosts": hosts, "port": port,
                                              "listen": listen})

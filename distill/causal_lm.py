@@ -335,10 +335,15 @@ def build_causal_lm_student(settings: CausalLMSettings) -> nn.Module:
 def export_causal_lm_student(model: nn.Module, directory: Path, tokenizer: Any | None = None) -> Path:
     """A standalone student for deployment: LoRA adapters merged into the weights (on a copy), ``save_pretrained``
     with the tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained`` alone."""
+    return save_causal_lm_student(merged_student(model), directory, tokenizer)
+
+
+def merged_student(model: nn.Module) -> nn.Module:
+    """A plain transformers copy of the student: its LoRA adapters, if any, merged into the weights."""
     merged = copy.deepcopy(model)
     if hasattr(merged, "merge_and_unload"):
         merged = merged.merge_and_unload()
-    return save_causal_lm_student(merged, directory, tokenizer)
+    return merged
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ given those positions explicitly, per sequence and contiguous, as Opacus's per-s
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -396,6 +396,9 @@ def distill_causal(model: nn.Module, data: SplitData, targets: TopKTargets, sett
 
 
 # --------------------------------------------------------------------------------------------- evaluation
+LogitsOf = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class TokenScores:
     """One causal LM on held-out sequences, at every real token that is followed by a real token (the tokens it
@@ -420,14 +423,15 @@ class TokenScores:
 
 @torch.no_grad()
 def score_tokens(model: nn.Module, input_ids: np.ndarray | torch.Tensor, attention_mask: np.ndarray | torch.Tensor,
-                 batch_size: int) -> TokenScores:
+                 batch_size: int, logits_of: LogitsOf = causal_logits) -> TokenScores:
     """:class:`TokenScores` of any causal LM (student, teacher, undistilled student), ``batch_size`` sequences at a
     time: one batch of full-vocabulary logits exists at once, its rows reduced ``CHUNK`` positions at a time.
 
     ``input_ids`` are the teacher's ids. A student with a vocabulary subset (distill.vocabulary) reads them as its
     own ids, and a held-out token outside its subset costs ``-log p(<oov>) + log(dropped tokens)``: the NLL stays
     over the teacher's full vocabulary. Its top-1 is reported in teacher ids (``<oov>`` as -1, which no teacher
-    prediction equals).
+    prediction equals). ``logits_of`` computes the logits of a batch of the model's own ids: the model itself by
+    default, an exported copy of it (serving's onnxruntime sessions) otherwise.
     """
     ids, mask = sequence_tensors(input_ids, attention_mask)
     vocabulary = vocabulary_of(model)
@@ -438,7 +442,7 @@ def score_tokens(model: nn.Module, input_ids: np.ndarray | torch.Tensor, attenti
         for rows in _batches(len(ids), batch_size):
             width = _real_width(mask[rows])
             batch_ids, batch_mask = model_ids[rows, :width], mask[rows, :width]
-            logits = causal_logits(model, batch_ids, batch_mask)
+            logits = logits_of(model, batch_ids, batch_mask)
             # Right padding: a position predicts a real token exactly when the next position is real.
             row, column = batch_mask[:, 1:].bool().nonzero(as_tuple=True)
             for start in range(0, len(row), CHUNK):

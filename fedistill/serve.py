@@ -109,7 +109,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "n/a"
-    if (row["untrustworthy"] and key in ("latency_p50_ms", "latency_p99_ms", "throughput_per_s")) or (
+    if (row["untrustworthy"] and key in ("latency_p50_ms", "latency_p99_ms", "throughput_per_s", "tokens_per_s")) or (
             row["ratio_untrustworthy"] and key in ("x_faster_batch1", "x_throughput")):
         return "untrustworthy"
     return format(value, fmt)
@@ -145,13 +145,15 @@ def bench_command(
         return
     headline = result["headline_metric"]
     table = Table(title=f"{result['run_id']}: {result['heldout']}; {result['threads']} thread(s)")
-    for column in ("model", "parameters", "MB", "p50 ms (b=1)", "p99 ms (b=1)", f"per s (b={result['throughput_batch']})",
+    causal = result["family"] == "causal_lm"
+    rate = "tokens/s" if causal else "per s"
+    for column in ("model", "parameters", "MB", "p50 ms (b=1)", "p99 ms (b=1)", f"{rate} (b={result['throughput_batch']})",
                    "peak MiB (model)", headline, "x faster", "x throughput", "% of teacher", "vs fp32"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in result["rows"]:
         table.add_row(row["model"], _cell(row, "parameters", ","), f"{row['file_bytes'] / 1e6:.3f}",
                       _cell(row, "latency_p50_ms", ".3f"), _cell(row, "latency_p99_ms", ".3f"),
-                      _cell(row, "throughput_per_s", ",.0f"), f"{row['peak_rss_mib']:.0f} ({row['model_peak_mib']:.0f})",
+                      _cell(row, "tokens_per_s" if causal else "throughput_per_s", ",.0f"), f"{row['peak_rss_mib']:.0f} ({row['model_peak_mib']:.0f})",
                       _cell(row, "headline", ".4f"), _cell(row, "x_faster_batch1", ".1f"),
                       _cell(row, "x_throughput", ".1f"),
                       "n/a" if row["quality_share"] is None else f"{100 * row['quality_share']:.1f}%",

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -97,6 +98,44 @@ def create_certificates(directory: Path, hosts: list[str], organisation: str) ->
     paths.ca_certificate.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.server_certificate.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     return paths
+
+
+# The coordinator's model-signing key: OpenSSF model signing takes EC keys (P-256/384/521), not the Ed25519 ledger key.
+MODEL_SIGNING_KEY_FILE = "model_signing_key.pem"
+
+
+def generate_model_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A new P-256 key in an owner-only file; an existing key is never overwritten (its signatures would orphan)."""
+    path = Path(path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = _pem_key(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists: refusing to overwrite a model-signing key.") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
+
+
+def load_model_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--signing-key {path} does not exist; a simulated run's key is made on its first export, a "
+                          "deployed coordinator's by `fedistill coordinator init` (COORDINATOR_DIR/"
+                          f"{MODEL_SIGNING_KEY_FILE}).")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(f"--signing-key {path}: not an unencrypted PEM private key ({exc}).") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(f"--signing-key {path}: the key is {type(key).__name__}"
+                          f"{'/' + key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else ''}; model "
+                          "signing needs an EC P-256 (secp256r1) key.")
+    return key
 
 
 def create_node_key(private_path: Path) -> Path:

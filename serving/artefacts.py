@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,15 @@ from compliance.model_signature import signed_final_student, weights_digest
 from coordinator.checkpoint import MANIFEST as CHECKPOINT_MANIFEST, load_student
 from distill.data import SplitData, load_splits
 from distill.models import TEXT_INPUTS, student_forward, student_state
+from distill.vocabulary import vocabulary_of
 from protocols.canonical import digest_arrays
 from protocols.config import StudentSpec
 from protocols.errors import ConfigError, DataError, ExternalToolError, LedgerTampered
 
 
 ONNX_TOLERANCE = 1e-4
+CAUSAL_TRAINABLE = "fedistill/trainable.safetensors"
+CAUSAL_PARITY_SEQUENCES = 8
 # 21: the first opset with int4 tensors, which the int4 file needs; the fp32 and int8 files use the same one.
 ONNX_OPSET = 21
 INT4_BLOCK_SIZE = 32
@@ -130,14 +134,30 @@ def parity_inputs(student: RunStudent, heldout: HeldOut | None) -> dict[str, np.
     """Inputs to compare torch and onnxruntime on: held-out records where there are some, else seeded synthetic
     inputs of the student's shape (a deployed coordinator has no records)."""
     if heldout is not None:
+        if student.family == "causal_lm":  # [sequences, length, vocabulary] logits: a few sequences suffice
+            return causal_model_ids(student, {k: v[:CAUSAL_PARITY_SEQUENCES] for k, v in heldout.test.inputs.items()})
         return {k: v[:PARITY_RECORDS] for k, v in heldout.test.inputs.items()}
     rng = np.random.default_rng(0)
     settings = dict(student.spec.settings)
     if student.family == "mlp":
         return {"x": rng.standard_normal((PARITY_RECORDS, int(settings["input_dim"]))).astype(np.float32)}
+    if student.family == "causal_lm":
+        config = student.model.config
+        shape = (CAUSAL_PARITY_SEQUENCES, min(int(config.max_position_embeddings), 32))
+        return {"input_ids": rng.integers(0, int(config.vocab_size), shape).astype(np.int64),
+                "attention_mask": np.ones(shape, dtype=np.int64)}
     length = int(settings.get("max_position_embeddings", 64))
     return {"input_ids": rng.integers(0, int(settings["vocab_size"]), (64, length)).astype(np.int64),
             "attention_mask": np.ones((64, length), dtype=np.int64)}
+
+
+def causal_model_ids(student: RunStudent, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Held-out texts are in the teacher's ids; a student with a vocabulary subset reads its own."""
+    vocabulary = vocabulary_of(student.model)
+    if vocabulary is None:
+        return inputs
+    ids = vocabulary.student_ids(torch.from_numpy(inputs["input_ids"])).numpy()
+    return {"input_ids": ids.astype(np.int64), "attention_mask": inputs["attention_mask"]}
 
 
 # --------------------------------------------------------------------------------------------- save_pretrained
@@ -158,6 +178,14 @@ def write_pretrained(student: RunStudent, out: Path, tokenizer: Path | None) -> 
         wrapped.load_state_dict(student.model.state_dict())
         wrapped.save_pretrained(str(out))
         loader = "AutoModelForSequenceClassification.from_pretrained(DIR, trust_remote_code=True)"
+    elif student.family == "causal_lm":
+        from distill.causal_lm import merged_student
+
+        merged_student(student.model).save_pretrained(str(out))
+        # What the ledger hashed: the run's trainable tensors; the merged weights add the digest-pinned base to them.
+        (out / CAUSAL_TRAINABLE).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(student.run_dir / "student" / "model.safetensors", out / CAUSAL_TRAINABLE)
+        loader = "AutoModelForCausalLM.from_pretrained(DIR)"
     elif student.family == "bert":
         student.model.config.id2label = dict(enumerate(student.class_names))
         student.model.config.label2id = {name: i for i, name in enumerate(student.class_names)}
@@ -169,25 +197,38 @@ def write_pretrained(student: RunStudent, out: Path, tokenizer: Path | None) -> 
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(str(out))
-    actual = weights_digest(out / "model.safetensors")
+    weights = CAUSAL_TRAINABLE if student.family == "causal_lm" else "model.safetensors"
+    actual = weights_digest(out / weights)
     if actual != student.final["student_digest"]:
-        raise ExternalToolError(f"{out / 'model.safetensors'}: save_pretrained wrote tensors that hash to "
-                                f"{actual[:12]}..., not the run's final student {student.final['student_digest'][:12]}"
-                                "...; the export would not verify. Report this as a bug.")
-    return {"folder": ".", "loader": loader, "weights": "model.safetensors",
-            "tokenizer": tokenizer is not None}
+        raise ExternalToolError(f"{out / weights}: the exported tensors hash to {actual[:12]}..., not the run's final "
+                                f"student {student.final['student_digest'][:12]}...; the export would not verify. "
+                                "Report this as a bug.")
+    record = {"folder": ".", "loader": loader, "weights": weights, "tokenizer": tokenizer is not None}
+    if student.family == "causal_lm":
+        settings = student.spec.causal_lm()
+        record |= {"base_digest": settings.base_digest,
+                   "weights_note": "model.safetensors is the merged student: the run's digest-pinned base plus the "
+                                   f"trainable tensors in {CAUSAL_TRAINABLE}, which the ledger hashed"}
+        if vocabulary_of(student.model) is not None:
+            record["input_ids"] = ("student ids: the tokenizer's id t is config.json's fedistill_student.vocabulary."
+                                   "teacher_ids.index(t), and any other id is <oov> (the last id)")
+    return record
 
 
-def default_tokenizer(run_dir: Path, family: str) -> Path | None:
-    """A text student reads its teacher's token ids: a pooled-encoder teacher's encoder folder holds the tokenizer."""
-    if family == "mlp":
+def default_tokenizer(run_dir: Path, student: RunStudent) -> Path | None:
+    """A text student reads its teacher's token ids: the tokenizer is a pooled-encoder teacher's encoder folder's, a
+    causal-LM teacher folder's, or else the causal-LM base student's."""
+    if student.family == "mlp":
         return None
+    candidates = []
     for manifest in sorted(Path(run_dir).glob("teacher/**/fedistill_teacher.json")):
         encoder = Path(json.loads(manifest.read_text()).get("encoder", ""))
-        encoder = encoder if encoder.is_absolute() else manifest.parent / encoder
-        if (encoder / "tokenizer_config.json").is_file() or (encoder / "tokenizer.json").is_file():
-            return encoder
-    return None
+        candidates.append(encoder if encoder.is_absolute() else manifest.parent / encoder)
+    candidates += sorted(p for p in Path(run_dir).glob("teacher/*") if p.is_dir())
+    if student.family == "causal_lm":
+        candidates.append(Path(student.spec.causal_lm().base))
+    return next((c for c in candidates if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file()),
+                None)
 
 
 # --------------------------------------------------------------------------------------------- ONNX
@@ -211,9 +252,27 @@ class _TextLogits(nn.Module):
         return student_forward(self.model, self.family, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
+class _CausalLogits(nn.Module):
+    """Next-token logits [batch, length, vocabulary] of the student's own ids, positions 0..length-1 per sequence."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from distill.causal_train import causal_logits
+
+        return causal_logits(self.model, input_ids, attention_mask)
+
+
 def logits_module(student: RunStudent) -> nn.Module:
-    module = _TabularLogits(student.model) if student.family == "mlp" else _TextLogits(student.model, student.family)
-    return module.eval()
+    if student.family == "mlp":
+        return _TabularLogits(student.model).eval()
+    if student.family == "causal_lm":
+        from distill.causal_lm import merged_student
+
+        return _CausalLogits(merged_student(student.model)).eval()
+    return _TextLogits(student.model, student.family).eval()
 
 
 def input_names(family: str) -> tuple[str, ...]:
@@ -271,6 +330,20 @@ def torch_logits(student: RunStudent, inputs: dict[str, np.ndarray], batch_size:
     module = logits_module(student)
     return np.concatenate([module(*(torch.from_numpy(inputs[k][i:i + batch_size]) for k in names)).numpy()
                            for i in range(0, n, batch_size)])
+
+
+def causal_quality(student: RunStudent, inputs: dict[str, np.ndarray], session=None) -> dict[str, Any]:
+    """Held-out perplexity over the teacher's full vocabulary (distill.causal_train.score_tokens) of the student, or of
+    an onnxruntime session of it."""
+    from distill.causal_train import causal_logits, score_tokens
+
+    def exported(_model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy().astype(np.int64),
+                                                         "attention_mask": mask.numpy().astype(np.int64)})[0])
+
+    scores = score_tokens(student.model, inputs["input_ids"], inputs["attention_mask"], 8,
+                          causal_logits if session is None else exported)
+    return {"perplexity": scores.perplexity, "nll": float(scores.nll.mean()), "tokens": scores.tokens}
 
 
 def _without_value_info(path: Path, out: Path) -> Path:

@@ -29,6 +29,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 THROUGHPUT_BATCH = 64
+# A causal LM's batch holds sequences, each a [length, vocabulary] block of logits (262,144 wide for Gemma).
+CAUSAL_THROUGHPUT_BATCH = 8
 MIN_LATENCY_CALLS = 60
 # Seconds per timing block (batch 1, then batch THROUGHPUT_BATCH) and of the warm-up; --quick divides them by 4.
 LATENCY_BLOCK_SECONDS = 0.4
@@ -74,11 +76,24 @@ def _predictor(job: dict[str, Any]):
     kind = job["kind"]
     if kind == "baseline":  # everything but a model: what the other jobs' memory is measured against
         return lambda inputs: np.zeros((len(next(iter(inputs.values()))), 2), dtype=np.float32)
+    if kind == "teacher" and job["family"] == "causal_lm":
+        import torch
+
+        from distill.causal_lm import load_causal_lm_teacher
+        from distill.causal_train import causal_logits
+
+        model = load_causal_lm_teacher(Path(job["path"])).model
+
+        @torch.no_grad()
+        def next_tokens(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            return causal_logits(model, torch.from_numpy(inputs["input_ids"]),
+                                 torch.from_numpy(inputs["attention_mask"])).numpy()
+
+        return next_tokens
     if kind == "teacher":
         from distill.models import load_teacher
 
-        teacher = load_teacher(Path(job["path"]))
-        return teacher.logits
+        return load_teacher(Path(job["path"])).logits
     if kind == "torch":
         import torch
 
@@ -137,14 +152,15 @@ def run_worker(job: dict[str, Any]) -> None:
                   for split in ("test", "val")}
     logits = {}
     for split, inputs in splits.items():
-        if inputs:
+        if inputs and job["score"]:
             n = len(next(iter(inputs.values())))
             logits[split] = np.concatenate([predict(_slice(inputs, i, min(256, n - i))) for i in range(0, n, 256)])
     np.savez(job["logits_out"], **logits)
     test = splits["test"]
     scale = QUICK_FACTOR if job.get("quick") else 1
     _timed_calls(predict, test, 1, WARM_UP_SECONDS / scale, 10)  # first calls allocate and pick kernels
-    predict(_slice(test, 0, THROUGHPUT_BATCH))
+    batch = int(job["throughput_batch"])
+    predict(_slice(test, 0, batch))
     _reply({"load_seconds": load_seconds, "rss_after_imports_mib": baseline, "peak_reset": peak_reset})
     for command in sys.stdin:
         command = command.strip()
@@ -152,7 +168,7 @@ def run_worker(job: dict[str, Any]) -> None:
             _reply({"seconds": _timed_calls(predict, test, 1, LATENCY_BLOCK_SECONDS / scale,
                                             MIN_LATENCY_CALLS // LATENCY_BLOCKS)})
         elif command == "throughput":
-            _reply({"seconds": _timed_calls(predict, test, THROUGHPUT_BATCH, THROUGHPUT_BLOCK_SECONDS / scale, 2)})
+            _reply({"seconds": _timed_calls(predict, test, batch, THROUGHPUT_BLOCK_SECONDS / scale, 2)})
         else:
             _reply({"peak_rss_mib": _peak_mib()})
             return
@@ -227,8 +243,9 @@ def _measure_all(jobs: list[dict[str, Any]], progress) -> list[dict[str, Any]]:
                             "latency_p99_ms": float(np.percentile(calls, 99) * 1e3),
                             "latency_block_medians_ms": [float(np.median(b) * 1e3) for b in latency[i]],
                             "latency_calls": int(len(calls)),
-                            "throughput_per_s": float(THROUGHPUT_BATCH * len(batches) / batches.sum()),
-                            "throughput_block_per_s": [THROUGHPUT_BATCH * len(b) / sum(b) for b in throughput[i]],
+                            "throughput_per_s": float(jobs[i]["throughput_batch"] * len(batches) / batches.sum()),
+                            "throughput_block_per_s": [jobs[i]["throughput_batch"] * len(b) / sum(b)
+                                                       for b in throughput[i]],
                             "throughput_calls": int(len(batches))})
         return results
     finally:
@@ -255,10 +272,16 @@ def teacher_path(run_dir: Path, given: Path | None) -> Path:
                       "(a deployed coordinator never holds the sites' teachers); pass the teacher to compare with.")
 
 
-def teacher_size(path: Path) -> dict[str, Any]:
+def teacher_size(path: Path, causal: bool) -> dict[str, Any]:
     """Parameters (or, for tree ensembles, tree nodes) and bytes on disk, an encoder a manifest points at included."""
     from distill.models import TEACHER_MANIFEST, SklearnTeacher, count_parameters, load_teacher
 
+    if causal:
+        from distill.causal_lm import load_causal_lm_teacher, parameter_counts
+
+        counts = parameter_counts(load_causal_lm_teacher(path).model)
+        return {"parameters": counts.total, "non_embedding_parameters": counts.non_embedding,
+                "parameters_measure": "parameters", "file_bytes": _size_bytes(path)}
     teacher = load_teacher(path)
     size = _size_bytes(path)
     manifest = Path(path) / TEACHER_MANIFEST
@@ -304,14 +327,61 @@ def _ratio_trust(row: dict[str, Any], teacher: dict[str, Any]) -> list[str]:
     return []
 
 
+def _save_inputs(path: Path, test: dict[str, np.ndarray], validation) -> None:
+    arrays = {f"test.{k}": v for k, v in test.items()}
+    if validation is not None:
+        arrays |= {f"val.{k}": v for k, v in validation.inputs.items()}
+    np.savez(path, **arrays)
+
+
+def _student_size(student) -> dict[str, Any]:
+    from distill.models import count_parameters
+
+    if student.family != "causal_lm":
+        return {"parameters": count_parameters(student.model), "parameters_measure": "parameters"}
+    from distill.causal_lm import merged_student, parameter_counts
+
+    merged = merged_student(student.model)
+    counts = parameter_counts(merged)
+    with tempfile.TemporaryDirectory(prefix="fedistill-merged-") as folder:
+        merged.save_pretrained(folder)  # the weights file a serving team loads (a tied embedding written once)
+        size = _size_bytes(Path(folder) / "model.safetensors")
+    return {"parameters": counts.total, "non_embedding_parameters": counts.non_embedding,
+            "parameters_measure": "parameters", "merged_bytes": size}
+
+
+def _classifier_quality(job: dict[str, Any], heldout) -> dict[str, Any]:
+    from distill.evaluate import choose_threshold, classification_metrics, softmax
+
+    with np.load(job["logits_out"]) as saved:
+        probabilities = softmax(saved["test"].astype(np.float64))
+        threshold = None
+        if probabilities.shape[1] == 2 and "val" in saved.files and heldout.validation is not None:
+            threshold = choose_threshold(heldout.validation.labels, softmax(saved["val"].astype(np.float64))[:, 1])
+    return classification_metrics(heldout.test.labels, probabilities, threshold)
+
+
+def _causal_quality(student, heldout, kind: str, path: Path) -> dict[str, Any]:
+    """Held-out perplexity, computed here rather than in the worker: a causal LM's logits are [texts, length,
+    vocabulary], too large to hand over."""
+    from serving.artefacts import causal_quality, onnx_session
+
+    if kind == "teacher":
+        from distill.causal_lm import load_causal_lm_teacher
+        from distill.causal_train import score_tokens
+
+        scores = score_tokens(load_causal_lm_teacher(path).model, heldout.test.inputs["input_ids"],
+                              heldout.test.inputs["attention_mask"], 8)
+        return {"perplexity": scores.perplexity, "nll": float(scores.nll.mean()), "tokens": scores.tokens}
+    return causal_quality(student, heldout.test.inputs, onnx_session(path) if kind == "onnx" else None)
+
+
 def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = None, threads: int = 1,
               quick: bool = False, progress=lambda step: None) -> dict[str, Any]:
     """Measure the teacher and every student form; returns the table's rows, ratios and the checks behind them."""
-    from distill.evaluate import choose_threshold, classification_metrics, softmax
-    from distill.models import count_parameters
     from protocols.errors import ConfigError
-    from serving.artefacts import (ONNX_DIR, ONNX_FILES, export_onnx, finished_student, heldout_inputs,
-                                   parity_inputs, quantize_int4, quantize_int8)
+    from serving.artefacts import (ONNX_DIR, ONNX_FILES, causal_model_ids, export_onnx, finished_student,
+                                   heldout_inputs, parity_inputs, quantize_int4, quantize_int8)
 
     run_dir = Path(run_dir)
     if threads < 1:
@@ -323,52 +393,47 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
                           "records; pass an .npz with test.input.<name> and test.labels (and val.* for the "
                           "decision threshold).")
     source = teacher_path(run_dir, teacher)
+    causal = student.family == "causal_lm"
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedistill-bench-") as scratch:
         work = Path(scratch)
-        arrays = {f"test.{k}": v for k, v in heldout.test.inputs.items()}
-        if heldout.validation is not None:
-            arrays |= {f"val.{k}": v for k, v in heldout.validation.inputs.items()}
-        np.savez(work / "inputs.npz", **arrays)
+        teacher_inputs, student_inputs = work / "teacher-inputs.npz", work / "student-inputs.npz"
+        _save_inputs(teacher_inputs, heldout.test.inputs, heldout.validation)
+        _save_inputs(student_inputs, causal_model_ids(student, heldout.test.inputs) if causal else heldout.test.inputs,
+                     None if causal else heldout.validation)
         progress("ONNX and quantized students")
         fp32 = work / ONNX_DIR / ONNX_FILES["fp32"]
         export_onnx(student, fp32, parity_inputs(student, heldout))
         quantize_int8(fp32, work / ONNX_DIR / ONNX_FILES["int8"])
         int4 = quantize_int4(fp32, work / ONNX_DIR / ONNX_FILES["int4"])
-        parameters = count_parameters(student.model)
-        models = [("teacher", "teacher", source, teacher_size(source)),
-                  ("student, torch fp32", "torch", run_dir,
-                   {"parameters": parameters, "parameters_measure": "parameters",
-                    "file_bytes": _size_bytes(run_dir / "student" / "model.safetensors")}),
-                  ("student, ONNX fp32", "onnx", fp32, {"parameters": parameters, "parameters_measure": "parameters",
-                                                        "file_bytes": _size_bytes(fp32)}),
-                  ("student, ONNX int8", "onnx", work / ONNX_DIR / ONNX_FILES["int8"],
-                   {"parameters": parameters, "parameters_measure": "parameters",
-                    "file_bytes": _size_bytes(work / ONNX_DIR / ONNX_FILES["int8"])})]
+        student_size = _student_size(student)
+        files = {"student, torch fp32": run_dir / "student" / "model.safetensors", "student, ONNX fp32": fp32,
+                 "student, ONNX int8": work / ONNX_DIR / ONNX_FILES["int8"]}
         if int4.get("file"):
-            models.append(("student, ONNX int4", "onnx", work / ONNX_DIR / ONNX_FILES["int4"],
-                           {"parameters": parameters, "parameters_measure": "parameters",
-                            "file_bytes": _size_bytes(work / ONNX_DIR / ONNX_FILES["int4"])}))
-        headline = "roc_auc"
-        jobs = [{"name": name, "kind": kind, "path": str(path), "inputs": str(work / "inputs.npz"),
-                 "threads": threads, "quick": quick, "logits_out": str(work / f"logits-{i}.npz")}
+            files["student, ONNX int4"] = work / ONNX_DIR / ONNX_FILES["int4"]
+        models = [("teacher", "teacher", source, teacher_size(source, causal))]
+        models += [(name, "torch" if "torch" in name else "onnx", run_dir if "torch" in name else path,
+                    {**student_size, "file_bytes": _size_bytes(path)}) for name, path in files.items()]
+        if causal:  # the torch student's bytes: the merged weights a serving team loads, not the trainable tensors
+            models[1][3]["file_bytes"] = student_size["merged_bytes"]
+        headline = "perplexity" if causal else "roc_auc"
+        jobs = [{"name": name, "kind": kind, "path": str(path), "family": student.family, "threads": threads,
+                 "quick": quick, "score": not causal, "logits_out": str(work / f"logits-{i}.npz"),
+                 "inputs": str(teacher_inputs if kind in ("teacher", "baseline") else student_inputs),
+                 "throughput_batch": CAUSAL_THROUGHPUT_BATCH if causal else THROUGHPUT_BATCH}
                 for i, (name, kind, path, _) in enumerate([("baseline", "baseline", "", None), *models])]
         baseline, *measurements = _measure_all(jobs, progress)
+        progress("held-out quality")
         rows = []
-        for (name, _, _, size), measured, job in zip(models, measurements, jobs[1:]):
-            with np.load(job["logits_out"]) as saved:
-                probabilities = softmax(saved["test"].astype(np.float64))
-                threshold = None
-                if probabilities.shape[1] == 2 and "val" in saved.files and heldout.validation is not None:
-                    threshold = choose_threshold(heldout.validation.labels,
-                                                 softmax(saved["val"].astype(np.float64))[:, 1])
-            quality = classification_metrics(heldout.test.labels, probabilities, threshold)
+        for (name, kind, path, size), measured, job in zip(models, measurements, jobs[1:]):
+            quality = _causal_quality(student, heldout, kind, path) if causal else _classifier_quality(job, heldout)
             rows.append({"model": name, **size, **measured,
                          # The model's own: its peak over the imports, less what a worker without a model adds.
                          "model_peak_mib": (measured["peak_rss_mib"] - measured["rss_after_imports_mib"])
                          - (baseline["peak_rss_mib"] - baseline["rss_after_imports_mib"]),
                          "quality": quality, "headline": quality.get(headline),
                          "untrustworthy": _trust(measured)})
+        tokens = float(heldout.test.inputs["attention_mask"].sum(axis=1).mean()) if causal else None
     load_after = os.getloadavg()
     teacher_row = rows[0]
     for row in rows:
@@ -377,14 +442,22 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
                                                                        row["latency_block_medians_ms"])]))
         row["x_throughput"] = row["throughput_per_s"] / teacher_row["throughput_per_s"]
         row["size_ratio"] = row["file_bytes"] / teacher_row["file_bytes"]
-        row["quality_share"] = (row["headline"] / teacher_row["headline"]
-                                if row["headline"] is not None and teacher_row["headline"] else None)
+        if row["headline"] is None or not teacher_row["headline"]:
+            row["quality_share"] = None
+        else:  # perplexity: lower is better, so the teacher's over the student's
+            row["quality_share"] = (teacher_row["headline"] / row["headline"] if causal
+                                    else row["headline"] / teacher_row["headline"])
+        if causal:
+            row["tokens_per_s"] = row["throughput_per_s"] * tokens
+            row["latency_per_token_ms"] = row["latency_p50_ms"] / tokens
         row["headline_change_vs_fp32"] = (row["headline"] - rows[1]["headline"]
                                           if row["headline"] is not None and rows[1]["headline"] is not None else None)
     cores = os.cpu_count() or 1
     return {"schema_version": SCHEMA_VERSION, "run_id": student.run_id, "family": student.family,
-            "headline_metric": headline, "heldout": heldout.source, "threads": threads, "quick": quick,
-            "throughput_batch": THROUGHPUT_BATCH, "machine": {"cpus": cores, "load_average_before": load_before,
+            "headline_metric": headline, "lower_is_better": causal, "heldout": heldout.source, "threads": threads,
+            "quick": quick, "throughput_batch": CAUSAL_THROUGHPUT_BATCH if causal else THROUGHPUT_BATCH,
+            "throughput_unit": "sequences/s (tokens/s in tokens_per_s)" if causal else "records/s",
+            "real_tokens_per_sequence": tokens, "machine": {"cpus": cores, "load_average_before": load_before,
                                                               "load_average_after": load_after,
                                                               "busy": max(load_before[0], load_after[0]) > cores},
             "baseline_peak_rss_mib": baseline["peak_rss_mib"], "int4": int4, "rows": rows}

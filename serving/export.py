@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 
 from compliance.model_card import model_card_markdown
-from compliance.model_signature import (DEFAULT_KEY_FILE, MANIFEST_FILE, generate_model_signing_key, sign_folder,
-                                         write_provenance)
+from compliance.model_signature import DEFAULT_KEY_FILE, MANIFEST_FILE, sign_folder, write_provenance
 from compliance.report import build_report
 from distill.evaluate import choose_threshold, classification_metrics, softmax
 from protocols.canonical import atomic_directory, atomic_write_bytes, atomic_write_json, file_sha256
 from protocols.errors import ConfigError
-from serving.artefacts import (ONNX_DIR, ONNX_FILES, ONNX_TOLERANCE, HeldOut, RunStudent, check_parity,
-                               default_tokenizer, export_onnx, finished_student, heldout_inputs, max_abs_difference,
-                               onnx_logits, onnx_session, parity_inputs, quantize_int4, quantize_int8, torch_logits,
-                               write_pretrained)
+from protocols.pki import generate_model_signing_key
+from serving.artefacts import (ONNX_DIR, ONNX_FILES, ONNX_TOLERANCE, HeldOut, RunStudent, causal_quality,
+                               check_parity, default_tokenizer, export_onnx, finished_student, heldout_inputs,
+                               max_abs_difference, onnx_logits, onnx_session, parity_inputs, quantize_int4,
+                               quantize_int8, torch_logits, write_pretrained)
 
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "onnx")
@@ -98,12 +98,19 @@ def _ledger_key(request: ExportRequest) -> Path:
     return path
 
 
-def _evaluate(logits: np.ndarray, heldout: HeldOut, validation_logits: np.ndarray | None) -> dict[str, Any]:
-    """Held-out metrics, the binary decision threshold chosen on the validation inputs as the run does."""
-    probabilities = softmax(logits.astype(np.float64))
+def _evaluate(student: RunStudent, heldout: HeldOut, session=None) -> dict[str, Any]:
+    """Held-out metrics of the student (``session`` None) or of an onnxruntime copy: a classifier's with the binary
+    decision threshold chosen on the validation inputs as the run does; a causal LM's perplexity."""
+    if student.family == "causal_lm":
+        return causal_quality(student, heldout.test.inputs, session)
+
+    def logits(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return (torch_logits(student, inputs) if session is None else onnx_logits(session, inputs)).astype(np.float64)
+
+    probabilities = softmax(logits(heldout.test.inputs))
     threshold = None
-    if probabilities.shape[1] == 2 and validation_logits is not None and heldout.validation is not None:
-        threshold = choose_threshold(heldout.validation.labels, softmax(validation_logits.astype(np.float64))[:, 1])
+    if probabilities.shape[1] == 2 and heldout.validation is not None:
+        threshold = choose_threshold(heldout.validation.labels, softmax(logits(heldout.validation.inputs))[:, 1])
     return classification_metrics(heldout.test.labels, probabilities, threshold)
 
 
@@ -113,22 +120,16 @@ def _variants(student: RunStudent, staging: Path, request: ExportRequest, heldou
     sample = parity_inputs(student, heldout)
     reference = torch_logits(student, sample)
     variants: dict[str, Any] = {}
-    validation = heldout.validation.inputs if heldout is not None and heldout.validation is not None else None
-    scored: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    if heldout is not None:
-        scored["torch-fp32"] = (torch_logits(student, heldout.test.inputs),
-                                torch_logits(student, validation) if validation is not None else None)
+    paths: dict[str, Path] = {}
     if "onnx" in request.formats:
         progress("ONNX")
         fp32 = staging / ONNX_DIR / ONNX_FILES["fp32"]
         record = export_onnx(student, fp32, sample)
-        session = onnx_session(fp32)
-        record["parity"] = {"max_abs_logit_difference": check_parity(reference, onnx_logits(session, sample),
+        record["parity"] = {"max_abs_logit_difference": check_parity(reference, onnx_logits(onnx_session(fp32), sample),
                                                                      str(fp32.name)),
                             "tolerance": ONNX_TOLERANCE, "records": len(reference),
                             "inputs": "held-out" if heldout is not None else "synthetic (no held-out records)"}
-        variants["onnx-fp32"] = record
-        paths = {"onnx-fp32": fp32}
+        variants["onnx-fp32"], paths["onnx-fp32"] = record, fp32
         for level in request.quantize:
             progress(f"{level} quantization")
             target = staging / ONNX_DIR / ONNX_FILES[level]
@@ -138,14 +139,11 @@ def _variants(student: RunStudent, staging: Path, request: ExportRequest, heldou
                 record["max_abs_logit_difference_to_fp32"] = max_abs_difference(reference, quantized)
                 paths[f"onnx-{level}"] = target
             variants[f"onnx-{level}"] = record
-        if heldout is not None:
-            for name, path in paths.items():
-                session = onnx_session(path)
-                scored[name] = (onnx_logits(session, heldout.test.inputs),
-                                onnx_logits(session, validation) if validation is not None else None)
     quality: dict[str, Any] = {}
     if heldout is not None:
-        quality = {name: _evaluate(test, heldout, val) for name, (test, val) in scored.items()}
+        progress("held-out quality of every file")
+        quality["torch-fp32"] = _evaluate(student, heldout)
+        quality |= {name: _evaluate(student, heldout, onnx_session(path)) for name, path in paths.items()}
     return {"variants": variants, "quality": quality}
 
 
@@ -155,8 +153,7 @@ def export_run(request: ExportRequest, progress=lambda step: None) -> dict[str, 
     student = finished_student(request.run_dir)
     signing_key, ledger_key = _signing_key(request), _ledger_key(request)
     heldout = heldout_inputs(request.run_dir, request.inputs)
-    tokenizer = request.tokenizer if request.tokenizer is not None else default_tokenizer(request.run_dir,
-                                                                                          student.family)
+    tokenizer = request.tokenizer if request.tokenizer is not None else default_tokenizer(request.run_dir, student)
     if student.family != "mlp" and tokenizer is None:
         raise ConfigError(f"--tokenizer is required: the {student.family} student reads token ids, and the run's "
                           "teacher names no tokenizer folder; pass the folder of the tokenizer the sites used.")

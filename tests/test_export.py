@@ -114,8 +114,10 @@ def test_a_tampered_export_fails_verify_model(export_copy, tamper):
 
 def test_a_resigned_export_fails_on_the_endorsement(export_copy, tmp_path):
     """Someone who swaps the weights and signs with their own key is caught: the run's ledger key never endorsed it."""
-    from compliance.model_signature import generate_model_signing_key, sign_folder
+    from compliance.model_signature import sign_folder
     from cryptography.hazmat.primitives import serialization
+
+    from protocols.pki import generate_model_signing_key
 
     _, out, _ = export_copy
     key = generate_model_signing_key(tmp_path / "other.pem")
