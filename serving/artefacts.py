@@ -6,13 +6,13 @@ Choices, and why:
   the largest absolute difference between torch's and onnxruntime's logits on the held-out inputs; an export
   over :data:`ONNX_TOLERANCE` is refused rather than shipped.
 - **int8**: onnxruntime's dynamic quantization (``quantize_dynamic``: int8 weights, activations quantized per
-  batch at run time). The serving artefact is the ONNX graph, and torch's eager ``quantize_dynamic`` is deprecated
-  (moved to torchao) and does not export to ONNX, so the quantized model is the one onnxruntime runs.
+  batch at run time). The serving artefact is the ONNX graph. torch's eager ``quantize_dynamic`` warns that
+  ``torch.ao.quantization`` is deprecated, and its quantized module fails ``torch.onnx.export`` (measured, torch 2.13).
 - **int4**: onnxruntime's weight-only block quantizer (``MatMulNBitsQuantizer``: symmetric 4-bit blocks of 32 with a
-  scale each, MatMul -> MatMulNBits). It quantizes MatMul nodes only: a tabular MLP's layers export as Gemm and stay
-  unquantized, so no int4 file is written for it, and the manifest says so. optimum-quanto and torchao also have
-  int4 weight-only paths on CPU, but their models stay in torch (no ONNX), and torchao's CPU int4 layout needs a
-  packing format torch's exporter cannot trace; onnxruntime's is the one that ships as a file a server loads.
+  scale each; MatMul -> MatMulNBits, embedding Gather -> GatherBlockQuantized). It does not take Gemm: a tabular MLP's
+  layers export as Gemm and stay unquantized, so no int4 file is written for it, and the manifest says so.
+  torchao 0.18's int4 weight-only config does not run on CPU here, and optimum-quanto's int4 model does not export
+  to ONNX (docs/serving.md has what each one said).
 """
 
 from __future__ import annotations
@@ -116,10 +116,11 @@ def heldout_inputs(run_dir: Path, inputs: Path | None) -> HeldOut | None:
     run's sites' test splits pooled (validation pooled for the decision threshold); None for a deployed run, whose
     coordinator holds no records."""
     if inputs is not None:
-        splits = load_splits(Path(inputs))
-        if "test" not in splits:
-            raise DataError(f"--inputs {inputs}: holds no 'test' split (arrays test.input.<name> and test.labels).")
-        return HeldOut(splits["test"], splits.get("val"), f"{Path(inputs).name}: {len(splits['test'])} records")
+        test, validation = _inputs_file(Path(inputs), "test"), _inputs_file(Path(inputs), "val")
+        if test is None:
+            raise DataError(f"--inputs {inputs}: holds no test split; it needs arrays test.input.<name> (x, or "
+                            "input_ids and attention_mask) and test.labels, as numpy.savez writes them.")
+        return HeldOut(test, validation, f"{Path(inputs).name}: {len(test)} records")
     files = sorted(Path(run_dir).glob("sites/*/data.npz"))
     if not files:
         return None
@@ -128,6 +129,38 @@ def heldout_inputs(run_dir: Path, inputs: Path | None) -> HeldOut | None:
     validation = SplitData.concatenate([s["val"] for s in loaded if "val" in s]) if all("val" in s for s in loaded) \
         else None
     return HeldOut(test, validation, f"the {len(files)} simulated sites' test splits, pooled: {len(test)} records")
+
+
+def _inputs_file(path: Path, split: str) -> SplitData | None:
+    if not path.is_file():
+        raise DataError(f"--inputs {path} does not exist.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            inputs = {key.split(".input.", 1)[1]: archive[key] for key in archive.files
+                      if key.startswith(f"{split}.input.")}
+            if not inputs:
+                return None
+            if f"{split}.labels" not in archive.files:
+                raise DataError(f"--inputs {path}: has {split}.input.* but no {split}.labels.")
+            return SplitData(inputs, archive[f"{split}.labels"])
+    except (OSError, ValueError) as err:
+        raise DataError(f"--inputs {path} is not a numpy .npz archive ({err}).") from None
+
+
+def check_heldout(student: RunStudent, heldout: HeldOut | None) -> None:
+    """The held-out records must be what the student reads: named arrays of its input shape."""
+    if heldout is None:
+        return
+    names = input_names(student.family)
+    missing = [name for name in names if name not in heldout.test.inputs]
+    if missing:
+        raise DataError(f"held-out records ({heldout.source}): no test.input.{missing[0]} array; the {student.family} "
+                        f"student reads {', '.join(names)}.")
+    if student.family == "mlp":
+        width, expected = heldout.test.inputs["x"].shape[1:], (int(student.spec.settings["input_dim"]),)
+        if tuple(width) != expected:
+            raise DataError(f"held-out records ({heldout.source}): test.input.x has {tuple(width)} features per record; "
+                            f"the student reads {expected[0]} (in the order of config.json's feature_names).")
 
 
 def parity_inputs(student: RunStudent, heldout: HeldOut | None) -> dict[str, np.ndarray]:

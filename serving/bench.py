@@ -380,8 +380,8 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
               quick: bool = False, progress=lambda step: None) -> dict[str, Any]:
     """Measure the teacher and every student form; returns the table's rows, ratios and the checks behind them."""
     from protocols.errors import ConfigError
-    from serving.artefacts import (ONNX_DIR, ONNX_FILES, causal_model_ids, export_onnx, finished_student,
-                                   heldout_inputs, parity_inputs, quantize_int4, quantize_int8)
+    from serving.artefacts import (ONNX_DIR, ONNX_FILES, causal_model_ids, check_heldout, export_onnx,
+                                   finished_student, heldout_inputs, parity_inputs, quantize_int4, quantize_int8)
 
     run_dir = Path(run_dir)
     if threads < 1:
@@ -392,6 +392,7 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
         raise ConfigError(f"--inputs is required: {run_dir} is a deployed run and its coordinator holds no held-out "
                           "records; pass an .npz with test.input.<name> and test.labels (and val.* for the "
                           "decision threshold).")
+    check_heldout(student, heldout)
     source = teacher_path(run_dir, teacher)
     causal = student.family == "causal_lm"
     load_before = os.getloadavg()

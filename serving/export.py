@@ -29,9 +29,9 @@ from protocols.canonical import atomic_directory, atomic_write_bytes, atomic_wri
 from protocols.errors import ConfigError
 from protocols.pki import generate_model_signing_key
 from serving.artefacts import (ONNX_DIR, ONNX_FILES, ONNX_TOLERANCE, HeldOut, RunStudent, causal_quality,
-                               check_parity, default_tokenizer, export_onnx, finished_student, heldout_inputs,
-                               max_abs_difference, onnx_logits, onnx_session, parity_inputs, quantize_int4,
-                               quantize_int8, torch_logits, write_pretrained)
+                               check_heldout, check_parity, default_tokenizer, export_onnx, finished_student,
+                               heldout_inputs, max_abs_difference, onnx_logits, onnx_session, parity_inputs,
+                               quantize_int4, quantize_int8, torch_logits, write_pretrained)
 
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "onnx")
@@ -153,6 +153,7 @@ def export_run(request: ExportRequest, progress=lambda step: None) -> dict[str, 
     student = finished_student(request.run_dir)
     signing_key, ledger_key = _signing_key(request), _ledger_key(request)
     heldout = heldout_inputs(request.run_dir, request.inputs)
+    check_heldout(student, heldout)
     tokenizer = request.tokenizer if request.tokenizer is not None else default_tokenizer(request.run_dir, student)
     if student.family != "mlp" and tokenizer is None:
         raise ConfigError(f"--tokenizer is required: the {student.family} student reads token ids, and the run's "

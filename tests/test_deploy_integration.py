@@ -170,6 +170,20 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     releases = {site: block["evaluation_releases"] for site, block in report["privacy"]["sites"].items()}
     assert all(len(r) == 1 and r[0]["noise_multiplier"] == 10.0 for r in releases.values())
 
+    # The operator exports the student for the team that deploys it, with the coordinator's own keys. It holds no
+    # record, so the ONNX parity is checked on synthetic inputs and the quality is not assessed; verify-model passes.
+    coordinator_dir = root / "coordinator"
+    exported = fedistill("export", str(run_dir), "--out", str(root / "student"), "--quantize", "int8", "--output",
+                         "json", "--signing-key", str(coordinator_dir / "model_signing_key.pem"), "--ledger-key",
+                         str(coordinator_dir / "coordinator_key.pem"), cwd=root)
+    assert exported.returncode == 0, exported.stderr
+    manifest = json.loads(exported.stdout)
+    assert manifest["variants"]["onnx-fp32"]["parity"]["inputs"].startswith("synthetic") and manifest["quality"] == {}
+    assert "not assessed" in (root / "student" / "README.md").read_text()
+    checked = fedistill("verify-model", str(root / "student"), "--run", str(run_dir), "--format", "json", cwd=root)
+    assert checked.returncode == 0 and json.loads(checked.stdout)["verified"], checked.stdout + checked.stderr
+    assert fedistill("verify", str(run_dir), cwd=root).returncode == 0  # exporting changed nothing in the run
+
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:
         processes.stop(name)
