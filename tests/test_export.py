@@ -232,3 +232,44 @@ def test_the_text_path_exports_verifies_and_benches(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["model"]: row for row in json.loads(result.stdout)["rows"]}
     assert "student, ONNX int4" in rows and rows["teacher"]["parameters"] > 10 * rows["student, ONNX fp32"]["parameters"]
+
+
+@pytest.mark.slow
+def test_the_causal_lm_student_exports_verifies_and_benches(tmp_path):
+    """The health-tweets smoke preset: the merged student loads with AutoModelForCausalLM, its ONNX logits match, every
+    file's held-out perplexity is measured, verify-model checks the trainable tensors the ledger hashed."""
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    result = run_cli("simulate", "--scenario", "health-tweets", "--preset", "smoke", "--out", str(tmp_path / "runs"),
+                     "--format", "json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    run_dir = Path(summary["paths"]["run_dir"])
+    out = tmp_path / "student"
+    result = run_cli("export", str(run_dir), "--out", str(out), "--quantize", "int8,int4", "--output", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads(result.stdout)
+    assert manifest["ledger_weights"] == "fedistill/trainable.safetensors" and manifest["pretrained"]["tokenizer"]
+    assert manifest["variants"]["onnx-fp32"]["parity"]["max_abs_logit_difference"] <= 1e-4
+    federated = summary["models"]["federated"]["overall"]["perplexity"]
+    assert manifest["quality"]["torch-fp32"]["perplexity"] == pytest.approx(federated, rel=1e-9)
+    assert manifest["quality"]["onnx-fp32"]["perplexity"] == pytest.approx(federated, rel=1e-5)
+    assert set(manifest["quality"]) == {"torch-fp32", "onnx-fp32", "onnx-int8", "onnx-int4"}
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = np.array([[2, 10, 11, 12, 13, 14]], dtype=np.int64)
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    session = ort.InferenceSession(str(out / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+                  - reference).max() <= 1e-4
+    assert verify_model(str(out), "--run", str(run_dir)).returncode == 0
+    result = run_cli("bench", str(run_dir), "--quick", "--format", "json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads(result.stdout)
+    rows = {row["model"]: row for row in bench["rows"]}
+    assert bench["headline_metric"] == "perplexity" and bench["lower_is_better"]
+    assert rows["teacher"]["headline"] == pytest.approx(summary["models"]["teacher"]["overall"]["perplexity"],
+                                                        rel=1e-9)
+    assert all(row["tokens_per_s"] > 0 and row["latency_per_token_ms"] > 0 for row in rows.values())
