@@ -153,14 +153,15 @@ def bench_command(
     for row in result["rows"]:
         table.add_row(row["model"], _cell(row, "parameters", ","), f"{row['file_bytes'] / 1e6:.3f}",
                       _cell(row, "latency_p50_ms", ".3f"), _cell(row, "latency_p99_ms", ".3f"),
-                      _cell(row, "tokens_per_s" if causal else "throughput_per_s", ",.0f"), f"{row['peak_rss_mib']:.0f} ({row['model_peak_mib']:.0f})",
+                      _cell(row, "tokens_per_s" if causal else "throughput_per_s", ",.0f"), f"{row['peak_rss_mib']:.0f} ("
+                      + ("n/a" if row["model_peak_mib"] is None else f"{row['model_peak_mib']:.0f}") + ")",
                       _cell(row, "headline", ".4f"), _cell(row, "x_faster_batch1", ".1f"),
                       _cell(row, "x_throughput", ".1f"),
                       "n/a" if row["quality_share"] is None else f"{100 * row['quality_share']:.1f}%",
                       "n/a" if row["headline_change_vs_fp32"] is None else f"{row['headline_change_vs_fp32']:+.4f}")
     console.print(table)
     for row in result["rows"]:
-        for problem in [*row["untrustworthy"], *row["ratio_untrustworthy"]]:
+        for problem in [*row["untrustworthy"], *row["ratio_untrustworthy"], *row["memory_untrustworthy"]]:
             console.print(f"[yellow]untrustworthy[/yellow] {escape(row['model'])}: {escape(problem)}")
     machine = result["machine"]
     console.print(f"load average {machine['load_average_before'][0]:.2f} -> {machine['load_average_after'][0]:.2f} "

@@ -428,11 +428,16 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
         rows = []
         for (name, kind, path, size), measured, job in zip(models, measurements, jobs[1:]):
             quality = _causal_quality(student, heldout, kind, path) if causal else _classifier_quality(job, heldout)
-            rows.append({"model": name, **size, **measured,
-                         # The model's own: its peak over the imports, less what a worker without a model adds.
-                         "model_peak_mib": (measured["peak_rss_mib"] - measured["rss_after_imports_mib"])
-                         - (baseline["peak_rss_mib"] - baseline["rss_after_imports_mib"]),
-                         "quality": quality, "headline": quality.get(headline),
+            # The model's own memory: its peak over the imports, less what a worker without a model adds.
+            rise = measured["peak_rss_mib"] - measured["rss_after_imports_mib"]
+            baseline_rise = baseline["peak_rss_mib"] - baseline["rss_after_imports_mib"]
+            memory = []
+            if rise < baseline_rise:
+                memory.append(f"its memory over the imports ({rise:.1f} MiB) is below a worker without a model's "
+                                f"({baseline_rise:.1f} MiB): the model's own memory is below what this resolves")
+            rows.append({"model": name, "file": Path(path).name if kind != "torch" else "student/model.safetensors",
+                         **size, **measured, "model_peak_mib": rise - baseline_rise if rise >= baseline_rise else None,
+                         "memory_untrustworthy": memory, "quality": quality, "headline": quality.get(headline),
                          "untrustworthy": _trust(measured)})
         tokens = float(heldout.test.inputs["attention_mask"].sum(axis=1).mean()) if causal else None
     load_after = os.getloadavg()
