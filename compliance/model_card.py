@@ -7,6 +7,7 @@ their held-out quality). Training data appears as per-site counts only; nothing 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from compliance.assessed import NOT_ASSESSED
@@ -34,7 +35,8 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _front_matter(report: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+def _front_matter(manifest: dict[str, Any]) -> list[str]:
+    """YAML front matter; every free-text value is written as a JSON string, which YAML reads as it is."""
     tag, pipeline = TASK_TAGS[manifest["family"]]
     headline = manifest["headline_metric"]
     lines = ["---", "library_name: transformers", f"pipeline_tag: {pipeline}", "license: other",
@@ -44,7 +46,8 @@ def _front_matter(report: dict[str, Any], manifest: dict[str, Any]) -> list[str]
     if quality.get(headline) is not None:
         lines += ["model-index:", f"- name: {manifest['run_id']}-student", "  results:",
                   f"  - task: {{type: {tag}}}",
-                  f"    dataset: {{name: held-out test records ({manifest['heldout']}), type: private}}",
+                  f"    dataset: {{name: {json.dumps('held-out test records: ' + str(manifest['heldout']))}, "
+                  "type: private}",
                   f"    metrics: [{{type: {headline}, value: {quality[headline]:.4f}}}]"]
     return [*lines, "---", ""]
 
@@ -136,7 +139,7 @@ def model_card_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str
     card, run = report["model_card"], report["run"]
     family, headline = manifest["family"], manifest["headline_metric"]
     loader = manifest["pretrained"]["loader"]
-    lines = _front_matter(report, manifest)
+    lines = _front_matter(manifest)
     lines += [f"# Model card: {manifest['run_id']} student", "",
               f"This student ({family}) was distilled across {len(report['privacy']['sites'])} sites with fedistill: each site "
               "distilled its own teacher into the student under differential privacy and sent only clipped, noised "

@@ -1,14 +1,17 @@
 """``fedistill bench RUN_DIR``: the teacher against the student in torch fp32, ONNX fp32, int8 and int4, in one run,
 on the same held-out inputs.
 
-Each model is measured in a fresh worker process (``python -m serving.bench``), so its peak memory is its own: the
-worker records its resident set after the imports, loads the model, scores the held-out inputs, then times batch 1
-(p50/p99 over at least :data:`MIN_LATENCY_CALLS` calls) and batch :data:`THROUGHPUT_BATCH`. All models run with the
+Each model is measured in a worker process of its own (``python -m serving.bench``), all loaded side by side, so its
+peak memory is its own: the worker restarts its high-water mark after the imports, loads the model and scores the
+held-out inputs; a worker without a model gives the baseline. The workers are then timed in turns, block k of every
+model before block k+1 of any (:data:`LATENCY_BLOCKS` blocks of batch 1 and of batch :data:`THROUGHPUT_BATCH`), so
+a machine that slows down slows them all, and the speed ratios are taken block by block. All models run with the
 same thread count (``--threads``, 1 by default: per-core figures are the ones that survive a busy machine).
 
-Every figure is checked before it is printed: finite and positive, and the latency is timed in
-:data:`LATENCY_BLOCKS` blocks whose medians must agree within :data:`STABLE_SPREAD`; the machine's load average is
-recorded before and after. A figure that fails is printed as "untrustworthy" with the reason, never as a number.
+Every figure is checked before it is printed: finite and positive; the batch-1 latency blocks agree within
+:data:`STABLE_SPREAD`; the block-by-block speed-ups agree within :data:`STABLE_RATIO_SPREAD`; the model's memory is
+above what the baseline resolves. The machine's load average is recorded before and after. A figure that fails is
+printed as "untrustworthy" with the reason, never as a number.
 """
 
 from __future__ import annotations
@@ -202,6 +205,10 @@ class _Worker:
             raise ExternalToolError(f"bench: measuring {self.name} failed (exit {self.process.returncode}): {last}")
         return json.loads(line)
 
+    def wait_ready(self) -> None:
+        """The worker's first line: it has loaded its model and scored the held-out inputs."""
+        self.ready = self._read()
+
     def ask(self, command: str) -> dict[str, Any]:
         assert self.process.stdin is not None
         self.process.stdin.write(command + "\n")
@@ -227,7 +234,7 @@ def _measure_all(jobs: list[dict[str, Any]], progress) -> list[dict[str, Any]]:
         progress(f"loading {len(jobs)} models, each in its own process")
         workers = [_Worker(job) for job in jobs]  # loaded side by side; timed one at a time below
         for worker in workers:
-            worker.ready = worker._read()
+            worker.wait_ready()
         latency: list[list[list[float]]] = [[] for _ in workers]
         throughput: list[list[list[float]]] = [[] for _ in workers]
         for block in range(LATENCY_BLOCKS):

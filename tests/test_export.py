@@ -17,15 +17,28 @@ from tests.test_cli_simulate import run_cli
 MODEL_SIGNING = [str(Path(sys.executable).with_name("model_signing"))]
 
 
+def export(run_dir: Path, out: Path) -> dict:
+    """`fedistill export RUN_DIR --out OUT --quantize int8,int4`, its manifest."""
+    result = run_cli("export", str(run_dir), "--out", str(out), "--quantize", "int8,int4", "--output", "json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def simulate(tmp_path: Path, *args: str) -> tuple[dict, Path]:
+    """A scenario's run through the CLI: its summary and run directory."""
+    result = run_cli("simulate", *args, "--out", str(tmp_path / "runs"), "--format", "json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    return summary, Path(summary["paths"]["run_dir"])
+
+
 @pytest.fixture(scope="module")
 def exported(verified_run, tmp_path_factory):
     """The shared small hospitals run, copied (the export adds its model-signing key), exported with int8 and int4."""
     base = tmp_path_factory.mktemp("export")
     run_dir = Path(shutil.copytree(verified_run, base / "run"))
     out = base / "student"
-    result = run_cli("export", str(run_dir), "--out", str(out), "--quantize", "int8,int4", "--output", "json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, out, json.loads(result.stdout)
+    return run_dir, out, export(run_dir, out)
 
 
 @pytest.fixture
@@ -60,6 +73,12 @@ def test_export_writes_a_loadable_signed_student_with_parity_and_quality(exporte
                     "### Differential privacy", "## Evaluation", "## Provenance"):
         assert section in card
     assert manifest["student_digest"] in card and "student, ONNX int8" in card and "epsilon" in card
+    # Hugging Face's own parser reads the front matter: the pipeline and the held-out result.
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(out / "README.md").data
+    assert data.pipeline_tag == "tabular-classification"
+    assert data.eval_results[0].metric_value == pytest.approx(round(federated, 4))
 
 
 def test_the_exported_folder_loads_with_the_auto_classes_and_matches_onnxruntime(exported):
@@ -203,14 +222,10 @@ def test_the_text_path_exports_verifies_and_benches(tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    result = run_cli("simulate", "--scenario", "drug-reviews", "--rounds", "1", "--subsample", "0.3",
-                     "--local-steps", "2", "--out", str(tmp_path / "runs"), "--format", "json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = Path(json.loads(result.stdout)["paths"]["run_dir"])
+    _, run_dir = simulate(tmp_path, "--scenario", "drug-reviews", "--rounds", "1", "--subsample", "0.3",
+                          "--local-steps", "2")
     out = tmp_path / "student"
-    result = run_cli("export", str(run_dir), "--out", str(out), "--quantize", "int8,int4", "--output", "json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads(result.stdout)
+    manifest = export(run_dir, out)
     assert manifest["family"] == "bert" and manifest["pretrained"]["tokenizer"]
     assert manifest["variants"]["onnx-fp32"]["parity"]["max_abs_logit_difference"] <= 1e-4
     assert manifest["variants"]["onnx-int4"]["matmuls_quantized"] > 0 and (out / "onnx" / "model.int4.onnx").is_file()
@@ -242,15 +257,9 @@ def test_the_causal_lm_student_exports_verifies_and_benches(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    result = run_cli("simulate", "--scenario", "health-tweets", "--preset", "smoke", "--out", str(tmp_path / "runs"),
-                     "--format", "json", timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads(result.stdout)
-    run_dir = Path(summary["paths"]["run_dir"])
+    summary, run_dir = simulate(tmp_path, "--scenario", "health-tweets", "--preset", "smoke")
     out = tmp_path / "student"
-    result = run_cli("export", str(run_dir), "--out", str(out), "--quantize", "int8,int4", "--output", "json")
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = json.loads(result.stdout)
+    manifest = export(run_dir, out)
     assert manifest["ledger_weights"] == "fedistill/trainable.safetensors" and manifest["pretrained"]["tokenizer"]
     assert manifest["variants"]["onnx-fp32"]["parity"]["max_abs_logit_difference"] <= 1e-4
     federated = summary["models"]["federated"]["overall"]["perplexity"]
