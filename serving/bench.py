@@ -283,14 +283,15 @@ def teacher_path(run_dir: Path, given: Path | None) -> Path:
                       "(a deployed coordinator never holds the sites' teachers); pass the teacher to compare with.")
 
 
-def teacher_size(path: Path, causal: bool) -> dict[str, Any]:
-    """Parameters (or, for tree ensembles, tree nodes) and bytes on disk, an encoder a manifest points at included."""
+def teacher_size(path: Path, causal_teacher: Any | None) -> dict[str, Any]:
+    """Parameters (or, for tree ensembles, tree nodes) and bytes on disk, an encoder a manifest points at included;
+    ``causal_teacher``: a causal-LM teacher's model, already loaded."""
     from distill.models import TEACHER_MANIFEST, SklearnTeacher, count_parameters, load_teacher
 
-    if causal:
-        from distill.causal_lm import load_causal_lm_teacher, parameter_counts
+    if causal_teacher is not None:
+        from distill.causal_lm import parameter_counts
 
-        counts = parameter_counts(load_causal_lm_teacher(path).model)
+        counts = parameter_counts(causal_teacher)
         return {"parameters": counts.total, "non_embedding_parameters": counts.non_embedding,
                 "parameters_measure": "parameters", "file_bytes": _size_bytes(path)}
     teacher = load_teacher(path)
@@ -372,17 +373,15 @@ def _classifier_quality(job: dict[str, Any], heldout) -> dict[str, Any]:
     return classification_metrics(heldout.test.labels, probabilities, threshold)
 
 
-def _causal_quality(student, heldout, kind: str, path: Path) -> dict[str, Any]:
+def _causal_quality(student, heldout, kind: str, path: Path, teacher: Any) -> dict[str, Any]:
     """Held-out perplexity, computed here rather than in the worker: a causal LM's logits are [texts, length,
     vocabulary], too large to hand over."""
     from serving.artefacts import causal_quality, onnx_session
 
     if kind == "teacher":
-        from distill.causal_lm import load_causal_lm_teacher
         from distill.causal_train import score_tokens
 
-        scores = score_tokens(load_causal_lm_teacher(path).model, heldout.test.inputs["input_ids"],
-                              heldout.test.inputs["attention_mask"], 8)
+        scores = score_tokens(teacher, heldout.test.inputs["input_ids"], heldout.test.inputs["attention_mask"], 8)
         return {"perplexity": scores.perplexity, "nll": float(scores.nll.mean()), "tokens": scores.tokens}
     return causal_quality(student, heldout.test.inputs, onnx_session(path) if kind == "onnx" else None)
 
@@ -390,6 +389,7 @@ def _causal_quality(student, heldout, kind: str, path: Path) -> dict[str, Any]:
 def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = None, threads: int = 1,
               quick: bool = False, progress=lambda step: None) -> dict[str, Any]:
     """Measure the teacher and every student form; returns the table's rows, ratios and the checks behind them."""
+    from distill.causal_lm import load_causal_lm_teacher
     from protocols.errors import ConfigError
     from serving.artefacts import (ONNX_DIR, ONNX_FILES, causal_model_ids, check_heldout, export_onnx,
                                    finished_student, heldout_inputs, parity_inputs, quantize_int4, quantize_int8)
@@ -423,7 +423,10 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
                  "student, ONNX int8": work / ONNX_DIR / ONNX_FILES["int8"]}
         if int4.get("file"):
             files["student, ONNX int4"] = work / ONNX_DIR / ONNX_FILES["int4"]
-        models = [("teacher", "teacher", source, teacher_size(source, causal))]
+        # A causal-LM teacher (Gemma: about 70 s to load and dequantize) is loaded here once, for its size and its
+        # perplexity; its worker loads its own copy to be timed.
+        causal_teacher = load_causal_lm_teacher(source).model if causal else None
+        models = [("teacher", "teacher", source, teacher_size(source, causal_teacher))]
         models += [(name, "torch" if "torch" in name else "onnx", run_dir if "torch" in name else path,
                     {**student_size, "file_bytes": _size_bytes(path)}) for name, path in files.items()]
         if causal:  # the torch student's bytes: the merged weights a serving team loads, not the trainable tensors
@@ -438,7 +441,8 @@ def bench_run(run_dir: Path, inputs: Path | None = None, teacher: Path | None = 
         progress("held-out quality")
         rows = []
         for (name, kind, path, size), measured, job in zip(models, measurements, jobs[1:]):
-            quality = _causal_quality(student, heldout, kind, path) if causal else _classifier_quality(job, heldout)
+            quality = (_causal_quality(student, heldout, kind, path, causal_teacher) if causal
+                       else _classifier_quality(job, heldout))
             # The model's own memory: its peak over the imports, less what a worker without a model adds.
             rise = measured["peak_rss_mib"] - measured["rss_after_imports_mib"]
             baseline_rise = baseline["peak_rss_mib"] - baseline["rss_after_imports_mib"]

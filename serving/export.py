@@ -120,30 +120,31 @@ def _variants(student: RunStudent, staging: Path, request: ExportRequest, heldou
     sample = parity_inputs(student, heldout)
     reference = torch_logits(student, sample)
     variants: dict[str, Any] = {}
-    paths: dict[str, Path] = {}
+    sessions: dict[str, Any] = {}
     if "onnx" in request.formats:
         progress("ONNX")
         fp32 = staging / ONNX_DIR / ONNX_FILES["fp32"]
         record = export_onnx(student, fp32, sample)
-        record["parity"] = {"max_abs_logit_difference": check_parity(reference, onnx_logits(onnx_session(fp32), sample),
-                                                                     str(fp32.name)),
+        sessions["onnx-fp32"] = onnx_session(fp32)
+        record["parity"] = {"max_abs_logit_difference": check_parity(reference, onnx_logits(sessions["onnx-fp32"],
+                                                                                             sample), str(fp32.name)),
                             "tolerance": ONNX_TOLERANCE, "records": len(reference),
                             "inputs": "held-out" if heldout is not None else "synthetic (no held-out records)"}
-        variants["onnx-fp32"], paths["onnx-fp32"] = record, fp32
+        variants["onnx-fp32"] = record
         for level in request.quantize:
             progress(f"{level} quantization")
             target = staging / ONNX_DIR / ONNX_FILES[level]
             record = quantize_int8(fp32, target) if level == "int8" else quantize_int4(fp32, target)
             if record.get("file"):
-                quantized = onnx_logits(onnx_session(target), sample)
+                sessions[f"onnx-{level}"] = onnx_session(target)
+                quantized = onnx_logits(sessions[f"onnx-{level}"], sample)
                 record["max_abs_logit_difference_to_fp32"] = max_abs_difference(reference, quantized)
-                paths[f"onnx-{level}"] = target
             variants[f"onnx-{level}"] = record
     quality: dict[str, Any] = {}
     if heldout is not None:
         progress("held-out quality of every file")
         quality["torch-fp32"] = _evaluate(student, heldout)
-        quality |= {name: _evaluate(student, heldout, onnx_session(path)) for name, path in paths.items()}
+        quality |= {name: _evaluate(student, heldout, session) for name, session in sessions.items()}
     return {"variants": variants, "quality": quality}
 
 
