@@ -183,6 +183,16 @@ def test_sites_join_over_tls_and_a_crashed_coordinator_resumes(deployment) -> No
     checked = fedistill("verify-model", str(root / "student"), "--run", str(run_dir), "--format", "json", cwd=root)
     assert checked.returncode == 0 and json.loads(checked.stdout)["verified"], checked.stdout + checked.stderr
     assert fedistill("verify", str(run_dir), cwd=root).returncode == 0  # exporting changed nothing in the run
+    # The deploying team benches the student on records it holds (here one site's own split file stands for them)
+    # against the teacher it names; the coordinator itself holds neither.
+    site_dir = site_files["hospital-a"].parent
+    benched = fedistill("bench", str(run_dir), "--quick", "--format", "json", "--inputs",
+                        str(site_dir / "state" / "data.npz"), "--teacher", str(site_dir / "teacher.pkl"), cwd=root,
+                        timeout=600)
+    assert benched.returncode == 0, benched.stderr
+    assert [row["model"] for row in json.loads(benched.stdout)["rows"]][:2] == ["teacher", "student, torch fp32"]
+    refused = fedistill("bench", str(run_dir), cwd=root)
+    assert refused.returncode == 1 and "--inputs is required" in refused.stderr
 
     assert processes.stop("coordinator-2") in (0, 143)
     for name in SITES:
