@@ -193,6 +193,7 @@ def test_export_refuses_an_unfinished_run_a_swapped_student_and_a_foreign_folder
         export_run(ExportRequest(run_copy, tmp_path / "c"))
 
 
+@pytest.mark.slow  # about 30 s: five worker processes; the default suite stays under 10 minutes
 def test_bench_compares_the_teacher_and_every_student_form(exported, tmp_path):
     run_dir, _, _ = exported
     result = run_cli("bench", str(run_dir), "--quick", "--json", str(tmp_path / "bench.json"))
