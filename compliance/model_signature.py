@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ from safetensors.numpy import load_file
 
 from protocols.canonical import atomic_write_bytes, atomic_write_json, canonical_json, digest_arrays, sha256_hex
 from protocols.errors import ConfigError, LedgerTampered
-from protocols.ledger import (key_fingerprint, load_signing_key, public_key_pem, read_events, verify_ledger,
-                              verify_signature)
+from protocols.ledger import (key_fingerprint, load_signing_key, public_key_pem, read_events, signed_up_to,
+                              verify_ledger, verify_signature)
 from protocols.pki import MODEL_SIGNING_KEY_FILE, load_model_signing_key
 
 SCHEMA_VERSION = 1
@@ -71,8 +72,8 @@ def signed_final_student(ledger_path: Path, public_key_pem_text: str) -> dict[st
     """
     report = verify_ledger(ledger_path, public_key_pem_text)
     events = read_events(ledger_path)
-    signed_up_to = max((e["payload"]["signed_seq"] for e in events if e["kind"] == "checkpoint"), default=-1)
-    finished = [e for e in events if e["kind"] == "run-finished" and e["seq"] <= signed_up_to]
+    signed = signed_up_to(events)
+    finished = [e for e in events if e["kind"] == "run-finished" and e["seq"] <= signed]
     if not finished:
         raise ConfigError(f"{ledger_path}: the run has not finished (no signed run-finished event), so no final "
                           "student is vouched for. Let the run finish, or resume it, then export.")
@@ -119,7 +120,7 @@ def write_provenance(export_dir: Path, run_dir: Path, run_id: str, signing_key: 
         "signed_by": key_fingerprint(ledger_public),
         "signature": base64.b64encode(ledger_private.sign(sha256_hex(payload).encode("utf-8"))).decode("ascii")})
     return {"format": "OpenSSF model signing v1.0 (Sigstore bundle, DSSE, in-toto statement), model-signing "
-                      f"{_version('model-signing')}",
+                      f"{version('model-signing')}",
             "file": SIGNATURE_FILE, "public_key": PUBLIC_KEY_FILE, "key_fingerprint": fingerprint,
             "endorsed_by": key_fingerprint(ledger_public)}
 
@@ -135,12 +136,6 @@ def sign_folder(export_dir: Path, signing_key: Path) -> Path:
         model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE])).sign(
             export_dir, export_dir / SIGNATURE_FILE)
     return export_dir / SIGNATURE_FILE
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 # --------------------------------------------------------------------------------------------- verify-model

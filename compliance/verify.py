@@ -51,7 +51,7 @@ from protocols.errors import ConfigError, LedgerTampered
 from protocols.evaluation import TEST_EVALUATION_EVENT
 from protocols.governance import PARTIES_EVENT, PartiesDeclaration
 from protocols.knowledge import PROXY_FILE
-from protocols.ledger import key_fingerprint, read_events, verify_ledger, verify_signature
+from protocols.ledger import key_fingerprint, read_events, signed_up_to, verify_ledger, verify_signature
 
 EPSILON_TOLERANCE = 0.02
 
@@ -224,9 +224,8 @@ def _verify_rounds(run_dir: Path, events: list[dict[str, Any]], report: AuditRep
             raise LedgerTampered(f"{metrics_path}: round {record['round']} differs from the ledger's record of it in "
                                  f"{', '.join(changed)}.")
     report.checks.append(f"metrics.jsonl: {len(metrics)} round(s), each as the ledger recorded it")
-    # Events after the last checkpoint are chained but not signed: anyone could have appended or edited them.
-    signed_up_to = max((e["payload"]["signed_seq"] for e in events if e["kind"] == "checkpoint"), default=-1)
-    finished = [e for e in events if e["kind"] == "run-finished" and e["seq"] <= signed_up_to]
+    signed = signed_up_to(events)
+    finished = [e for e in events if e["kind"] == "run-finished" and e["seq"] <= signed]
     last_digest = final[max(final)]["student_digest"] if final else None
     if not finished:
         report.incomplete.append(f"{ledger} has no signed run-finished event: the run is still running or ended "

@@ -189,6 +189,12 @@ def _verify(path: Path, actor: str | None, public_key: Ed25519PublicKey | None) 
                         last_checkpoint=last_checkpoint)
 
 
+def signed_up_to(events: list[dict[str, Any]]) -> int:
+    """The last seq a checkpoint signed (-1 before the first): events after it are chained but unsigned, so anyone
+    could have appended or edited them."""
+    return max((e["payload"]["signed_seq"] for e in events if e["kind"] == CHECKPOINT), default=-1)
+
+
 def verify_ledger(path: Path, public_key_pem: str, actor: str | None = None) -> LedgerReport:
     """Re-read the file and check every line, its links and every checkpoint signature; raise at the first failure.
 

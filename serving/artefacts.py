@@ -21,7 +21,9 @@ import json
 import logging
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +367,21 @@ def torch_logits(student: RunStudent, inputs: dict[str, np.ndarray], batch_size:
                            for i in range(0, n, batch_size)])
 
 
+def classifier_quality(heldout: HeldOut, test_logits: np.ndarray,
+                       validation_logits: Callable[[], np.ndarray | None]) -> dict[str, Any]:
+    """Held-out metrics as the run computes them: for a binary task the decision threshold is chosen on the
+    validation logits (``validation_logits`` is called only then)."""
+    from distill.evaluate import choose_threshold, classification_metrics, softmax
+
+    probabilities = softmax(test_logits.astype(np.float64))
+    threshold = None
+    if probabilities.shape[1] == 2 and heldout.validation is not None:
+        validation = validation_logits()
+        if validation is not None:
+            threshold = choose_threshold(heldout.validation.labels, softmax(validation.astype(np.float64))[:, 1])
+    return classification_metrics(heldout.test.labels, probabilities, threshold)
+
+
 def causal_quality(student: RunStudent, inputs: dict[str, np.ndarray], session=None) -> dict[str, Any]:
     """Held-out perplexity over the teacher's full vocabulary (distill.causal_train.score_tokens) of the student, or of
     an onnxruntime session of it."""
@@ -403,7 +420,7 @@ def quantize_int8(fp32: Path, out: Path) -> dict[str, Any]:
         root.setLevel(level)
         staging.unlink(missing_ok=True)
     return {"file": f"{ONNX_DIR}/{out.name}", "method": "onnxruntime quantize_dynamic: int8 weights (QInt8), "
-            "activations quantized per batch at run time", "library": f"onnxruntime {_version('onnxruntime')}"}
+            "activations quantized per batch at run time", "library": f"onnxruntime {version('onnxruntime')}"}
 
 
 def quantize_int4(fp32: Path, out: Path) -> dict[str, Any]:
@@ -424,19 +441,13 @@ def quantize_int4(fp32: Path, out: Path) -> dict[str, Any]:
     quantized, left = nodes.count("MatMulNBits"), nodes.count("MatMul") + nodes.count("Gemm")
     record = {"method": f"onnxruntime MatMulNBitsQuantizer: weight-only, symmetric int4 blocks of {INT4_BLOCK_SIZE} "
                         "(MatMul weights and embedding tables)",
-              "library": f"onnxruntime {_version('onnxruntime')}", "matmuls_quantized": quantized,
+              "library": f"onnxruntime {version('onnxruntime')}", "matmuls_quantized": quantized,
               "matmuls_left_in_fp32": left, "embeddings_quantized": nodes.count("GatherBlockQuantized")}
     if quantized == 0:
         return record | {"file": None, "skipped": "no MatMul with a constant weight to quantize (the layers export "
                                                   "as Gemm); an int4 file would be the fp32 model"}
     quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
     return record | {"file": f"{ONNX_DIR}/{out.name}"}
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def max_abs_difference(reference: np.ndarray, other: np.ndarray) -> float:

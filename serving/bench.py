@@ -363,14 +363,10 @@ def _student_size(student) -> dict[str, Any]:
 
 
 def _classifier_quality(job: dict[str, Any], heldout) -> dict[str, Any]:
-    from distill.evaluate import choose_threshold, classification_metrics, softmax
+    from serving.artefacts import classifier_quality
 
     with np.load(job["logits_out"]) as saved:
-        probabilities = softmax(saved["test"].astype(np.float64))
-        threshold = None
-        if probabilities.shape[1] == 2 and "val" in saved.files and heldout.validation is not None:
-            threshold = choose_threshold(heldout.validation.labels, softmax(saved["val"].astype(np.float64))[:, 1])
-    return classification_metrics(heldout.test.labels, probabilities, threshold)
+        return classifier_quality(heldout, saved["test"], lambda: saved["val"] if "val" in saved.files else None)
 
 
 def _causal_quality(student, heldout, kind: str, path: Path, teacher: Any) -> dict[str, Any]:

@@ -24,14 +24,13 @@ import numpy as np
 from compliance.model_card import model_card_markdown
 from compliance.model_signature import DEFAULT_KEY_FILE, MANIFEST_FILE, sign_folder, write_provenance
 from compliance.report import build_report
-from distill.evaluate import choose_threshold, classification_metrics, softmax
 from protocols.canonical import atomic_directory, atomic_write_bytes, atomic_write_json, file_sha256
 from protocols.errors import ConfigError
 from protocols.pki import generate_model_signing_key
 from serving.artefacts import (ONNX_DIR, ONNX_FILES, ONNX_TOLERANCE, HeldOut, RunStudent, causal_quality,
-                               check_heldout, check_parity, default_tokenizer, export_onnx, finished_student,
-                               heldout_inputs, max_abs_difference, onnx_logits, onnx_session, parity_inputs,
-                               quantize_int4, quantize_int8, torch_logits, write_pretrained)
+                               check_heldout, check_parity, classifier_quality, default_tokenizer, export_onnx,
+                               finished_student, heldout_inputs, max_abs_difference, onnx_logits, onnx_session,
+                               parity_inputs, quantize_int4, quantize_int8, torch_logits, write_pretrained)
 
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "onnx")
@@ -105,13 +104,11 @@ def _evaluate(student: RunStudent, heldout: HeldOut, session=None) -> dict[str, 
         return causal_quality(student, heldout.test.inputs, session)
 
     def logits(inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return (torch_logits(student, inputs) if session is None else onnx_logits(session, inputs)).astype(np.float64)
+        return torch_logits(student, inputs) if session is None else onnx_logits(session, inputs)
 
-    probabilities = softmax(logits(heldout.test.inputs))
-    threshold = None
-    if probabilities.shape[1] == 2 and heldout.validation is not None:
-        threshold = choose_threshold(heldout.validation.labels, softmax(logits(heldout.validation.inputs))[:, 1])
-    return classification_metrics(heldout.test.labels, probabilities, threshold)
+    validation = heldout.validation
+    return classifier_quality(heldout, logits(heldout.test.inputs),
+                              lambda: logits(validation.inputs) if validation is not None else None)
 
 
 def _variants(student: RunStudent, staging: Path, request: ExportRequest, heldout: HeldOut | None,
