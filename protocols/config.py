@@ -71,6 +71,16 @@ def _optional_float(raw: Mapping[str, Any], name: str, where: str, low: float, h
     return _float(raw, name, where, low, high, low_open=True)
 
 
+def _digest(raw: Mapping[str, Any], name: str, where: str) -> str | None:
+    """``None`` (or absent) stays ``None``; anything else must be a lowercase hex SHA-256."""
+    value = raw.get(name)
+    if value is None:
+        return None
+    _require(isinstance(value, str) and len(value) == _HEX_DIGEST_LENGTH
+             and all(c in "0123456789abcdef" for c in value), where, name, "a hex SHA-256 (64 characters)", value)
+    return str(value)
+
+
 def _choice(raw: Mapping[str, Any], name: str, where: str, choices: tuple[str, ...], default: str) -> str:
     value = raw.get(name, default)
     _require(value in choices, where, name, "one of " + ", ".join(choices), value)
@@ -228,6 +238,10 @@ class FederationConfig:
     evaluation_bins: int = 16
     # The coordinator stops the run cleanly when fewer sites than this accept a round.
     min_sites: int = 1
+    # Partial participation: the sites asked each round, drawn afresh every round (coordinator/sampling.py): a
+    # number (0: every site) or a share of the sites (1.0: every site); at most one of them is set.
+    sites_per_round: int = 0
+    fraction_per_round: float = 1.0
     # An aggregate whose change to a fragment has a larger L2 norm is rejected (garbage, overflow, attack).
     max_update_norm: float = 100.0
     # Secure aggregation (Flower SecAgg+): protocols/secagg.py explains the encoding and its error bound.
@@ -242,6 +256,9 @@ class FederationConfig:
     curriculum: tuple[Stage, ...] = ()
     # The finished run whose student this run starts from (``--from RUN_DIR``); None: a fresh student.
     continues: Continuation | None = None
+    # The SHA-256 of the preprocessor file (distill/preprocessing.py) that turns every site's raw table into the
+    # teacher's features; a site whose preprocessor is another refuses the run. None: no shared preprocessing.
+    preprocessing_digest: str | None = None
     # The knowledge channel (protocols/knowledge.py): soft labels on a registered proxy set travel up, alone or with
     # the fragment update; None: weights only.
     knowledge: KnowledgeSettings | None = None
@@ -265,6 +282,9 @@ class FederationConfig:
             raise ConfigError("run config: a run that continues an earlier run (--from) starts from that run's "
                               "student, so it has no coordinator stage; remove the coordinator stage from its "
                               "curriculum.")
+        if self.sites_per_round and self.fraction_per_round < 1.0:
+            raise ConfigError("run config: set at most one of 'sites_per_round' and 'fraction_per_round'; both say "
+                              "how many sites are asked each round.")
         if self.evaluation_bins % 2 or self.evaluation_bins > 1000:
             raise ConfigError(f"run config: field 'evaluation_bins' must be even (0.5 is a bin edge) and at most 1000, "
                               f"got {self.evaluation_bins}.")
@@ -321,6 +341,10 @@ class FederationConfig:
         data.pop("continues")
         if self.continues is not None:
             data["continues"] = self.continues.to_dict()
+        # Absent at their defaults, so that the hash of a run without them is what it was before they existed.
+        for name, default in (("sites_per_round", 0), ("fraction_per_round", 1.0), ("preprocessing_digest", None)):
+            if data[name] == default:
+                data.pop(name)
         data.pop("knowledge")
         if self.knowledge is not None:
             data["knowledge"] = self.knowledge.to_dict()
@@ -376,6 +400,10 @@ class FederationConfig:
             evaluate_every=_int(raw, "evaluate_every", where, 0, cls.evaluate_every),
             evaluation_bins=_int(raw, "evaluation_bins", where, 2, cls.evaluation_bins),
             min_sites=_int(raw, "min_sites", where, 1, cls.min_sites),
+            sites_per_round=_int(raw, "sites_per_round", where, 0, cls.sites_per_round),
+            fraction_per_round=_float(raw, "fraction_per_round", where, 0.0, 1.0, cls.fraction_per_round,
+                                      low_open=True),
+            preprocessing_digest=_digest(raw, "preprocessing_digest", where),
             max_update_norm=_float(raw, "max_update_norm", where, 0.0, 1e12, cls.max_update_norm, low_open=True),
             secure_aggregation=_bool(raw, "secure_aggregation", where, cls.secure_aggregation),
             num_shares=_float(raw, "num_shares", where, 0.0, 1.0, cls.num_shares, low_open=True),

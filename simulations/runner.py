@@ -37,6 +37,7 @@ from coordinator.rounds import Coordinator
 from distill.cache import TeacherLogitCache
 from distill.data import SplitData
 from distill.evaluate import classification_metrics, evaluate_across_sites
+from distill.preprocessing import PREPROCESSOR_FILE
 from distill.models import build_student, count_parameters, load_student_state, load_teacher, teacher_digest
 from distill.train import predict_proba
 from protocols.accounting import (ACCOUNTANTS, TEST_METRICS_RELEASES, PrivacyState, SitePolicy, group_privacy,
@@ -262,7 +263,7 @@ def proxy_inputs(scenario, options: SimulationOptions) -> dict[str, np.ndarray]:
 
 
 def _federation_config(options: SimulationOptions, scenario, continues: Continuation | None = None,
-                       proxy_digest: str | None = None) -> FederationConfig:
+                       proxy_digest: str | None = None, preprocessing_digest: str | None = None) -> FederationConfig:
     overrides: dict[str, Any] = {key: value for key, value in (
         ("rounds", options.rounds), ("fragment_plan", options.fragment_plan), ("local_steps", options.local_steps),
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
@@ -292,7 +293,8 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
     return FederationConfig.from_dict({**defaults, **overrides, "student": scenario.student,
                                        "seed": options.seed, **({"curriculum": curriculum} if curriculum else {}),
                                        **({"continues": continues.to_dict()} if continues is not None else {}),
-                                       "knowledge": _knowledge(options, scenario, proxy_digest)},
+                                       "knowledge": _knowledge(options, scenario, proxy_digest),
+                                       "preprocessing_digest": preprocessing_digest},
                                       where="simulation options")
 
 
@@ -384,7 +386,10 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
     # A knowledge run's proxy set: the scenario's public inputs, never their labels, registered by the file's SHA-256.
     proxy = (proxy_file_bytes(proxy_inputs(scenario, options)) if options.knowledge_mode != "weights"
              and (scenario.public is not None or scenario.proxy is not None) else None)
-    config = _federation_config(options, scenario, continues, sha256_hex(proxy) if proxy is not None else None)
+    # The scenario's preprocessing, pinned by the digest of the file every site holds.
+    preprocessor = scenario.preprocessor.to_bytes() if scenario.preprocessor is not None else None
+    config = _federation_config(options, scenario, continues, sha256_hex(proxy) if proxy is not None else None,
+                                sha256_hex(preprocessor) if preprocessor is not None else None)
     if config.secure_aggregation and len(scenario.sites) < config.min_cohort:
         raise ConfigError(f"--sites: secure aggregation needs at least min_cohort={config.min_cohort} sites, got "
                           f"{len(scenario.sites)}; use --sites {config.min_cohort} or more, or --no-secure-aggregation.")
@@ -403,6 +408,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
         "federation": config.to_dict(), "config_hash": config.config_hash(), "versions": package_versions(),
     })
     teacher_path = scenario.save_teacher(run_dir / "teacher")
+    if preprocessor is not None:
+        atomic_write_bytes(run_dir / PREPROCESSOR_FILE, preprocessor)
     proxy_path = None
     if proxy is not None:
         proxy_path = run_dir / PROXY_FILE
@@ -431,6 +438,8 @@ def simulate(options: SimulationOptions, reporter: Reporter | None = None, basel
                                       governance=options.site_governance.get(name)).state_dir)
         if proxy is not None:
             atomic_write_bytes(state_dirs[-1] / PROXY_FILE, proxy)  # the operator ships the same file to every site
+        if preprocessor is not None:
+            atomic_write_bytes(state_dirs[-1] / PREPROCESSOR_FILE, preprocessor)
 
     causal = scenario.family == "causal_lm"
     if causal:

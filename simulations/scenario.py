@@ -12,6 +12,7 @@ import numpy as np
 from client.teacher import TeacherDeclaration
 from distill.data import SplitData
 from distill.causal_lm import CausalLMTeacher
+from distill.preprocessing import Preprocessor
 from distill.models import Teacher
 from protocols.config import StudentSpec
 from protocols.errors import ConfigError
@@ -52,6 +53,9 @@ class Scenario:
     # The public reference set a classification teacher was fitted on (features and labels, no site record):
     # what the public-only baseline and a coordinator stage distil on. None: the scenario has none.
     public: SplitData | None = None
+    # The preprocessing that turned the sites' raw tables into the teacher's features (distill/preprocessing.py),
+    # fitted on the public set; the run saves it and pins its digest. None: the scenario's features need none.
+    preprocessor: Preprocessor | None = None
     # A knowledge run's proxy inputs when they are not the public set's (a causal-LM scenario: public prompts as the
     # teacher tokenizes them, input_ids and attention_mask). None: the public set's inputs, if any.
     proxy: dict[str, np.ndarray] | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 from protocols.errors import ConfigError
 from simulations.scenario import Scenario, ScenarioOptions
 
-SCENARIOS = ("hospitals", "drug-reviews", "health-tweets")
+SCENARIOS = ("hospitals", "banks", "drug-reviews", "health-tweets")
 
 
 def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
@@ -19,6 +19,10 @@ def load_scenario(name: str, options: ScenarioOptions) -> Scenario:
         from simulations.hospitals import load_hospitals
 
         return load_hospitals(options)
+    if name == "banks":
+        from simulations.banks import load_banks
+
+        return load_banks(options)
     if name == "drug-reviews":
         from simulations.drug_reviews import load_drug_reviews
 
