@@ -10,6 +10,7 @@ which an auditor uses too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -42,20 +43,27 @@ def calibrate(run_id: str, target_epsilon: float, delta: float, records: int, ba
     """Sigma for the run's planned DP-SGD steps; with ``also_planned`` (a PATE release), sigma such that those
     events composed with the steps reach ``target_epsilon``. Raises ``BudgetExhausted`` when they alone pass it.
     ``records`` counts the units of privacy (``unit``: persons or records), which the sampling rate is over."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     rate = sample_rate(records, batch_size)
     if also_planned:
         sigma = _composed_noise_multiplier(run_id, target_epsilon, delta, rate, planned_steps, accountant,
                                            list(also_planned))
     else:
-        with np.errstate(divide="ignore"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
-                                         steps=planned_steps, accountant=accountant)
+        sigma = _noise_multiplier(target_epsilon, delta, rate, planned_steps, accountant)
     return Calibration(run_id=run_id, target_epsilon=target_epsilon, delta=delta, noise_multiplier=float(sigma),
                        sample_rate=rate, planned_steps=planned_steps, batch_size=batch_size,
                        max_grad_norm=max_grad_norm, records=records, accountant=accountant, unit=unit)
+
+
+@functools.lru_cache(maxsize=1024)
+def _noise_multiplier(target_epsilon: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    """Opacus's calibration, a pure function of its arguments: each costs a bisection of PRV evaluations (about
+    3 s), and in a simulation hundreds of banks share a few sampling rates (docs/performance.md, "Scale")."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with np.errstate(divide="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate,
+                                          steps=steps, accountant=accountant))
 
 
 def _composed_noise_multiplier(run_id: str, target_epsilon: float, delta: float, rate: float, steps: int,

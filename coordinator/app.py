@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from coordinator.curriculum import adopt_stage, keep_start, stage_state
 from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
+from coordinator.sampling import check_sample_size, draw, sampling_active
 from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_bytes, atomic_write_json
 from protocols.config import FederationConfig
@@ -109,13 +110,18 @@ def run_rounds(grid: Grid, context: Context, coordinator: Coordinator, min_nodes
                           f"round, but the federation has {min_nodes}; add sites or lower min_cohort.")
     for server_round in range(coordinator.completed_round + 1, coordinator.config.rounds + 1):
         started = time.perf_counter()
-        node_ids = wait_for_nodes(grid, min_nodes, timeout)
+        connected = wait_for_nodes(grid, min_nodes, timeout)
+        check_sample_size(coordinator.config, len(connected))
+        node_ids, not_asked = draw(connected, coordinator.config, server_round)
+        if sampling_active(coordinator.config):
+            coordinator.note_sampling(server_round, connected, not_asked)
         instruction = coordinator.instruction(server_round)
         config = ConfigRecord(instruction.to_config())
         answers, failures = _exchange(grid, node_ids, RecordDict({"config": config}), MessageType.QUERY,
                                       server_round, timeout)
         answers, unreadable = _decoded(answers, _answer_of, server_round)
         accepted, refusals, rejected = screen_query_answers(answers, instruction)
+        coordinator.learn_sites(accepted)
         rejected |= unreadable
         if len(accepted) < fewest:
             coordinator.stop(server_round, refusals, failures, started, rejected)
@@ -220,7 +226,7 @@ def run_site_evaluation(grid: Grid, coordinator: Coordinator, request: Evaluatio
                                                               "config": ConfigRecord(request.to_config())}),
                                   MessageType.EVALUATE, request.round, timeout)
     releases, rejected = _one_report_per_site(replies, lambda reply: _evaluation_release_of(reply, request),
-                                              request.round, "evaluation")
+                                              request.round, "evaluation", coordinator)
     coordinator.record_site_evaluation(request, releases, failures, rejected)
 
 
@@ -263,16 +269,21 @@ def run_site_local_stage(grid: Grid, coordinator: Coordinator, request: LocalSta
 
 
 def _one_report_per_site(replies: list[Message], decode: Callable[[Message], tuple[str, dict[str, Any]]], group: int,
-                         what: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+                         what: str, coordinator: Coordinator | None = None
+                         ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """(each site's screened report, rejections by node): an unreadable reply or a second answer from the same
-    site is rejected by name; the others stand."""
+    site is rejected by name; the others stand. With ``coordinator``, it learns which node each site answered
+    from."""
     decoded, rejected = _decoded(replies, lambda reply: (_source(reply), decode(reply)), group)
     reports: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
     for source, (site, report) in decoded:
         if site in reports:
             rejected[source] = f"site {safe_text(site)} answered the {what} request twice"
             continue
-        reports[site] = report
+        reports[site], sources[source] = report, site
+    if coordinator is not None:
+        coordinator.learn_sites(sources)
     return reports, rejected
 
 

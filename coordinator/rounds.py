@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from coordinator.aggregate import aggregate_fragments, check_aggregate
+from coordinator.sampling import sampling_active
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
 from coordinator.knowledge import distil_soft_labels, distil_token_soft_labels
@@ -106,6 +107,9 @@ class Coordinator:
             self.spec.restricted_to(fragments)  # an unknown fragment, at any site, fails before any round
         self.site_local: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
+        # Partial participation: which node each site answered from, and each pending round's sample.
+        self.node_sites: dict[str, str] = {}
+        self._sampling: dict[int, dict[str, Any]] = {}
         self.completed_round = 0
         self.signing_key, self.transport = signing_key, transport
         self.parties = parties
@@ -313,7 +317,22 @@ class Coordinator:
             "privacy": {}, "student_digest": digest_arrays(self.state)}
         return self._finish(record, started)
 
+    def note_sampling(self, server_round: int, connected: list[int], not_asked: list[int]) -> None:
+        """Partial participation (coordinator/sampling.py): the connected nodes and those this round did not ask,
+        kept in the round's record (by site where the node has answered before, else by node)."""
+        self._sampling[server_round] = {"connected": [f"node-{n}" for n in sorted(connected)],
+                                        "not_sampled": [self.site_of(f"node-{n}") for n in sorted(not_asked)]}
+
+    def learn_sites(self, sources: dict[str, str]) -> None:
+        """Which site answered from which node (screened answers only), for the records of sites not asked."""
+        self.node_sites |= sources
+
+    def site_of(self, source: str) -> str:
+        return self.node_sites.get(source, source)
+
     def _finish(self, record: dict[str, Any], started: float) -> dict[str, Any]:
+        if record["round"] in self._sampling:
+            record["sampling"] = self._sampling.pop(record["round"])
         record["seconds"] = round(time.perf_counter() - started, 3)
         # Each round's signed checkpoint records the head of every participating site's own ledger, so that
         # neither the coordinator nor a site can rewrite its history alone.
@@ -449,6 +468,8 @@ class Coordinator:
         """
         payload = {"run_id": self.run_id, "config_hash": self.config_hash, "final_round": self.completed_round,
                    "rounds": [r["round"] for r in self.records],
+                   **({"sites_by_node": dict(sorted(self.node_sites.items()))} if sampling_active(self.config)
+                      else {}),
                    "ended": "stopped" if self.records and self.records[-1]["status"] == "stopped" else "completed",
                    "student_digest": digest_arrays(self.state)} | (
                        {"kept_round": self.kept_round} if self.kept_round is not None else {})

@@ -164,7 +164,8 @@ def run_secure_round(grid: Grid, context: Context, node_ids: list[int], node_sit
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([np.ascontiguousarray(a) for a in global_arrays.values()]), keep_input=True)
     settings = config.secagg_settings()
-    workflow = SecAggPlusWorkflow(num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+    workflow = SecAggPlusWorkflow(num_shares=settings.shares_for(len(node_ids)),
+                                  reconstruction_threshold=settings.reconstruction_threshold,
                                   max_weight=1.0, clipping_range=settings.clipping_range,
                                   quantization_range=settings.quantization_range, timeout=timeout)
     halted = None

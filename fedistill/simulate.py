@@ -272,6 +272,10 @@ def simulate_command(
     site_cap: list[str] = typer.Option([], help="SITE=EPSILON: that simulated site's per-run cap (repeatable)."),
     max_records_per_person: int | None = typer.Option(None, help="Keep at most k training records per person."),
     min_sites: int | None = typer.Option(None, help="Stop the run when fewer sites accept a round."),
+    sites_per_round: int | None = typer.Option(None, help="Partial participation: ask this many sites each round, "
+                                                          "drawn afresh from the run's seed; the others spend nothing."),
+    fraction_per_round: float | None = typer.Option(None, help="Partial participation: ask this share of the sites "
+                                                               "each round (instead of --sites-per-round)."),
     secure_aggregation: bool = typer.Option(True, help="Every update through Flower's SecAgg+ (the default)."),
     drop_rate: float = typer.Option(0.0, help="Fault injection: each site crashes in a round with this probability."),
     fail_site: list[str] = typer.Option([], help="Fault injection: SITE:ROUND crashes that site in that round "
@@ -340,6 +344,7 @@ def simulate_command(
                                     evaluate_every=evaluate_every,
                                     accountant=accountant, site_caps=parse_caps(site_cap),
                                     max_records_per_person=max_records_per_person, min_sites=min_sites,
+                                    sites_per_round=sites_per_round, fraction_per_round=fraction_per_round,
                                     drop_rate=drop_rate, fail_sites=parse_failures(fail_site),
                                     secure_aggregation=secure_aggregation, preset=preset,
                                     stages=parse_stages(stages) if stages is not None else None,

@@ -195,7 +195,7 @@ def epsilon_of(spends: Iterable[Spend], delta: float, accountant: str) -> float:
     return _accountant_epsilon(history, delta, accountant) if history else 0.0
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def _accountant_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     """A pure function of the history (a PRV evaluation costs ~0.2 s; each round asks for the same ones twice)."""
     accountant_instance = make_accountant(accountant)

@@ -29,6 +29,8 @@ STUDENT_FAMILIES = ("mlp", "bert", "causal_lm")
 CAUSAL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CAUSAL_FRAGMENTS = ("lora", "blocks")
 _HEX_DIGEST_LENGTH = 64
+# SecAgg+ neighbours per site: every site of a consortium up to 32, then 32 (docs/privacy.md, "Large cohorts").
+DEFAULT_NUM_SHARES = 32
 OPTIMIZERS = ("sgd", "adam")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 # The unit of privacy DP-SGD protects: one person (all of their records, where a site names its person column) or
@@ -79,6 +81,16 @@ def _digest(raw: Mapping[str, Any], name: str, where: str) -> str | None:
     _require(isinstance(value, str) and len(value) == _HEX_DIGEST_LENGTH
              and all(c in "0123456789abcdef" for c in value), where, name, "a hex SHA-256 (64 characters)", value)
     return str(value)
+
+
+def _num_shares(raw: Mapping[str, Any], where: str) -> float | int:
+    """A share of the cohort in (0, 1], or a count of 3 or more (Flower's SecAgg+ reads an int as a count)."""
+    value = raw.get("num_shares", DEFAULT_NUM_SHARES)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    count = number and isinstance(value, int) and value >= 3
+    _require(count or (number and 0 < value <= 1), where, "num_shares",
+             "a share of the cohort in (0, 1] or a number of sites of 3 or more", value)
+    return int(value) if count else float(value)
 
 
 def _choice(raw: Mapping[str, Any], name: str, where: str, choices: tuple[str, ...], default: str) -> str:
@@ -246,7 +258,9 @@ class FederationConfig:
     max_update_norm: float = 100.0
     # Secure aggregation (Flower SecAgg+): protocols/secagg.py explains the encoding and its error bound.
     secure_aggregation: bool = True
-    num_shares: float = 1.0
+    # Each site's SecAgg+ neighbours: a share of the cohort (at most 1.0), or a number of sites (3 or more; every
+    # site when the cohort is smaller), docs/privacy.md says how to choose it for hundreds of sites.
+    num_shares: float | int = DEFAULT_NUM_SHARES
     reconstruction_threshold: float = 0.6
     clipping_range: float = 4.0
     quantization_range: int = 2**24
@@ -406,7 +420,7 @@ class FederationConfig:
             preprocessing_digest=_digest(raw, "preprocessing_digest", where),
             max_update_norm=_float(raw, "max_update_norm", where, 0.0, 1e12, cls.max_update_norm, low_open=True),
             secure_aggregation=_bool(raw, "secure_aggregation", where, cls.secure_aggregation),
-            num_shares=_float(raw, "num_shares", where, 0.0, 1.0, cls.num_shares, low_open=True),
+            num_shares=_num_shares(raw, where),
             reconstruction_threshold=_float(raw, "reconstruction_threshold", where, 0.0, 1.0,
                                             cls.reconstruction_threshold, low_open=True),
             # The site's weight (at most 1) travels inside the masked vector, so the range must hold it.

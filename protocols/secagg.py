@@ -32,11 +32,18 @@ LOSS_SCALE = 10.0
 
 @dataclass(frozen=True)
 class SecureAggregationSettings:
-    num_shares: float
+    num_shares: float | int
     reconstruction_threshold: float
     clipping_range: float
     quantization_range: int
     weight_scale: int
+
+    def shares_for(self, cohort: int) -> float | int:
+        """What Flower's SecAggPlusWorkflow is given for a round of ``cohort`` sites: a count of neighbours when it
+        is smaller than the cohort, else 1.0 (every site; Flower refuses a count above the cohort)."""
+        if isinstance(self.num_shares, int) and self.num_shares < cohort:
+            return self.num_shares
+        return 1.0 if isinstance(self.num_shares, int) else self.num_shares
 
     @property
     def quantization_step(self) -> float:

@@ -86,6 +86,8 @@ class SimulationOptions:
     site_caps: dict[str, float] = field(default_factory=dict)
     max_records_per_person: int | None = None
     min_sites: int | None = None
+    sites_per_round: int | None = None
+    fraction_per_round: float | None = None
     # Fault injection: each site fails a round with this probability, plus the chosen (site, round)s.
     drop_rate: float = 0.0
     fail_sites: tuple[tuple[str, int], ...] = ()
@@ -269,7 +271,8 @@ def _federation_config(options: SimulationOptions, scenario, continues: Continua
         ("batch_size", options.batch_size), ("learning_rate", options.learning_rate), ("target_delta", options.delta), ("max_grad_norm", options.max_grad_norm),
         ("grad_sample_mode", options.grad_sample_mode), ("privacy_unit", options.privacy_unit),
         ("evaluate_every", options.evaluate_every),
-        ("min_sites", options.min_sites),
+        ("min_sites", options.min_sites), ("sites_per_round", options.sites_per_round),
+        ("fraction_per_round", options.fraction_per_round),
         ("secure_aggregation", options.secure_aggregation)) if value is not None}
     if options.epsilon is not None:
         overrides["target_epsilon"] = None if math.isinf(options.epsilon) else options.epsilon
