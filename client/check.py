@@ -7,10 +7,18 @@ A text (causal-LM) site is checked the same way with its own items: the data che
 with the teacher's tokenizer (so the teacher is loaded first), the teacher check reports its kind, vocabulary
 and digest and runs it on a few documents, and a "student base" check finds the run's base student folder
 and prints its digest, for the site to compare with the run's ``base_digest``. Texts are never shown.
+
+A site with the run's preprocessor (``[data] preprocessor``: a raw table) has a "preprocessing" item (the file's
+SHA-256, to compare with the run's ``preprocessing_digest``, its raw columns, features and classes); its data check
+reads the raw table through it, naming a missing column, an unparsable number or a category the public data never
+had; its teacher check names a teacher that reads another number of features than the preprocessor gives. With the
+run's config (``--run-config``, from the operator), a "run config" item compares the run's student's input width and
+classes and its ``preprocessing_digest`` with this site's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -22,15 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from client.records import MIN_TOKENS, TextData, load_documents, load_records, tokenize_documents
+from client.records import MIN_TOKENS, TextData, load_documents, tokenize_documents
+from client.preprocessing import preprocessing_mismatch
 from client.registration import CoordinatorUnreachable, node_key_registered
 from client.sitefile import SiteFile, check_student_base, held_out_by_person
 from client.teacher import check_teacher_for_run
 from distill.data import SplitData
-from distill.models import load_teacher, path_digest
+from distill.models import SklearnTeacher, Teacher, load_teacher, path_digest
 from protocols.accounting import PrivacyState
 from protocols.canonical import file_sha256
-from protocols.errors import FedistillError, UpdateRejected
+from protocols.config import FederationConfig
+from protocols.errors import ConfigError, FedistillError, UpdateRejected
 from protocols.pki import EXPIRY_WARNING_DAYS, check_certificate, node_key_fingerprint
 
 TEACHER_SAMPLE = 64
@@ -38,6 +48,8 @@ TEACHER_SAMPLE = 64
 # for Gemma), so a few are enough to show it runs and reads the tokenizer's ids.
 TEXT_TEACHER_SAMPLE = 4
 STUDENT_BASE = "student base"
+PREPROCESSING = "preprocessing"
+RUN_CONFIG = "run config"
 CONNECT_TIMEOUT_S = 5.0
 REGISTRATION = "node key registered"
 
@@ -50,12 +62,15 @@ class CheckItem:
 
 
 def _records(site: SiteFile) -> tuple[str, SplitData]:
-    records = load_records(site.data_path, site.schema)
+    records = site.records()
     counts = np.bincount(records.labels, minlength=len(site.schema.classes))
     per_class = ", ".join(f"{name} {count}" for name, count in zip(site.schema.classes, counts))
     empty = [name for name, count in zip(site.schema.classes, counts) if count == 0]
     note = f"; no record of class {', '.join(empty)}" if empty else ""
-    return (f"{len(records)} records, {len(site.schema.features)} feature(s), label '{site.schema.label}' "
+    features = (f"{len(site.schema.features)} raw column(s) made into {records.inputs['x'].shape[1]} feature(s) by "
+                "the run's preprocessing" if site.preprocessor is not None
+                else f"{len(site.schema.features)} feature(s)")
+    return (f"{len(records)} records, {features}, label '{site.schema.label}' "
             f"({per_class}){note}; at most {records.max_records_per_person()} record(s) per person"
             + ("" if site.schema.person_id else "; no [data] person_id: each record is its own unit of privacy")
             + _held_out(records, site.test_share)), records
@@ -68,14 +83,48 @@ def _held_out(records: SplitData, share: float) -> str:
     return f"; {len(test)} record(s) held out as the test split (test_share {share:g}), never trained on"
 
 
+def _preprocessing(site: SiteFile) -> str:
+    """The run's preprocessor as this site has it: the digest to compare with the run's, what it reads and gives."""
+    preprocessor = site.preprocessor
+    assert preprocessor is not None and site.preprocessor_path is not None
+    spec = preprocessor.spec
+    columns = ", ".join(f"{c.name} ({c.kind}" + (f": {', '.join(preprocessor.categories[c.name])})"
+                                                 if c.kind == "categorical" else ")") for c in spec.columns)
+    return (f"{site.preprocessor_path}: skops, SHA-256 {file_sha256(site.preprocessor_path)}; compare it with the "
+            "run's preprocessing_digest (from the operator): a run pinning another cannot train here. It reads "
+            f"{columns}; gives the teacher {preprocessor.input_dim} features ({', '.join(preprocessor.feature_names)}); "
+            f"label '{spec.label}', classes {', '.join(spec.classes)} in the teacher's logit order")
+
+
+def _teacher_width(teacher: Teacher) -> int | None:
+    """How many features the teacher reads, where it says so (a fitted scikit-learn estimator's n_features_in_)."""
+    width = getattr(teacher.estimator, "n_features_in_", None) if isinstance(teacher, SklearnTeacher) else None
+    return None if width is None else int(width)
+
+
 def _teacher(site: SiteFile, records: SplitData) -> str:
     teacher = load_teacher(site.teacher_path)
+    features = records.inputs["x"].shape[1]
+    given = "the preprocessor gives" if site.preprocessor is not None else "[data] features lists"
+    width = _teacher_width(teacher)
+    if width is not None and width != features:
+        fix = ("the teacher was not fitted on this run's preprocessing; use the teacher fitted on its features"
+               if site.preprocessor is not None else "list the teacher's input columns, in the order it reads them")
+        raise FedistillError(f"{given} {features} features but the teacher reads {width} (teacher "
+                             f"'{site.teacher_path}'): {fix}.")
     sample = records.subset(np.arange(min(TEACHER_SAMPLE, len(records))))
-    logits = np.asarray(teacher.logits(sample.inputs))
+    try:
+        logits = np.asarray(teacher.logits(sample.inputs))
+    except (ValueError, RuntimeError) as err:  # a model that reads another width says so in its own words
+        raise FedistillError(f"teacher '{site.teacher_path}' cannot read this site's {features} features "
+                             f"({type(err).__name__}: {err}); {given} {features}.") from None
     expected = (len(sample), len(site.schema.classes))
     if logits.shape != expected:
+        classes = ("the run's preprocessing names" if site.preprocessor is not None else "[data] classes names")
         raise FedistillError(f"teacher '{site.teacher_path}' gave logits of shape {logits.shape} on {len(sample)} "
-                             f"records; expected {expected} (one logit per class in [data] classes).")
+                             f"records; expected {expected}: the teacher gives {logits.shape[-1]} logits but "
+                             f"{classes} {len(site.schema.classes)} classes ({', '.join(site.schema.classes)}, in the "
+                             "teacher's logit order).")
     if not np.isfinite(logits).all():
         raise FedistillError(f"teacher '{site.teacher_path}' gave non-finite logits.")
     agreement = float((logits.argmax(1) == sample.labels).mean())
@@ -163,6 +212,52 @@ def _proxy_set(site: SiteFile) -> str:
     return (f"{path}: {', '.join(map(str, sizes))} record(s), SHA-256 {file_sha256(path)}; compare it with the "
             "proxy_digest of the run's knowledge settings (from the operator): a run registering another cannot "
             "train here")
+
+
+def load_run_config(path: Path) -> FederationConfig:
+    """The run's federation config as the operator ships it: the run directory's config.json (its ``federation``
+    object), or that object alone."""
+    where = f"--run-config '{path}'"
+    try:
+        raw = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{where} cannot be read ({err.strerror}); ask the operator for the run's config.json.") \
+            from None
+    except ValueError as err:
+        raise ConfigError(f"{where} is not JSON ({err}); it must be the run's config.json.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must hold a JSON object (the run's config.json), got {type(raw).__name__}.")
+    return FederationConfig.from_dict(raw["federation"] if "federation" in raw else raw, where)
+
+
+def _run_config(site: SiteFile, path: Path) -> str:
+    """The run's student and preprocessing against this site's features, classes and preprocessor: every mismatch
+    named (each would have the site refused, or train a student on inputs it does not read)."""
+    config = load_run_config(path)
+    student, problems, agreed = config.student, [], []
+    if not site.text_site:
+        features = (site.preprocessor.input_dim if site.preprocessor is not None else len(site.schema.features))
+        given = "the preprocessor gives" if site.preprocessor is not None else "[data] features lists"
+        classes = len(site.schema.classes)
+        width = student.settings.get("input_dim")
+        if width is not None:
+            (agreed if width == features else problems).append(
+                f"the run's student reads input_dim {width} features, {given} {features}")
+        outputs = student.settings.get("num_classes", student.settings.get("num_labels"))
+        if outputs is not None:
+            (agreed if outputs == classes else problems).append(
+                f"the run's student has {outputs} classes, this site {classes} ({', '.join(site.schema.classes)})")
+    site_digest = file_sha256(site.preprocessor_path) if site.preprocessor_path is not None else None
+    mismatch = preprocessing_mismatch(site_digest, config.preprocessing_digest)
+    if mismatch is None:
+        agreed.append("no preprocessing pinned or used" if site_digest is None
+                      else f"preprocessing_digest {site_digest} is this site's preprocessor's")
+    else:
+        problems.append(mismatch)
+    run = f"run config {path} (config hash {config.config_hash()[:12]}, student {student.family})"
+    if problems:
+        raise FedistillError(f"{run}: " + "; ".join(problems) + ".")
+    return f"{run}: " + "; ".join(agreed)
 
 
 def _declaration(site: SiteFile) -> tuple[str, bool]:
@@ -263,6 +358,8 @@ def _registration(site: SiteFile) -> CheckItem:
 
 def _classification_checks(site: SiteFile, items: list[CheckItem], attempt: Callable[[str, Callable[[], Any]], Any]
                            ) -> None:
+    if site.preprocessor is not None:
+        attempt(PREPROCESSING, lambda: _preprocessing(site))
     records = attempt("data", lambda: _records(site))
     if records is None:
         # The teacher cannot be loaded on records that failed, but a declaration DP runs refuse still fails.
@@ -291,7 +388,8 @@ def _text_checks(site: SiteFile, items: list[CheckItem], attempt: Callable[[str,
     attempt(STUDENT_BASE, lambda: _student_base(site))
 
 
-def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, list[CheckItem]]:
+def run_checks(site_file: Path, connect: bool = True,
+               run_config: Path | None = None) -> tuple[SiteFile | None, list[CheckItem]]:
     items: list[CheckItem] = []
     failures: dict[str, FedistillError] = {}
 
@@ -313,6 +411,8 @@ def run_checks(site_file: Path, connect: bool = True) -> tuple[SiteFile | None, 
         _text_checks(site, items, attempt)
     else:
         _classification_checks(site, items, attempt)
+    if run_config is not None:
+        attempt(RUN_CONFIG, lambda: _run_config(site, run_config))
     if site.proxy_set is not None:
         attempt("proxy set", lambda: _proxy_set(site))
     attempt("privacy budget", lambda: _budget(site))

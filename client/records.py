@@ -1,6 +1,8 @@
 """Reading a deployed site's records: a CSV, JSON-lines or Parquet table into the arrays the trainer uses.
 
-A classification site's table has a label, numeric features and optionally a person column (:func:`load_records`).
+A classification site's table has a label, numeric features and optionally a person column (:func:`load_records`),
+or, at a site with the run's preprocessor, raw columns (categories, raw amounts, missing values) that the
+preprocessor turns into the teacher's features (:func:`load_raw_records`).
 A text (causal-LM) site's table has one document per row in a text column (:func:`load_documents`), tokenized with
 its teacher's tokenizer and split in order into train, validation and test (:func:`tokenize_documents`). Texts are
 never logged, printed or quoted in an error: messages give counts and column names only.
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from distill.data import SplitData
+from distill.preprocessing import Preprocessor
 from protocols.canonical import digest_json, sha256_hex
 from protocols.errors import DataError
 
@@ -95,6 +98,21 @@ def load_records(path: Path, schema: RecordSchema) -> SplitData:
     groups = person_ids(frame[schema.person_id]) if schema.person_id else np.zeros(0, dtype=np.int64)
     return SplitData({"x": frame[list(schema.features)].to_numpy(dtype=np.float32)},
                      names.map(index).to_numpy(dtype=np.int64), groups)
+
+
+def load_raw_records(path: Path, preprocessor: Preprocessor, person_id: str | None) -> SplitData:
+    """A raw table through the run's preprocessor: float32 features in the teacher's order, labels by the spec's
+    classes (the teacher's logit order), person ids from ``person_id``; errors name the file and the column."""
+    frame = read_table(path)
+    if frame.empty:
+        raise DataError(f"data file '{path}' has no records.")
+    if person_id:
+        _check_columns(frame, path, [person_id], "Fix [data] person_id in site.toml or the file.")
+    where = f"data file '{path}'"
+    features = preprocessor.transform(frame, where)
+    labels = preprocessor.labels(frame, where)
+    groups = person_ids(frame[person_id]) if person_id else np.zeros(0, dtype=np.int64)
+    return SplitData({"x": features}, labels, groups)
 
 
 def load_inputs(path: Path, features: tuple[str, ...]) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ Deployment runs every message in a fresh process, so nothing lives in module glo
     <state-dir>/policy.json          the site's privacy caps, delta and accountant (client.budget)
     <state-dir>/privacy.json         every calibration, spend and refusal (client.budget)
     <state-dir>/noise.key            a secret that seeds DP sampling and noise (mode 0600, never sent)
+    <state-dir>/preprocessor.skops   a raw table's preprocessing, the run's (client.preprocessing checks it each round)
 """
 
 from __future__ import annotations

@@ -3,24 +3,27 @@
 Relative paths are relative to the file itself, so a site directory can be moved as a whole. Every error
 names the table and field (``[data] label``) and says what to put there.
 
-A site is either a classification site (``[data] label``, ``classes``, ``features``; a teacher that gives logits) or
-a text (causal-LM) site (``[data] text`` and ``max_length``; a causal-LM teacher, a GGUF file or checkpoint folder;
+A site is either a classification site (``[data] label``, ``classes``, ``features``; a teacher that gives logits; or,
+for a raw table with categorical columns and raw amounts, ``[data] preprocessor``, the run's preprocessing, which
+names the label, the classes and the raw columns itself) or a text (causal-LM) site (``[data] text`` and ``max_length``; a causal-LM teacher, a GGUF file or checkpoint folder;
 ``[student] base``, its copy of the run's base student). The state directory it prepares is the same either way.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from client.records import RecordSchema, TextData, TextSchema, load_documents, load_records, tokenize_documents
+from client.records import (RecordSchema, TextData, TextSchema, load_documents, load_raw_records, load_records,
+                             tokenize_documents)
 from client.site import Site, check_student_hidden, create_site
 from client.teacher import TEACHER_TRAINING_DATA, TeacherDeclaration
 from distill.data import SplitData
+from distill.preprocessing import PREPROCESSOR_FILE, Preprocessor, load_preprocessor
 from protocols.accounting import ACCOUNTANTS, TEST_METRICS_RELEASES, SitePolicy
 from protocols.canonical import atomic_write_bytes, sha256_hex
 from protocols.config import load_versioned_toml
@@ -57,6 +60,10 @@ person_id = ""                   # optional: the column naming the person (patie
 max_records_per_person = 0       # keep at most this many records per person (0: keep all); needs person_id
 test_share = 0.2                 # persons held out as this site's test split, never trained on: each run's
                                  # evaluation of the student (docs/privacy.md); 0: none (this site evaluates nothing)
+# A raw table (categorical columns, raw amounts, missing values; docs/deploy.md, "A bank's raw table"): name the
+# preprocessor file the consortium operator shipped with the run, and remove label, classes and features, which it
+# names itself (a site.toml that keeps them must list exactly its label, classes in order, and raw columns):
+#   preprocessor = "preprocessor.skops"
 # A text (causal-LM) site replaces label, classes and features with (docs/deploy.md, "A causal-LM site"):
 #   text = "note_text"             # the column holding each document's text
 #   max_length = 48                # tokens per document (the run's student max_length); longer ones are cut
@@ -120,8 +127,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "site": ("name", "state_dir", "node_key"),
     "coordinator": ("address", "ca_certificate"),
     "data": ("path", "label", "classes", "features", "person_id", "max_records_per_person", "test_share", "text",
-             "max_length",
-             "order_by"),
+             "max_length", "order_by", "preprocessor"),
     "teacher": ("path", "training_data", "acknowledge_non_dp", "description"),
     "privacy": ("epsilon_per_run", "epsilon_lifetime", "delta", "accountant", "release_local_metrics",
                 "release_validation_metrics", "test_metrics", "evaluation_noise_multiplier"),
@@ -132,7 +138,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
 }
 OPTIONAL_TABLES = ("node", "student", "knowledge", "governance")
 # A classification site's [data] fields, and a text (causal-LM) site's: a site is one or the other.
-CLASSIFICATION_FIELDS = ("label", "classes", "features")
+CLASSIFICATION_FIELDS = ("label", "classes", "features", "preprocessor")
 TEXT_ONLY_FIELDS = ("max_length", "order_by")
 MAX_TOKENS_PER_DOCUMENT = 1_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -195,10 +201,42 @@ def _teacher_declaration(teacher: dict[str, Any], where: str) -> TeacherDeclarat
         raise ConfigError(f"{where}: {err}") from None
 
 
+def _preprocessor(data: dict[str, Any], base: Path, where: str) -> tuple[Path | None, Preprocessor | None]:
+    """``[data] preprocessor``, loaded (skops, known types only): its spec names the table's columns."""
+    if "preprocessor" not in data or "text" in data:  # a text site's is refused by _schema, naming both fields
+        return None, None
+    path = base / _text(data, "data", "preprocessor", where)
+    return path, load_preprocessor(path, where=f"{where}: [data] preprocessor")
+
+
+def _preprocessed_schema(data: dict[str, Any], preprocessor: Preprocessor, where: str,
+                         person_id: str | None) -> RecordSchema:
+    """A raw table's columns, from the run's preprocessing spec. A field site.toml also gives must say what the spec
+    says: a different label column, class order or column list would train against the wrong logits or inputs."""
+    spec = preprocessor.spec
+    if "label" in data and data["label"] != spec.label:
+        raise ConfigError(f"{where}: [data] label is {data['label']!r}, but the run's preprocessing ([data] "
+                          f"preprocessor) reads the label from column '{spec.label}'; remove [data] label (the "
+                          "preprocessor names it), or rename the table's label column.")
+    if "classes" in data and data["classes"] != list(spec.classes):
+        raise ConfigError(f"{where}: [data] classes is {data['classes']!r}, but the teacher's logit order is the "
+                          f"run's preprocessing spec's, {list(spec.classes)}; remove [data] classes (the "
+                          "preprocessor names them), or list exactly these, in this order.")
+    if "features" in data and data["features"] != list(spec.raw_columns):
+        raise ConfigError(f"{where}: [data] features is {data['features']!r}, but the run's preprocessing ([data] "
+                          f"preprocessor) reads the raw columns {list(spec.raw_columns)} and makes the teacher's "
+                          f"{preprocessor.input_dim} features from them; remove [data] features, or list exactly "
+                          "those columns.")
+    if person_id and spec.person_id and person_id != spec.person_id:
+        raise ConfigError(f"{where}: [data] person_id is {person_id!r}, but the run's preprocessing names the person "
+                          f"column '{spec.person_id}'; remove [data] person_id, or rename the table's column.")
+    return RecordSchema(spec.label, spec.classes, spec.raw_columns, person_id or spec.person_id)
+
+
 def _schema(raw: dict[str, Any], data: dict[str, Any], student: dict[str, Any], base: Path, where: str,
-            person_id: str | None) -> tuple[RecordSchema | TextSchema, Path | None]:
-    """``[data]`` of a classification site (label, classes, features) or of a text site (text, max_length, order_by,
-    and then ``[student] base``); mixing the two is refused by naming both fields."""
+            person_id: str | None, preprocessor: Preprocessor | None) -> tuple[RecordSchema | TextSchema, Path | None]:
+    """``[data]`` of a classification site (label, classes, features, or a preprocessor) or of a text site (text,
+    max_length, order_by, and then ``[student] base``); mixing the two is refused by naming both fields."""
     if "text" in data:
         for key in CLASSIFICATION_FIELDS:
             if key in data:
@@ -227,6 +265,8 @@ def _schema(raw: dict[str, Any], data: dict[str, Any], student: dict[str, Any], 
     if "student" in raw:
         raise ConfigError(f"{where}: table [student] is only for a text (causal-LM) site ([data] text); a "
                           "classification site's student is built from the run config alone. Remove [student].")
+    if preprocessor is not None:
+        return _preprocessed_schema(data, preprocessor, where, person_id), None
     label = _text(data, "data", "label", where)
     features = _strings(data, "data", "features", where, 1)
     if label in features:
@@ -287,6 +327,10 @@ class SiteFile:
     governance: Governance | None = None
     # A classification site's share of persons held out as its test split ([data] test_share).
     test_share: float = DEFAULT_TEST_SHARE
+    # A raw table's preprocessing ([data] preprocessor, the file the operator shipped), loaded; prepare_state copies
+    # the file into the state directory, where every round checks it against the run's preprocessing_digest.
+    preprocessor_path: Path | None = None
+    preprocessor: Preprocessor | None = field(default=None, compare=False, repr=False)
 
     @property
     def text_site(self) -> bool:
@@ -312,7 +356,8 @@ class SiteFile:
         max_per_person = data.get("max_records_per_person", 0)
         if isinstance(max_per_person, bool) or not isinstance(max_per_person, int) or max_per_person < 0:
             raise ConfigError(f"{where}: [data] max_records_per_person must be an integer >= 0, got {max_per_person!r}.")
-        if max_per_person and not person_id:
+        preprocessor_path, preprocessor = _preprocessor(data, base, where)
+        if max_per_person and not (person_id or (preprocessor is not None and preprocessor.spec.person_id)):
             raise ConfigError(f"{where}: [data] max_records_per_person needs [data] person_id (which column names "
                               "the person).")
         accountant = privacy.get("accountant", "prv")
@@ -338,7 +383,7 @@ class SiteFile:
             if not isinstance(value, bool):
                 raise ConfigError(f"{where}: [privacy] {field_name} must be true or false, got {value!r}.")
         teacher_declaration = _teacher_declaration(teacher, where)
-        schema, student_base = _schema(raw, data, student, base, where, person_id)
+        schema, student_base = _schema(raw, data, student, base, where, person_id, preprocessor)
         proxy_set = _text(tables["knowledge"], "knowledge", "proxy_set", where, required=False)
         own_hidden = tables["knowledge"].get("student_hidden")
         if own_hidden is not None:
@@ -365,7 +410,8 @@ class SiteFile:
                                  {"evaluation_noise_multiplier": evaluation_noise})),
             runtime_port=runtime_port, student_base=student_base,
             proxy_set=base / proxy_set if proxy_set else None, knowledge_student_hidden=own_hidden,
-            governance=governance, test_share=float(test_share))
+            governance=governance, test_share=float(test_share), preprocessor_path=preprocessor_path,
+            preprocessor=preprocessor)
 
     def prepare_state(self) -> Site:
         """Write the site's state directory from its records and policy: what the ClientApp loads each message.
@@ -374,7 +420,9 @@ class SiteFile:
         path and declaration and the policy are refreshed, so restarting a site never resets what it has spent.
         A text site loads its teacher for its tokenizer, tokenizes its documents once (train, validation and test,
         in order) and records its base student folder, which must be there. A ``[knowledge] proxy_set`` is copied in
-        as the site's proxy set (checked against each knowledge run's registered digest before the site trains).
+        as the site's proxy set (checked against each knowledge run's registered digest before the site trains), and
+        a ``[data] preprocessor`` as the site's preprocessor (checked against each run's ``preprocessing_digest``);
+        a copy left from an earlier site.toml that no longer names one is removed, or every run would be refused.
         """
         if self.proxy_set is not None and not self.proxy_set.is_file():
             raise ConfigError(f"{self.path}: [knowledge] proxy_set '{self.proxy_set}' is not a file; copy the proxy "
@@ -382,7 +430,19 @@ class SiteFile:
         site = self._create_site()
         if self.proxy_set is not None:
             atomic_write_bytes(site.state_dir / PROXY_FILE, self.proxy_set.read_bytes())
+        if self.preprocessor_path is not None:
+            atomic_write_bytes(site.state_dir / PREPROCESSOR_FILE, self.preprocessor_path.read_bytes())
+        else:
+            (site.state_dir / PREPROCESSOR_FILE).unlink(missing_ok=True)
         return site
+
+    def records(self) -> SplitData:
+        """A classification site's whole table as one split: through its preprocessor when it has one."""
+        if isinstance(self.schema, TextSchema):
+            raise ConfigError(f"{self.path}: a text site ([data] text) has documents, not records.")
+        if self.preprocessor is not None:
+            return load_raw_records(self.data_path, self.preprocessor, self.schema.person_id)
+        return load_records(self.data_path, self.schema)
 
     def _create_site(self) -> Site:
         if isinstance(self.schema, TextSchema):
@@ -393,7 +453,7 @@ class SiteFile:
             return create_site(self.state_dir, self.name, text.splits, self.teacher_path, self.policy,
                                teacher_declaration=self.teacher_declaration, student_base=self.student_base,
                                governance=self.governance)
-        records = load_records(self.data_path, self.schema)
+        records = self.records()
         if self.max_records_per_person:
             records = records.limit_records_per_person(self.max_records_per_person, seed=0)
         return create_site(self.state_dir, self.name, held_out_by_person(records, self.test_share), self.teacher_path,

@@ -19,6 +19,7 @@ from client.evaluation import planned_evaluation_spends
 from client.knowledge import (check_knowledge_inputs, keep_own_student, knowledge_release, own_student_spec,
                               prepare_own_student)
 from client.pate import make_pate_release, pending_pate_spend
+from client.preprocessing import check_preprocessing
 from client.privacy import private_distill, private_distill_causal, units_of_privacy
 from client.replay import TrainingSet, training_set
 from client.site import Site
@@ -168,7 +169,10 @@ def check_budget(site: Site, instruction: TrainInstruction, data: SplitData,
             "teacher": teacher, "evaluation_rounds": list(instruction.evaluation_rounds),
             "test_metrics": policy.test_metrics} | ({"training_set": chosen.summary()} if chosen is not None else {})
             # The site's own records of processing, signed here so the report reads them from the evidence.
-            | ({"governance": site.governance.to_dict()} if site.governance is not None else {}))
+            | ({"governance": site.governance.to_dict()} if site.governance is not None else {})
+            # The preprocessing its features were made with (consider_round checked it is the run's).
+            | ({"preprocessing_digest": instruction.preprocessing_digest}
+               if instruction.preprocessing_digest is not None else {}))
     if calibration is not None:
         delta = calibration.delta
     spend = planned_spend(instruction.run_id, instruction.server_round, instruction.local_steps, calibration)
@@ -411,7 +415,11 @@ def site_training_set(site: Site, instruction: TrainInstruction, train: SplitDat
 def consider_round(site: Site, instruction: TrainInstruction,
                    train: SplitData | None = None) -> tuple[BudgetCheck, TrainingSet | None]:
     """The site's answer to a round (its query, then its training message): its budget decides, for the records
-    the run trains on here. A causal-LM run trains on every text (None: no training set is chosen)."""
+    the run trains on here. A causal-LM run trains on every text (None: no training set is chosen).
+
+    First of all, the site's features must come from the preprocessing the run pins: a refusal there spends nothing.
+    """
+    check_preprocessing(site, instruction)
     train = site.splits()["train"] if train is None else train
     if instruction.knowledge is not None:
         check_knowledge_inputs(site, instruction)

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from coordinator.curriculum import adopt_stage, keep_start, stage_state
 from coordinator.replies import QueryAnswer, SiteReply, safe_text, screen_query_answers
 from coordinator.rounds import Coordinator
-from coordinator.sampling import check_sample_size, draw, sampling_active
+from protocols.sampling import check_sample_size, draw, sampling_active
 from coordinator.secure_round import run_secure_round
 from protocols.canonical import atomic_write_bytes, atomic_write_json
 from protocols.config import FederationConfig

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from torch import nn
 
 from coordinator.aggregate import aggregate_fragments, check_aggregate
-from coordinator.sampling import sampling_active
+from protocols.sampling import sampling_active
 from coordinator.replies import SiteReply, screen_replies
 from coordinator.checkpoint import load_student, save_student
 from coordinator.knowledge import distil_soft_labels, distil_token_soft_labels
@@ -174,7 +174,7 @@ class Coordinator:
             secure_aggregation=c.secure_aggregation, clipping_range=c.clipping_range, weight_scale=c.weight_scale,
             max_update_norm=c.max_update_norm, nonce=secrets.token_hex(16), anchor=self._anchor(),
             training_records=self._federated.records, replay_min_entropy=self._federated.replay_min_entropy,
-            knowledge=c.knowledge)
+            knowledge=c.knowledge, preprocessing_digest=c.preprocessing_digest)
 
     def secure_payload(self, instruction: TrainInstruction) -> dict[str, np.ndarray]:
         """What each site puts into the SecAgg+ sum, by name, as the reference its values are differences from: the
@@ -318,7 +318,7 @@ class Coordinator:
         return self._finish(record, started)
 
     def note_sampling(self, server_round: int, connected: list[int], not_asked: list[int]) -> None:
-        """Partial participation (coordinator/sampling.py): the connected nodes and those this round did not ask,
+        """Partial participation (protocols/sampling.py): the connected nodes and those this round did not ask,
         kept in the round's record (by site where the node has answered before, else by node)."""
         self._sampling[server_round] = {"connected": [f"node-{n}" for n in sorted(connected)],
                                         "not_sampled": [self.site_of(f"node-{n}") for n in sorted(not_asked)]}

@@ -23,6 +23,7 @@ site engineer can map them.
 from __future__ import annotations
 
 import io
+import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ SCHEMA_VERSION = 1
 # Its name in a run directory and in a site's state directory.
 PREPROCESSOR_FILE = "preprocessor.skops"
 KINDS = ("numeric", "amount", "categorical")
-# The types a preprocessor file may hold; skops refuses any other before building anything.
+# The types a preprocessor file may hold; any other is refused before anything is built (_stored_types).
 _TRUSTED = [
     "sklearn.compose._column_transformer.ColumnTransformer",
     "sklearn.pipeline.Pipeline",
@@ -266,6 +267,34 @@ def _typed(spec: PreprocessingSpec, frame: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+# skops's nodes of plain data (containers, strings, numbers, arrays, dtypes, type references, an object met earlier in
+# the same file): in builtins and numpy they need no trust; every other node must name one of _TRUSTED.
+_PLAIN_LOADERS = frozenset({"DictNode", "ListNode", "TupleNode", "SliceNode", "JsonNode", "TypeNode", "NdArrayNode",
+                            "DTypeNode", "CachedNode"})
+
+
+def _stored_types(path: Path) -> list[str]:
+    """Every type the skops file names that a preprocessor never holds, read from its schema alone. skops's own check
+    (``get_untrusted_types``) trusts every scikit-learn estimator by default, so it would build a file holding a
+    LogisticRegression, which a Preprocessor would then fail on unnamed."""
+    import skops.io as sio
+
+    with zipfile.ZipFile(path) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    found, stack = set(sio.get_untrusted_types(file=path)), [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__class__" in node:
+                module = node.get("__module__")
+                if not (module in ("builtins", "numpy") and node.get("__loader__") in _PLAIN_LOADERS):
+                    found.add(f"{module}.{node['__class__']}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return sorted(found - set(_TRUSTED))
+
+
 def load_preprocessor(path: Path, expected_digest: str | None = None, where: str = "preprocessor") -> Preprocessor:
     """A preprocessor file, checked against the digest the run pins before anything in it is read."""
     import skops.io as sio
@@ -279,7 +308,7 @@ def load_preprocessor(path: Path, expected_digest: str | None = None, where: str
         raise DataError(f"{where} '{path}' has SHA-256 {digest}, but the run pins preprocessing_digest "
                         f"{expected_digest}; this is not the run's preprocessing. Ask the operator for the file.")
     try:
-        untrusted = [name for name in sio.get_untrusted_types(file=path) if name not in _TRUSTED]
+        untrusted = _stored_types(path)
         if untrusted:
             raise DataError(f"{where} '{path}' holds type(s) {', '.join(untrusted)} that a preprocessor never "
                             "contains; it is refused unread.")

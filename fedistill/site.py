@@ -48,12 +48,15 @@ def init_command(
 def check_command(
     site_file: Path = typer.Argument(..., help="The site's site.toml."),
     offline: bool = typer.Option(False, "--offline", help="Skip the connection to the coordinator."),
+    run_config: Path | None = typer.Option(None, "--run-config", help="The run's config.json (from the operator): "
+                                           "compare its student's input width and classes and its "
+                                           "preprocessing_digest with this site's."),
     output_format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Check everything before joining: config, data, teacher, budget, keys, certificates, coordinator."""
     from client.check import checks_to_json, run_checks
 
-    _, items = run_checks(site_file, connect=not offline)
+    _, items = run_checks(site_file, connect=not offline, run_config=run_config)
     result = checks_to_json(site_file, items)
     if output_format is OutputFormat.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -250,7 +250,7 @@ class FederationConfig:
     evaluation_bins: int = 16
     # The coordinator stops the run cleanly when fewer sites than this accept a round.
     min_sites: int = 1
-    # Partial participation: the sites asked each round, drawn afresh every round (coordinator/sampling.py): a
+    # Partial participation: the sites asked each round, drawn afresh every round (protocols/sampling.py): a
     # number (0: every site) or a share of the sites (1.0: every site); at most one of them is set.
     sites_per_round: int = 0
     fraction_per_round: float = 1.0

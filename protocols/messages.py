@@ -100,6 +100,9 @@ class TrainInstruction:
     replay_min_entropy: float | None = None
     # The run's knowledge channel (protocols/knowledge.py); None: the site sends its fragment update only.
     knowledge: KnowledgeSettings | None = None
+    # The SHA-256 of the run's preprocessor file (FederationConfig.preprocessing_digest): a site whose own copy is
+    # another file, or that has one when the run pins none (or the reverse), refuses the run. None: none pinned.
+    preprocessing_digest: str | None = None
 
     @property
     def private(self) -> bool:
@@ -110,6 +113,7 @@ class TrainInstruction:
         optional = {key: value for key, value in (("target-epsilon", self.target_epsilon),
                                                   ("target-delta", self.target_delta),
                                                   ("replay-min-entropy", self.replay_min_entropy),
+                                                  ("preprocessing-digest", self.preprocessing_digest),
                                                   ("knowledge", None if self.knowledge is None else json.dumps(
                                                       self.knowledge.to_dict(), sort_keys=True)))
                     if value is not None}
@@ -189,7 +193,16 @@ class TrainInstruction:
             replay_min_entropy=float(config["replay-min-entropy"]) if "replay-min-entropy" in config else None,
             knowledge=(KnowledgeSettings.from_dict(json.loads(str(config["knowledge"])), "train instruction 'knowledge'")
                        if "knowledge" in config else None),
+            preprocessing_digest=_preprocessing_digest(config.get("preprocessing-digest")),
         )
+
+
+def _preprocessing_digest(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _HEX_DIGEST.fullmatch(value):
+        raise UpdateRejected("train instruction: 'preprocessing-digest' must be a hex SHA-256 (64 characters).")
+    return value
 
 
 def _rounds(value: Any, total: int) -> tuple[int, ...]:
