@@ -152,8 +152,9 @@ def _private_steps(model: nn.Module, parameters: Sequence[nn.Parameter], optimiz
         private_model, private_optimizer, private_criterion, private_loader = wrapped
     else:
         (private_model, private_optimizer, private_loader), private_criterion = wrapped, criterion
-    if abs(1.0 / len(private_loader) - calibration.sample_rate) > 1e-12:
-        raise RuntimeError(f"Opacus samples at rate {1.0 / len(private_loader)} but run {run_id} was calibrated "
+    # The loader's own rate, not 1 / len(loader): Opacus truncates 1 / (1 / 93) = 92.99... to 92 batches.
+    if abs(private_loader.sample_rate - calibration.sample_rate) > 1e-12:
+        raise RuntimeError(f"Opacus samples at rate {private_loader.sample_rate} but run {run_id} was calibrated "
                            f"at {calibration.sample_rate}.")
     private_model.train()
     total, taken, empty = 0.0, 0, 0

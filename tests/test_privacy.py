@@ -137,6 +137,19 @@ def test_empty_poisson_batches_take_an_accounted_noise_only_step(tmp_path):
     assert update.privacy["empty-batches"] == spend.empty_batches
 
 
+def test_a_split_of_93_batches_trains_although_opacus_counts_92(tmp_path):
+    # 1 / (1 / 93) is 92.99... in floating point, so Opacus's DP loader has 92 batches at the calibrated rate 1/93.
+    teacher_site = make_site(tmp_path)
+    splits = {"train": tabular_split(93, 5), "val": tabular_split(8, 6), "test": tabular_split(8, 7)}
+    site = create_site(tmp_path / "odd", "odd", splits, teacher_site.teacher_path,
+                       teacher_declaration=teacher_site.teacher_declaration)
+    config = private_federation(batch_size=1, local_steps=3, rounds=1)
+    update = train_round(site, instruction_for(config, 1), global_state(config))
+    spend = PrivacyState.load(site.state_dir).spends[0]
+    assert spend.sample_rate == sample_rate(93, 1) == 1 / 93 and spend.steps == 3
+    assert 0 < update.privacy["epsilon-run"] < 4.0
+
+
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_a_bert_style_student_trains_under_dp_in_both_clipping_modes(tmp_path, mode):
     site = text_site(tmp_path)
