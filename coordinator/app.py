@@ -195,7 +195,7 @@ def _validation_report_of(msg: Message, request: ValidationRequest) -> tuple[str
 def run_validation(grid: Grid, coordinator: Coordinator, server_round: int, min_nodes: int, timeout: float) -> None:
     """A run that keeps its best round: every site scores the round's student on its validation split."""
     for request, state in coordinator.validation_requests(server_round):
-        node_ids = wait_for_nodes(grid, min_nodes, timeout)
+        node_ids = coordinator.took_part(wait_for_nodes(grid, min_nodes, timeout))
         arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in state.items()})
         replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
                                                                   "config": ConfigRecord(request.to_config())}),
@@ -220,7 +220,7 @@ def run_site_evaluation(grid: Grid, coordinator: Coordinator, request: Evaluatio
     metrics. A site that fails or answers badly is named; the run goes on without its figures."""
     if request is None:
         return
-    node_ids = wait_for_nodes(grid, min_nodes, timeout)
+    node_ids = coordinator.took_part(wait_for_nodes(grid, min_nodes, timeout))
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
     replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
                                                               "config": ConfigRecord(request.to_config())}),
@@ -258,7 +258,7 @@ def run_site_local_stage(grid: Grid, coordinator: Coordinator, request: LocalSta
                          timeout: float) -> None:
     """Every site fine-tunes its own copy of the final student; what each released is signed into the ledger."""
     group = request.final_round + 1
-    node_ids = wait_for_nodes(grid, min_nodes, timeout)
+    node_ids = coordinator.took_part(wait_for_nodes(grid, min_nodes, timeout))
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in coordinator.state.items()})
     replies, failures = _exchange(grid, node_ids, RecordDict({"arrays": arrays,
                                                               "config": ConfigRecord(request.to_config())}),

@@ -330,6 +330,14 @@ class Coordinator:
     def site_of(self, source: str) -> str:
         return self.node_sites.get(source, source)
 
+    def took_part(self, connected: list[int]) -> list[int]:
+        """The connected nodes a post-round stage (validation, test evaluation, site-local) asks: with partial
+        participation, only those that answered a round of this run, since a site never sampled never accepted the
+        run and acts for no run it did not accept; otherwise every connected node."""
+        if not sampling_active(self.config):
+            return connected
+        return [n for n in connected if f"node-{n}" in self.node_sites]
+
     def _finish(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         if record["round"] in self._sampling:
             record["sampling"] = self._sampling.pop(record["round"])

@@ -29,8 +29,9 @@ STUDENT_FAMILIES = ("mlp", "bert", "causal_lm")
 CAUSAL_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 CAUSAL_FRAGMENTS = ("lora", "blocks")
 _HEX_DIGEST_LENGTH = 64
-# SecAgg+ neighbours per site: every site of a consortium up to 32, then 32 (docs/privacy.md, "Large cohorts").
-DEFAULT_NUM_SHARES = 32
+# SecAgg+ neighbours per site, itself included: every site of a consortium up to 33, then 33 (docs/privacy.md,
+# "Large cohorts").
+DEFAULT_NUM_SHARES = 33
 OPTIMIZERS = ("sgd", "adam")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 # The unit of privacy DP-SGD protects: one person (all of their records, where a site names its person column) or
@@ -84,12 +85,15 @@ def _digest(raw: Mapping[str, Any], name: str, where: str) -> str | None:
 
 
 def _num_shares(raw: Mapping[str, Any], where: str) -> float | int:
-    """A share of the cohort in (0, 1], or a count of 3 or more (Flower's SecAgg+ reads an int as a count)."""
+    """A share of the cohort in (0, 1], or an odd count of 3 or more (Flower's SecAgg+ reads an int as a count).
+
+    Odd, because SecAgg+ makes each site share with the k sites on either side of it in a ring, 2k + 1 with itself;
+    Flower tells the sites an even count but builds the ring one larger, and every site then fails the round."""
     value = raw.get("num_shares", DEFAULT_NUM_SHARES)
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    count = number and isinstance(value, int) and value >= 3
+    count = number and isinstance(value, int) and value >= 3 and value % 2 == 1
     _require(count or (number and 0 < value <= 1), where, "num_shares",
-             "a share of the cohort in (0, 1] or a number of sites of 3 or more", value)
+             "a share of the cohort in (0, 1] or an odd number of sites of 3 or more (e.g. 33)", value)
     return int(value) if count else float(value)
 
 

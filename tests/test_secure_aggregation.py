@@ -18,7 +18,7 @@ from tests.helpers import PUBLIC_TEACHER, federation, tabular_split
 SIZES = {"north": 40, "south": 64, "east": 100}
 
 
-def three_sites(directory):
+def three_sites(directory, sizes=SIZES):
     from sklearn.linear_model import LogisticRegression
 
     teacher_data = tabular_split(200, 99)
@@ -27,12 +27,12 @@ def three_sites(directory):
     return [create_site(directory / name, name, {"train": tabular_split(n, i), "val": tabular_split(16, 10 + i),
                                                  "test": tabular_split(16, 20 + i)}, directory / "teacher.pkl",
                          teacher_declaration=PUBLIC_TEACHER).state_dir
-            for i, (name, n) in enumerate(SIZES.items())]
+            for i, (name, n) in enumerate(sizes.items())]
 
 
-def federate(directory, rounds=1, faults=None, **overrides):
+def federate(directory, rounds=1, faults=None, sizes=SIZES, **overrides):
     config = federation(rounds=rounds, local_steps=3, batch_size=16, **overrides)
-    return run_federation(three_sites(directory / "sites"),
+    return run_federation(three_sites(directory / "sites", sizes),
                           lambda: Coordinator(config, "run-secagg", directory / "run"), faults=faults)
 
 
@@ -82,6 +82,28 @@ def test_the_secure_aggregate_equals_the_plain_weighted_mean_within_the_bound(tm
     assert "num-examples" not in json.dumps(secure_record)
     assert set(secure_record["privacy"]["north"]) <= {"epsilon-run", "epsilon-lifetime", "accountant", "steps",
                                                       "ledger-seq", "ledger-hash"}
+
+
+def test_each_site_sharing_with_fewer_neighbours_than_the_cohort_still_sums_exactly(tmp_path):
+    # num_shares=3 in a cohort of 5: each site's keys go to the one site on either side of it in SecAgg+'s ring.
+    sizes = SIZES | {"west": 52, "centre": 76}
+    assert SecureAggregationSettings(3, 0.6, 1.0, 2**16, 100).shares_for(len(sizes)) == 3
+    secure = federate(tmp_path / "secure", sizes=sizes, num_shares=3)
+    plain = federate(tmp_path / "plain", sizes=sizes, secure_aggregation=False)
+    [secure_record], [plain_record] = secure.records, plain.records
+    assert secure_record["status"] == "aggregated" and secure_record["participants"] == sorted(sizes)
+    difference = max(float(np.max(np.abs(secure.state[k] - plain.state[k]))) for k in plain.state)
+    assert difference <= secure_record["quantization_error_bound"]
+
+
+def test_a_share_count_at_least_the_cohort_means_every_site_and_an_even_count_is_refused():
+    settings = SecureAggregationSettings(33, 0.6, 1.0, 2**16, 100)
+    assert settings.shares_for(33) == settings.shares_for(5) == 1.0 and settings.shares_for(100) == 33
+    assert SecureAggregationSettings(0.25, 0.6, 1.0, 2**16, 100).shares_for(100) == 0.25
+    with pytest.raises(ConfigError, match="'num_shares' must be .* odd number of sites"):
+        federation(num_shares=32)
+    with pytest.raises(ConfigError, match="'num_shares'"):
+        federation(num_shares=1.5)
 
 
 def test_a_site_that_fails_mid_round_leaves_the_round_to_the_survivors(tmp_path):
